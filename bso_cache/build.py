@@ -1,0 +1,401 @@
+"""`bso-cache build`: score every pair with the frozen reference once and write the cache.
+
+Shard k holds the pairs of input rows [k * rows_per_shard, (k + 1) * rows_per_shard), so the
+split of the work is fixed by the input alone: a killed build resumes by skipping the shards
+whose sidecar exists, and torchrun ranks take the shards k with k % world == rank. Rank 0
+writes the manifest once every shard is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+from . import __version__
+from . import schemas as S
+from .cache import atomic_write_json, empty_columns, file_sha256, shard_name, write_shard
+from .config import BuildConfig, to_dict
+from .data import Normaliser, Pair, open_source
+from .dist import Dist
+from .errors import CacheError, ConfigError, DataError
+from .models import load_model, load_tokenizer, model_identity, resolve_device, weights_digest
+from .tokenize import Encoded, PairTokenizer, apply_length_policy, tokenizer_digest
+
+BUILD_STATE = "build.json"
+DEFAULT_MAX_LENGTH = 2048
+
+
+def _sidecar(out: Path, k: int) -> Path:
+    return out / shard_name(k).replace(".parquet", ".json")
+
+
+def _sidecar_done(out: Path, k: int) -> dict | None:
+    side = _sidecar(out, k)
+    if not side.exists():
+        return None
+    try:
+        info = json.loads(side.read_text())
+    except json.JSONDecodeError:
+        return None
+    shard = out / info["shard"]["file"]
+    if not shard.exists() or file_sha256(shard) != info["shard"]["sha256"]:
+        return None
+    return info
+
+
+def _model_max_length(cfg: BuildConfig) -> int | None:
+    from transformers import AutoConfig
+
+    kwargs = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.gguf_file:
+        kwargs["gguf_file"] = cfg.gguf_file
+    try:
+        mc = AutoConfig.from_pretrained(cfg.model, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"could not load a model config from '{cfg.model}': {e}") from None
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(mc, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _identity(cfg: BuildConfig, source, ptok: PairTokenizer, max_length: int, device: str) -> dict:
+    return {
+        "reference": {"name_or_path": cfg.model, "gguf_file": cfg.gguf_file,
+                      "weights_digest": weights_digest(cfg.model, cfg.gguf_file)},
+        "tokenizer": {"digest": ptok.digest(), "vocab_digest": tokenizer_digest(ptok.tok, None),
+                      "mode": ptok.mode, "name_or_path": cfg.model,
+                      "chat_template_digest": "sha256:" + hashlib.sha256(
+                          (ptok.chat_template or "").encode()).hexdigest(),
+                      "class": type(ptok.tok).__name__},
+        "input": {**source.describe(), "digest": source.digest(), "format": cfg.format},
+        "tokenization": {"max_length": max_length, "overlong": cfg.overlong,
+                         "template": ptok.mode, "system_prompt": cfg.system_prompt},
+        "reference_pass": {"dtype": cfg.dtype, "device_kind": device.split(":")[0]},
+        "layout": {"rows_per_shard": cfg.rows_per_shard},
+    }
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def _prepare_out(out: Path, identity: dict, overwrite: bool, dist: Dist) -> dict | None:
+    """Returns the finished manifest when this exact build is already complete."""
+    manifest_path, state_path = out / S.MANIFEST_NAME, out / BUILD_STATE
+    if dist.is_main:
+        if overwrite and out.exists():
+            for p in out.iterdir():
+                if p.name in (S.MANIFEST_NAME, BUILD_STATE) or p.name.startswith("part-"):
+                    p.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    for path, what in ((manifest_path, "a finished cache"), (state_path, "an unfinished build")):
+        if path.exists():
+            try:
+                previous = json.loads(path.read_text())
+                previous = {k: previous.get(k) for k in S.BUILD_IDENTITY_KEYS}
+            except json.JSONDecodeError:
+                previous = {}
+            diff = _differences(previous, identity)
+            if diff:
+                raise CacheError(f"{out} holds {what} made with other settings (differs in: "
+                                 f"{', '.join(diff[:6])}); pass --overwrite to start again, or "
+                                 f"another --out")
+            if path == manifest_path:
+                return json.loads(manifest_path.read_text())
+    if not dist.is_main:
+        return None
+    stray = [p.name for p in out.iterdir() if not p.name.startswith("part-")
+             and p.name not in (BUILD_STATE, S.MANIFEST_NAME)]
+    if stray and not state_path.exists():
+        raise CacheError(f"{out} is not empty and is not a bso-cache cache (found {stray[0]}); "
+                         f"choose an empty or new --out")
+    atomic_write_json(state_path, {"format": S.FORMAT_NAME, "schema_version": S.SCHEMA_VERSION,
+                                   **identity})
+    return None
+
+
+def _validate_rows(source, fmt: str, skip_bad_rows: bool) -> tuple[int, str]:
+    """A quick pass over the input (no tokenizing): counts the rows, detects the format from the
+    first readable row, and stops at the first bad row unless they are to be skipped."""
+    from .data import detect_format
+
+    normalise = Normaliser(fmt)
+    n = 0
+    for n, raw in enumerate(source.rows(), start=1):
+        if normalise.format == "auto" and raw.data is not None:
+            normalise.format = detect_format(set(raw.data))
+        if not skip_bad_rows:
+            normalise(raw, n - 1)  # raises DataError naming file, row, field
+    if n == 0:
+        raise DataError("the input has no rows", reason="empty_input", source=source.spec)
+    if normalise.format == "auto":
+        raise DataError("no row of the input could be read", reason="unreadable", source=source.spec)
+    return n, normalise.format
+
+
+def score_pairs(model, encoded: list[Encoded], *, batch_size: int, device: str, pad_id: int,
+                on_batch=None) -> tuple[list[float], list[float], dict]:
+    """Reference log-probs of chosen and rejected for each pair, batched by length."""
+    import torch
+
+    from .scoring import make_token_batch, sequence_logps
+
+    chosen = [0.0] * len(encoded)
+    rejected = [0.0] * len(encoded)
+    order = sorted(range(len(encoded)), key=lambda i: encoded[i].length, reverse=True)
+    stats = {"tokens": 0, "padded_tokens": 0, "sequences": 0}
+    with torch.inference_mode():
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            prompts = [encoded[i].prompt_ids for i in idx] * 2
+            responses = [encoded[i].chosen_ids for i in idx] + [encoded[i].rejected_ids for i in idx]
+            batch = make_token_batch(prompts, responses, pad_id)
+            logps = sequence_logps(model, batch.to(device)).double().cpu().tolist()
+            for j, i in enumerate(idx):
+                chosen[i], rejected[i] = logps[j], logps[len(idx) + j]
+            stats["tokens"] += batch.tokens
+            stats["padded_tokens"] += batch.input_ids.numel()
+            stats["sequences"] += len(prompts)
+            if on_batch is not None:
+                on_batch(len(idx), batch.tokens)
+    return chosen, rejected, stats
+
+
+def _pair_columns(pairs: list[Pair], encoded: list[Encoded], chosen: list[float],
+                  rejected: list[float]) -> dict[str, list]:
+    cols = empty_columns()
+    for p, e, c, r in zip(pairs, encoded, chosen, rejected):
+        cols[S.PAIR_ID].append(p.pair_id)
+        cols[S.SOURCE_INDEX].append(p.source_index)
+        cols[S.PROMPT_IDS].append(e.prompt_ids)
+        cols[S.CHOSEN_IDS].append(e.chosen_ids)
+        cols[S.REJECTED_IDS].append(e.rejected_ids)
+        cols[S.REF_CHOSEN_LOGP].append(c)
+        cols[S.REF_REJECTED_LOGP].append(r)
+        cols[S.CHOSEN_UNSAFE].append(p.chosen_unsafe)
+        cols[S.REJECTED_UNSAFE].append(p.rejected_unsafe)
+        cols[S.SAFER_IS_CHOSEN].append(p.safer_is_chosen)
+        cols[S.CHOSEN_SEVERITY].append(p.chosen_severity)
+        cols[S.REJECTED_SEVERITY].append(p.rejected_severity)
+        cols[S.TRUNCATED].append(e.truncated)
+    return cols
+
+
+def _write_manifest(out: Path, identity: dict, cfg: BuildConfig, n_input: int, n_blocks: int,
+                    ref_info: dict | None) -> dict:
+    sides = []
+    for k in range(n_blocks):
+        info = _sidecar_done(out, k)
+        if info is None:
+            raise CacheError(f"{_sidecar(out, k)}: shard {k} is not finished; re-run the build to resume")
+        sides.append(info)
+    dropped: dict[str, int] = {}
+    notes: dict[str, int] = {}
+    for info in sides:
+        for reason, n in info["dropped"].items():
+            dropped[reason] = dropped.get(reason, 0) + n
+        for key, n in info.get("notes", {}).items():
+            notes[key] = notes.get(key, 0) + n
+    written = sum(info["shard"]["rows"] for info in sides)
+    if written + sum(dropped.values()) != n_input:
+        raise CacheError(f"{out}: accounting failed: {written} written + {sum(dropped.values())} "
+                         f"dropped != {n_input} input rows; rebuild with --overwrite")
+    seconds = sum(i["stats"]["seconds"] for i in sides)
+    tokens = sum(i["stats"]["tokens"] for i in sides)
+    padded = sum(i["stats"]["padded_tokens"] for i in sides)
+    reference = dict(identity["reference"])
+    if ref_info:
+        reference.update(ref_info)
+    else:  # every shard was already done (a resume after the last shard): read the sidecars' copy
+        reference.update(next((i["reference"] for i in sides if i.get("reference")), {}))
+    manifest = {
+        "format": S.FORMAT_NAME,
+        "schema_version": S.SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "bso_cache_version": __version__,
+        **identity,
+        "reference": reference,
+        "rows": {"input": n_input, "written": written, "dropped": dict(sorted(dropped.items()))},
+        "notes": notes,
+        "columns": list(S.COLUMNS),
+        "shards": [{**i["shard"], "input_rows": i["input_rows"]} for i in sides],
+        "stats": {"score_seconds": round(seconds, 3),
+                  "pairs_per_s": round(written / seconds, 2) if seconds else None,
+                  "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+                  "tokens": tokens, "padding_share": round(1 - tokens / padded, 4) if padded else 0.0,
+                  "batch_size": cfg.batch_size},
+        "build_config": to_dict(cfg),
+    }
+    atomic_write_json(out / S.MANIFEST_NAME, manifest)
+    for k in range(n_blocks):
+        _sidecar(out, k).unlink(missing_ok=True)
+    (out / BUILD_STATE).unlink(missing_ok=True)
+    return manifest
+
+
+def build_cache(cfg: BuildConfig, *, log=print) -> dict:
+    """Run a build (or resume one) and return the manifest."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    dist = Dist.from_env(device)
+    if dist.enabled and device.startswith("cuda"):
+        device = f"cuda:{dist.local_rank}"
+    out = Path(cfg.out)
+    source = open_source(cfg.data, split=cfg.split, hf_config=cfg.hf_config)
+    tokenizer = load_tokenizer(cfg.model, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code)
+    chat_template = None
+    if cfg.chat_template:
+        try:
+            chat_template = Path(cfg.chat_template).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"--chat-template {cfg.chat_template}: {e.strerror}") from None
+    ptok = PairTokenizer(tokenizer, template=cfg.template, chat_template=chat_template,
+                         system_prompt=cfg.system_prompt)
+    model_max = _model_max_length(cfg)
+    max_length = cfg.max_length or min(DEFAULT_MAX_LENGTH, model_max or DEFAULT_MAX_LENGTH)
+    if model_max and max_length > model_max:
+        raise ConfigError(f"--max-length {max_length} exceeds the model's {model_max} positions")
+    identity = _identity(cfg, source, ptok, max_length, device)
+    done = _prepare_out(out, identity, cfg.overwrite, dist)
+    if done is not None:
+        log(f"{out}: this cache is already complete ({done['rows']['written']} pairs); nothing to do")
+        return done
+    n_input, fmt = _validate_rows(source, cfg.format, cfg.skip_bad_rows)
+    R = cfg.rows_per_shard
+    n_blocks = math.ceil(n_input / R)
+    mine = [k for k in range(n_blocks) if k % dist.world == dist.rank]
+    todo = [k for k in mine if _sidecar_done(out, k) is None]
+    if dist.is_main:
+        log(f"input: {n_input} rows from {cfg.data} ({n_blocks} shards of {R} input rows; "
+            f"{len(mine) - len(todo)} already done); template: {ptok.mode}; max length {max_length}")
+    ref_info = None
+    if todo:
+        model = load_model(cfg.model, dtype=cfg.dtype, device=device, gguf_file=cfg.gguf_file,
+                           trust_remote_code=cfg.trust_remote_code)
+        model.eval()
+        ref_info = {k: v for k, v in model_identity(cfg.model, cfg.gguf_file, model).items()
+                    if k not in identity["reference"]}
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        _score_blocks(cfg, source, fmt, ptok, model, todo, n_input, out, device, pad_id, max_length,
+                      dist, ref_info)
+        del model
+    dist.barrier()
+    manifest = None
+    if dist.is_main:
+        manifest = _write_manifest(out, identity, cfg, n_input, n_blocks, ref_info)
+        r = manifest["rows"]
+        log(f"wrote {out}: {r['written']} pairs in {len(manifest['shards'])} shards; dropped "
+            f"{sum(r['dropped'].values())} {r['dropped'] or ''}; "
+            f"{manifest['stats']['pairs_per_s']} pairs/s, {manifest['stats']['tokens_per_s']} tokens/s, "
+            f"padding {100 * manifest['stats']['padding_share']:.1f}%")
+    dist.barrier()
+    if not dist.is_main:
+        manifest = json.loads((out / S.MANIFEST_NAME).read_text())
+    return manifest
+
+
+def _score_blocks(cfg: BuildConfig, source, fmt: str, ptok: PairTokenizer, model, todo: list[int],
+                  n_input: int, out: Path, device: str, pad_id: int, max_length: int,
+                  dist: Dist, ref_info: dict) -> None:
+    from tqdm.auto import tqdm
+
+    R = cfg.rows_per_shard
+    todo_set = set(todo)
+    total = sum(min(R, n_input - k * R) for k in todo)
+    bar = tqdm(total=total, unit="pair", desc="scoring", disable=not (cfg.progress and dist.is_main),
+               dynamic_ncols=True)
+    t_bar = time.perf_counter()
+    tokens_seen = [0]
+
+    def on_batch(pairs: int, tokens: int) -> None:
+        tokens_seen[0] += tokens
+        bar.update(pairs)
+        bar.set_postfix_str(f"{tokens_seen[0] / max(time.perf_counter() - t_bar, 1e-9):,.0f} tok/s")
+
+    normalise = Normaliser(fmt)
+    block: list = []
+    block_k = 0
+    for index, raw in enumerate(source.rows()):
+        k = index // R
+        if k not in todo_set:
+            continue
+        block_k = k
+        block.append((index, raw))
+        if len(block) == min(R, n_input - k * R):
+            _score_block(cfg, normalise, ptok, model, k, block, out, device, pad_id, max_length,
+                         on_batch, ref_info)
+            block = []
+    if block:  # the input shrank between the passes
+        raise DataError(f"the input changed while building (shard {block_k} is short)",
+                        reason="input_changed", source=cfg.data)
+    bar.close()
+
+
+def _score_block(cfg: BuildConfig, normalise: Normaliser, ptok: PairTokenizer, model, k: int,
+                 block: list, out: Path, device: str, pad_id: int, max_length: int, on_batch,
+                 ref_info: dict) -> None:
+    t0 = time.perf_counter()
+    dropped: dict[str, int] = {}
+    notes_before = dict(normalise.notes)
+    pairs: list[Pair] = []
+    for index, raw in block:
+        try:
+            pairs.append(normalise(raw, index))
+        except DataError as e:
+            if not cfg.skip_bad_rows:
+                raise
+            dropped[e.reason] = dropped.get(e.reason, 0) + 1
+    kept_pairs, kept_enc = [], []
+    encoded = _encode(ptok, pairs, cfg.skip_bad_rows, dropped)
+    for p, e in encoded:
+        e2, reason = apply_length_policy(e, max_length, cfg.overlong)
+        if e2 is None:
+            dropped[reason] = dropped.get(reason, 0) + 1
+        else:
+            kept_pairs.append(p)
+            kept_enc.append(e2)
+    skipped = len(block) - len(kept_pairs)
+    chosen, rejected, stats = score_pairs(model, kept_enc, batch_size=cfg.batch_size, device=device,
+                                          pad_id=pad_id, on_batch=on_batch)
+    if skipped:
+        on_batch(skipped, 0)
+    shard = write_shard(out, k, _pair_columns(kept_pairs, kept_enc, chosen, rejected))
+    notes = {key: n - notes_before.get(key, 0) for key, n in normalise.notes.items()
+             if n - notes_before.get(key, 0)}
+    atomic_write_json(_sidecar(out, k), {
+        "shard": shard, "input_rows": [block[0][0], block[-1][0] + 1], "dropped": dropped,
+        "notes": notes, "reference": ref_info,
+        "stats": {"seconds": time.perf_counter() - t0, **stats},
+    })
+
+
+def _encode(ptok: PairTokenizer, pairs: list[Pair], skip_bad_rows: bool,
+            dropped: dict[str, int]) -> list[tuple[Pair, Encoded]]:
+    """Encode pairs in one batched call; on a template error fall back to row by row."""
+    try:
+        return list(zip(pairs, ptok.encode_many(pairs)))
+    except DataError:
+        pass
+    out = []
+    for p in pairs:
+        try:
+            out.append((p, ptok.encode_many([p])[0]))
+        except DataError as e:
+            if not skip_bad_rows:
+                raise
+            dropped[e.reason] = dropped.get(e.reason, 0) + 1
+    return out

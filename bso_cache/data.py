@@ -1,0 +1,483 @@
+"""Input rows -> normalised preference pairs, streamed, every row accounted for.
+
+Sources: local JSONL / JSON / Parquet / CSV files or folders of them, a folder written by
+`datasets.Dataset.save_to_disk`, or a Hugging Face dataset name (`datasets.load_dataset`,
+streaming). Formats, detected from the columns of the first row (or forced):
+
+- `pku`:     prompt, response_0, response_1, is_response_0_safe, is_response_1_safe,
+             better_response_id, safer_response_id (+ *_severity_level). chosen = the better
+             response; labels s = not is_response_i_safe; which one is safer is kept.
+- `hh`:      chosen / rejected dialogue strings ("\\n\\nHuman: ...\\n\\nAssistant: ...").
+             The prompt is the conversation the two share before their last diverging
+             assistant turn (a few real rows do not share the whole prefix; see `split_hh`).
+- `generic`: prompt, chosen, rejected as strings or chat-message lists, with optional
+             per-response safety labels (`chosen_unsafe` / `is_chosen_safe`, ...).
+
+A malformed row raises `DataError` naming the file, the row and the field; with
+`skip_bad_rows` the builder counts it as dropped under `DataError.reason` instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import ConfigError, DataError
+
+FORMATS = ("auto", "pku", "hh", "generic")
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".ndjson")
+
+Message = dict  # {"role": str, "content": str}
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One normalised preference pair. Safety labels: True = unsafe, None = unknown."""
+
+    source_index: int
+    prompt: tuple[tuple[str, str], ...]  # ((role, content), ...), ends with a user turn
+    chosen: str
+    rejected: str
+    chosen_unsafe: bool | None = None
+    rejected_unsafe: bool | None = None
+    safer_is_chosen: bool | None = None
+    chosen_severity: int | None = None
+    rejected_severity: int | None = None
+
+    @property
+    def messages(self) -> list[Message]:
+        return [{"role": r, "content": c} for r, c in self.prompt]
+
+    @property
+    def pair_id(self) -> str:
+        payload = json.dumps([self.source_index, self.prompt, self.chosen, self.rejected],
+                             ensure_ascii=False, separators=(",", ":"))
+        return hashlib.blake2b(payload.encode("utf-8"), digest_size=12).hexdigest()
+
+
+@dataclass
+class RawRow:
+    """A row as read, or the error that reading it raised (kept so it can be counted)."""
+
+    source: str
+    row: int            # 1-based line number for JSONL, 0-based row number otherwise
+    data: dict | None
+    error: DataError | None = None
+
+
+@dataclass
+class InputSource:
+    """Where the rows come from, resolved once; `rows()` streams them."""
+
+    spec: str
+    files: list[Path] = field(default_factory=list)
+    hf_name: str | None = None
+    hf_config: str | None = None
+    split: str = "train"
+    from_disk: bool = False
+
+    def describe(self) -> dict:
+        return {"spec": self.spec, "files": [str(p) for p in self.files], "hf_name": self.hf_name,
+                "hf_config": self.hf_config, "split": self.split}
+
+    def digest(self) -> str:
+        """sha256 over the bytes of every input file (names included), or the HF identity."""
+        h = hashlib.sha256()
+        if self.files:
+            for p in self.files:
+                h.update(p.name.encode() + b"\0")
+                with open(p, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        h.update(block)
+            return "sha256:" + h.hexdigest()
+        ds = self._load_hf()
+        fp = getattr(ds, "_fingerprint", None) or getattr(getattr(ds, "info", None), "version", None)
+        h.update(json.dumps([self.hf_name, self.hf_config, self.split, str(fp)]).encode())
+        return "hf:" + h.hexdigest()
+
+    def _load_hf(self):
+        try:
+            import datasets
+        except ImportError as e:  # pragma: no cover - datasets is a dependency
+            raise ConfigError("reading a Hugging Face dataset needs the `datasets` package") from e
+        try:
+            if self.from_disk:
+                ds = datasets.load_from_disk(self.hf_name)
+                if isinstance(ds, datasets.DatasetDict):
+                    if self.split not in ds:
+                        raise ConfigError(f"{self.hf_name}: no split '{self.split}'; splits: {list(ds)}")
+                    ds = ds[self.split]
+                return ds
+            return datasets.load_dataset(self.hf_name, self.hf_config, split=self.split, streaming=True)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - datasets raises many types; report them as one line
+            raise ConfigError(
+                f"could not open '{self.spec}' as a local file or folder, nor as a Hugging Face "
+                f"dataset: {type(e).__name__}: {e}"
+            ) from None
+
+    def rows(self, start: int = 0) -> Iterator[RawRow]:
+        """Stream rows in a fixed order. `start` skips that many rows cheaply (resume)."""
+        seen = 0
+        if self.files:
+            for path in self.files:
+                for raw in _file_rows(path):
+                    if seen >= start:
+                        yield raw
+                    seen += 1
+            return
+        for i, record in enumerate(self._load_hf()):
+            if seen >= start:
+                yield RawRow(self.spec, i, dict(record))
+            seen += 1
+
+
+def open_source(spec: str, *, split: str = "train", hf_config: str | None = None) -> InputSource:
+    """Resolve `--data`: a file, a folder of files, a save_to_disk folder, or a dataset name."""
+    path = Path(spec)
+    if path.is_file():
+        if not spec.endswith(FILE_SUFFIXES):
+            raise ConfigError(f"{spec}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)}")
+        _check_readable(path)
+        return InputSource(spec, files=[path], split=split)
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() \
+                or (path / "state.json").exists():
+            return InputSource(spec, hf_name=str(path), split=split, from_disk=True)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(FILE_SUFFIXES))
+        if not files:
+            raise ConfigError(f"{spec}: folder holds no {', '.join(FILE_SUFFIXES)} files")
+        for p in files:
+            _check_readable(p)
+        return InputSource(spec, files=files, split=split)
+    if spec.count("/") > 1 or spec.startswith((".", "/", "~")) or spec.endswith(FILE_SUFFIXES):
+        raise ConfigError(f"{spec}: no such file or folder")
+    return InputSource(spec, hf_name=spec, hf_config=hf_config, split=split)
+
+
+def _check_readable(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the file ({e.strerror})") from None
+
+
+def _file_rows(path: Path) -> Iterator[RawRow]:
+    name = str(path)
+    if name.endswith((".jsonl", ".ndjson")):
+        yield from _jsonl_rows(path)
+    elif name.endswith(".json"):
+        yield from _json_rows(path)
+    elif name.endswith(".parquet"):
+        yield from _parquet_rows(path)
+    elif name.endswith(".csv"):
+        yield from _csv_rows(path)
+
+
+def _jsonl_rows(path: Path) -> Iterator[RawRow]:
+    name = str(path)
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                msg = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+                yield RawRow(name, lineno, None, DataError(
+                    f"invalid JSON ({msg}); fix the line or pass --skip-bad-rows",
+                    reason="invalid_json", source=name, row=lineno))
+                continue
+            if not isinstance(data, dict):
+                yield RawRow(name, lineno, None, DataError(
+                    f"expected a JSON object, got {type(data).__name__}", reason="invalid_json",
+                    source=name, row=lineno))
+                continue
+            yield RawRow(name, lineno, data)
+
+
+def _json_rows(path: Path) -> Iterator[RawRow]:
+    """A .json file: a JSON array of objects (streamed with ijson) or JSON lines."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith(b"["):
+        yield from _jsonl_rows(path)
+        return
+    import ijson
+
+    name = str(path)
+    with open(path, "rb") as f:
+        try:
+            for i, data in enumerate(ijson.items(f, "item", use_float=True)):
+                if not isinstance(data, dict):
+                    yield RawRow(name, i, None, DataError(
+                        f"expected a JSON object, got {type(data).__name__}",
+                        reason="invalid_json", source=name, row=i))
+                    continue
+                yield RawRow(name, i, data)
+        except ijson.JSONError as e:
+            raise DataError(f"invalid JSON ({e}); the file cannot be read past this point",
+                            reason="invalid_json", source=name) from None
+
+
+def _parquet_rows(path: Path) -> Iterator[RawRow]:
+    import pyarrow.parquet as pq
+
+    name = str(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid / OSError
+        raise DataError(f"not a readable Parquet file ({e})", reason="unreadable", source=name) from None
+    i = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for data in batch.to_pylist():
+            yield RawRow(name, i, data)
+            i += 1
+
+
+def _csv_rows(path: Path) -> Iterator[RawRow]:
+    import pyarrow.csv as pcsv
+
+    name = str(path)
+    try:
+        reader = pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=1 << 22))
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"not a readable CSV file ({e})", reason="unreadable", source=name) from None
+    i = 0
+    for batch in reader:
+        for data in batch.to_pylist():
+            yield RawRow(name, i, data)
+            i += 1
+
+
+# --- format detection and normalisation --------------------------------------------------------
+
+PKU_REQUIRED = ("prompt", "response_0", "response_1", "is_response_0_safe", "is_response_1_safe",
+                "better_response_id", "safer_response_id")
+GENERIC_LABELS = {  # column -> (which response, True if the column says "unsafe")
+    "chosen_unsafe": ("chosen", True), "rejected_unsafe": ("rejected", True),
+    "is_chosen_safe": ("chosen", False), "is_rejected_safe": ("rejected", False),
+    "chosen_safe": ("chosen", False), "rejected_safe": ("rejected", False),
+}
+
+
+def detect_format(columns: set[str]) -> str:
+    if {"response_0", "response_1", "better_response_id"} <= columns:
+        return "pku"
+    if {"prompt", "chosen", "rejected"} <= columns:
+        return "generic"
+    if {"chosen", "rejected"} <= columns:
+        return "hh"
+    raise ConfigError(
+        f"cannot tell the input format from the columns {sorted(columns)}; expected PKU-SafeRLHF "
+        f"({', '.join(PKU_REQUIRED)}), HH-RLHF (chosen, rejected) or generic (prompt, chosen, "
+        f"rejected). Rename the columns or pass --format"
+    )
+
+
+class Normaliser:
+    """Turns raw rows of one format into `Pair`s, raising `DataError` on malformed rows."""
+
+    def __init__(self, fmt: str = "auto"):
+        if fmt not in FORMATS:
+            raise ConfigError(f"unknown --format '{fmt}'; valid: {', '.join(FORMATS)}")
+        self.format = fmt
+        self.notes: dict[str, int] = {}
+
+    def __call__(self, raw: RawRow, source_index: int) -> Pair:
+        if raw.error is not None:
+            raise raw.error
+        data = raw.data
+        if self.format == "auto":
+            self.format = detect_format(set(data))
+        ctx = _Ctx(raw.source, raw.row)
+        if self.format == "pku":
+            return _pku(data, source_index, ctx)
+        if self.format == "hh":
+            pair, common_prefix = _hh(data, source_index, ctx)
+            if common_prefix:
+                self.notes["hh_prompt_from_common_prefix"] = self.notes.get("hh_prompt_from_common_prefix", 0) + 1
+            return pair
+        return _generic(data, source_index, ctx)
+
+
+@dataclass
+class _Ctx:
+    source: str
+    row: int
+
+    def error(self, message: str, reason: str, fieldname: str | None = None) -> DataError:
+        return DataError(message + "; fix the row or pass --skip-bad-rows", reason=reason,
+                         source=self.source, row=self.row, field=fieldname)
+
+
+def _get(data: dict, key: str, ctx: _Ctx) -> Any:
+    if key not in data:
+        raise ctx.error("missing field", "missing_field", key)
+    value = data[key]
+    if value is None:
+        raise ctx.error("is null", "null_field", key)
+    return value
+
+
+def _text(data: dict, key: str, ctx: _Ctx, *, response: bool = False) -> str:
+    value = _get(data, key, ctx)
+    if not isinstance(value, str):
+        raise ctx.error(f"expected a string, got {type(value).__name__}", "wrong_type", key)
+    if not value.strip():
+        raise ctx.error("is empty", "empty_response" if response else "empty_prompt", key)
+    return value
+
+
+def _flag(data: dict, key: str, ctx: _Ctx, *, required: bool = True) -> bool | None:
+    if not required and data.get(key) is None:
+        return None
+    value = _get(data, key, ctx)
+    if not isinstance(value, bool):
+        raise ctx.error(f"expected true or false, got {value!r}", "bad_label", key)
+    return value
+
+
+def _response_id(data: dict, key: str, ctx: _Ctx) -> int:
+    value = _get(data, key, ctx)
+    if isinstance(value, bool) or not isinstance(value, int) or value not in (0, 1):
+        raise ctx.error(f"expected 0 or 1, got {value!r}", "bad_id", key)
+    return value
+
+
+def _severity(data: dict, key: str, ctx: _Ctx) -> int | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 127:
+        raise ctx.error(f"expected a small non-negative integer, got {value!r}", "wrong_type", key)
+    return value
+
+
+def _distinct(chosen: str, rejected: str, ctx: _Ctx, field_name: str) -> None:
+    if chosen == rejected:
+        raise ctx.error("chosen and rejected responses are identical", "identical_responses", field_name)
+
+
+def _pku(data: dict, index: int, ctx: _Ctx) -> Pair:
+    prompt = _text(data, "prompt", ctx)
+    responses = [_text(data, "response_0", ctx, response=True), _text(data, "response_1", ctx, response=True)]
+    safe = [_flag(data, "is_response_0_safe", ctx), _flag(data, "is_response_1_safe", ctx)]
+    better = _response_id(data, "better_response_id", ctx)
+    safer = _response_id(data, "safer_response_id", ctx)
+    severity = [_severity(data, "response_0_severity_level", ctx),
+                _severity(data, "response_1_severity_level", ctx)]
+    _distinct(responses[0], responses[1], ctx, "response_1")
+    worse = 1 - better
+    return Pair(index, (("user", prompt),), responses[better], responses[worse],
+                chosen_unsafe=not safe[better], rejected_unsafe=not safe[worse],
+                safer_is_chosen=safer == better, chosen_severity=severity[better],
+                rejected_severity=severity[worse])
+
+
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+
+
+def parse_hh_dialogue(text: str) -> list[tuple[str, str]]:
+    """'\\n\\nHuman: a\\n\\nAssistant: b' -> [('user', 'a'), ('assistant', 'b')]."""
+    turns: list[tuple[str, str]] = []
+    pos = 0
+    while pos < len(text):
+        h, a = text.find(HUMAN, pos), text.find(ASSISTANT, pos)
+        starts = [(i, m) for i, m in ((h, HUMAN), (a, ASSISTANT)) if i >= 0]
+        if not starts:
+            break
+        i, marker = min(starts)
+        if i > pos and turns:  # text between markers belongs to the previous turn
+            role, content = turns[-1]
+            turns[-1] = (role, content + text[pos:i])
+        body_start = i + len(marker)
+        nxt = [j for j in (text.find(HUMAN, body_start), text.find(ASSISTANT, body_start)) if j >= 0]
+        end = min(nxt) if nxt else len(text)
+        turns.append(("user" if marker == HUMAN else "assistant", text[body_start:end].strip()))
+        pos = end
+    return turns
+
+
+def split_hh(chosen: str, rejected: str) -> tuple[str, str, str, bool]:
+    """(shared prompt text, chosen response, rejected response, used_common_prefix).
+
+    The prompt is the text both dialogues share up to the last assistant marker that both have
+    at the same place. Normally that is each dialogue's last assistant turn; in the few real rows
+    where the two diverge earlier (for example a mistyped "Hum:" marker that swallows turns),
+    the remainders become the responses, as TRL's prompt extraction does.
+    """
+    k = 0
+    limit = min(len(chosen), len(rejected))
+    while k < limit and chosen[k] == rejected[k]:
+        k += 1
+    cut = chosen.rfind(ASSISTANT, 0, k)
+    if cut < 0:
+        return "", chosen, rejected, False
+    normal = cut == chosen.rfind(ASSISTANT) and cut == rejected.rfind(ASSISTANT)
+    body = cut + len(ASSISTANT)
+    return chosen[:cut], chosen[body:].strip(), rejected[body:].strip(), not normal
+
+
+def _hh(data: dict, index: int, ctx: _Ctx) -> tuple[Pair, bool]:
+    chosen_text = _text(data, "chosen", ctx, response=True)
+    rejected_text = _text(data, "rejected", ctx, response=True)
+    _distinct(chosen_text, rejected_text, ctx, "rejected")
+    prompt_text, chosen, rejected, common_prefix = split_hh(chosen_text, rejected_text)
+    turns = parse_hh_dialogue(prompt_text)
+    if not turns or turns[-1][0] != "user":
+        raise ctx.error("no '\\n\\nHuman: ... \\n\\nAssistant:' prompt shared by chosen and rejected",
+                        "bad_dialogue", "chosen")
+    if not chosen:
+        raise ctx.error("the last assistant turn is empty", "empty_response", "chosen")
+    if not rejected:
+        raise ctx.error("the last assistant turn is empty", "empty_response", "rejected")
+    _distinct(chosen, rejected, ctx, "rejected")
+    return Pair(index, tuple(turns), chosen, rejected), common_prefix
+
+
+def _messages(value: Any, key: str, ctx: _Ctx) -> list[tuple[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise ctx.error("expected a string or a non-empty list of chat messages", "wrong_type", key)
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ctx.error(f"message {i} needs string 'role' and 'content'", "wrong_type", key)
+        out.append((m["role"], m["content"]))
+    return out
+
+
+def _generic_response(data: dict, key: str, ctx: _Ctx) -> str:
+    value = _get(data, key, ctx)
+    if isinstance(value, str):
+        return _text(data, key, ctx, response=True)
+    turns = _messages(value, key, ctx)
+    if turns[-1][0] != "assistant":
+        raise ctx.error("the last message must be the assistant's response", "wrong_type", key)
+    if not turns[-1][1].strip():
+        raise ctx.error("is empty", "empty_response", key)
+    return turns[-1][1]
+
+
+def _generic(data: dict, index: int, ctx: _Ctx) -> Pair:
+    prompt_value = _get(data, "prompt", ctx)
+    if isinstance(prompt_value, str):
+        prompt = (("user", _text(data, "prompt", ctx)),)
+    else:
+        prompt = tuple(_messages(prompt_value, "prompt", ctx))
+    chosen = _generic_response(data, "chosen", ctx)
+    rejected = _generic_response(data, "rejected", ctx)
+    _distinct(chosen, rejected, ctx, "rejected")
+    labels: dict[str, bool | None] = {"chosen": None, "rejected": None}
+    for column, (which, says_unsafe) in GENERIC_LABELS.items():
+        flag = _flag(data, column, ctx, required=False)
+        if flag is not None:
+            labels[which] = flag if says_unsafe else not flag
+    c, r = labels["chosen"], labels["rejected"]
+    safer = None if c is None or r is None or c == r else (not c)
+    return Pair(index, prompt, chosen, rejected, chosen_unsafe=c, rejected_unsafe=r, safer_is_chosen=safer)

@@ -1,0 +1,62 @@
+"""`bso-cache inspect`: what a cache holds, computed lazily with polars (never a whole cache in RAM)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import schemas as S
+from .cache import Cache
+
+
+def inspect_cache(path: str | Path, *, verify: bool = False) -> dict:
+    import polars as pl
+
+    cache = Cache.open(path, verify=verify)
+    lf = pl.scan_parquet([str(p) for p in cache.shards])
+    prompt = pl.col(S.PROMPT_IDS).list.len()
+    chosen = pl.col(S.CHOSEN_IDS).list.len()
+    rejected = pl.col(S.REJECTED_IDS).list.len()
+    total = prompt + pl.max_horizontal(chosen, rejected)
+    qs = (0.5, 0.9, 0.99)
+    lengths = lf.select(
+        *[total.quantile(q).alias(f"total_p{int(q * 100)}") for q in qs],
+        total.max().alias("total_max"),
+        prompt.mean().alias("prompt_mean"), chosen.mean().alias("chosen_mean"),
+        rejected.mean().alias("rejected_mean"),
+        pl.col(S.TRUNCATED).sum().alias("truncated"),
+    ).collect().to_dicts()[0]
+
+    def label(c: str) -> pl.Expr:
+        return pl.when(pl.col(c).is_null()).then(pl.lit("?")).when(pl.col(c)).then(
+            pl.lit("unsafe")).otherwise(pl.lit("safe"))
+
+    mix = (lf.select(pl.concat_str([label(S.CHOSEN_UNSAFE), label(S.REJECTED_UNSAFE)], separator="/")
+                     .alias("pair_type"))
+           .group_by("pair_type").len().sort("pair_type").collect())
+    logps = lf.select(
+        pl.col(S.REF_CHOSEN_LOGP).mean().alias("chosen_mean"),
+        pl.col(S.REF_REJECTED_LOGP).mean().alias("rejected_mean"),
+        (pl.col(S.REF_CHOSEN_LOGP) / chosen).mean().alias("chosen_per_token_mean"),
+        (pl.col(S.REF_REJECTED_LOGP) / rejected).mean().alias("rejected_per_token_mean"),
+        (pl.col(S.REF_CHOSEN_LOGP) > pl.col(S.REF_REJECTED_LOGP)).mean().alias("ref_prefers_chosen"),
+        pl.col(S.REF_CHOSEN_LOGP).min().alias("min"),
+        pl.col(S.REF_CHOSEN_LOGP).max().alias("max"),
+    ).collect().to_dicts()[0]
+    safer = lf.select(pl.col(S.SAFER_IS_CHOSEN).value_counts()).collect()
+    m = cache.manifest
+    return {
+        "cache": str(cache.path),
+        "rows": m["rows"],
+        "notes": m.get("notes", {}),
+        "shards": len(m["shards"]),
+        "bytes": sum(s["bytes"] for s in m["shards"]),
+        "reference": {k: m["reference"].get(k) for k in ("name_or_path", "weights_digest", "model_type")},
+        "tokenization": m["tokenization"],
+        "reference_pass": m["reference_pass"],
+        "lengths": lengths,
+        "pair_types": dict(zip(mix["pair_type"].to_list(), mix["len"].to_list())),
+        "safer_is_chosen": {str(r[S.SAFER_IS_CHOSEN]): r["count"]
+                            for r in safer.to_series().to_list()},
+        "ref_logps": logps,
+        "stats": m.get("stats", {}),
+    }

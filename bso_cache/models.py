@@ -1,0 +1,150 @@
+"""Loading models and tokenizers (the only place that does), and what identifies them.
+
+Weights load through `from_pretrained` (local folder, hub id in the local cache, or a GGUF
+file), with safetensors required for folders, and `trust_remote_code` only when asked.
+`LOAD_LOG` records every model load, so tests and sweeps can prove the reference is never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .errors import ConfigError
+
+WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+LOAD_LOG: list[str] = []
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ConfigError(f"unknown dtype '{name}'; valid: {', '.join(DTYPES)}") from None
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise ConfigError(f"unknown --device '{device}'; use auto, cpu or cuda[:N]")
+    return device
+
+
+def resolve_dir(name_or_path: str) -> Path | None:
+    """The local folder holding a model: the path itself, or its snapshot in the HF cache."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        return p
+    if p.exists() or name_or_path.startswith((".", "/", "~")):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not in the local cache
+        return None
+
+
+def weights_digest(name_or_path: str, gguf_file: str | None = None) -> str:
+    """sha256 over the weight files (names and bytes), the identity of the weights on disk."""
+    folder = resolve_dir(name_or_path)
+    if folder is None:
+        raise ConfigError(f"model '{name_or_path}': not a local folder and not in the Hugging Face "
+                          f"cache; download it first (huggingface-cli download {name_or_path})")
+    if gguf_file:
+        files = [folder / gguf_file]
+    else:
+        files = sorted(p for p in folder.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        legacy = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        hint = (f" (found {', '.join(legacy)}: pickled weights are not loaded; convert them to "
+                f"safetensors)") if legacy else ""
+        raise ConfigError(f"model '{name_or_path}': no .safetensors weights in {folder}{hint}")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def quiet_transformers() -> None:
+    """No per-load progress bars, and no warning about sequences over the tokenizer's nominal
+    maximum: lengths are bso-cache's own policy (--max-length), checked against the model."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    quiet_transformers()
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"could not load a tokenizer from '{name_or_path}': {e}") from None
+    return tok
+
+
+def load_model(name_or_path: str, *, dtype: str = "float32", device: str = "cpu",
+               gguf_file: str | None = None, trust_remote_code: bool = False,
+               attn_implementation: str | None = None):
+    """Load a causal LM (and record the load in LOAD_LOG)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    else:
+        kwargs["use_safetensors"] = True
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    quiet_transformers()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"could not load a model from '{name_or_path}': {e}") from None
+    LOAD_LOG.append(str(name_or_path))
+    return model.to(device)
+
+
+def model_identity(name_or_path: str, gguf_file: str | None, model) -> dict:
+    """What the manifest records about a model."""
+    folder = resolve_dir(name_or_path)
+    config = model.config.to_dict()
+    config.pop("transformers_version", None)
+    config.pop("_name_or_path", None)
+    return {
+        "name_or_path": str(name_or_path),
+        "resolved_path": str(folder.resolve()) if folder else None,
+        "gguf_file": gguf_file,
+        "weights_digest": weights_digest(name_or_path, gguf_file),
+        "config_digest": "sha256:" + hashlib.sha256(
+            json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+        "model_type": getattr(model.config, "model_type", None),
+        "vocab_size": getattr(model.config, "vocab_size", None),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def max_positions(model) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(model.config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

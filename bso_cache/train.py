@@ -1,0 +1,505 @@
+"""`bso-cache train`: the policy alone, streamed from a cache, with any BSO loss.
+
+One model is loaded (the policy; by default the reference recorded in the manifest, as a
+starting point). The reference is never loaded: its log-probs come from the cache. Before the
+first update the policy's log-probs on the first batch are compared with the cached ones (the
+step-0 check). Checkpoints (weights in safetensors, optimizer/scheduler/RNG, stream position)
+are written atomically; `--resume` continues from the newest one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+from . import schemas as S
+from .cache import Cache, atomic_write_json
+from .config import TrainConfig, to_dict
+from .dist import Dist
+from .errors import CacheError, ConfigError, MismatchError
+from .evaluate import evaluate_cache, policy_pair_logps
+from .losses import pair_diagnostics, spec_loss
+from .models import load_model, load_tokenizer, resolve_device, weights_digest
+from .pairs import count_pairs, epoch_batches
+from .tokenize import tokenizer_digest
+
+CKPT_DIR = "checkpoints"
+TRAINER_STATE = "trainer_state.pt"
+
+
+def step0_tolerance(cfg: TrainConfig, manifest: dict) -> float:
+    """Largest |log pi - log pi_ref| (nats per sequence) still counted as agreement."""
+    if cfg.step0_tolerance is not None:
+        return cfg.step0_tolerance
+    exact = cfg.dtype == "float32" and cfg.autocast == "none" \
+        and manifest["reference_pass"]["dtype"] == "float32"
+    return 0.05 if exact else 2.0
+
+
+def _set_seed(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _disable_dropout(model) -> None:
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def _optimizer(cfg: TrainConfig, params):
+    import torch
+
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _schedule(cfg: TrainConfig, optimizer, total_steps: int):
+    import torch
+
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:  # step = number of updates done so far
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    d = out / CKPT_DIR
+    if not d.is_dir():
+        return []
+    done = [p for p in d.iterdir() if p.name.startswith("step-") and not p.name.endswith(".tmp")
+            and (p / "state.json").exists()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, log=print):
+        cfg.validate()
+        self.cfg = cfg
+        self.log = log
+        self.spec = cfg.loss_spec()
+        self.device = resolve_device(cfg.device)
+        self.dist = Dist.from_env(self.device)
+        if self.dist.enabled and self.device.startswith("cuda"):
+            self.device = f"cuda:{self.dist.local_rank}"
+        self.out = Path(cfg.out)
+        self.cache = Cache.open(cfg.cache)  # verifies every shard's checksum
+        self.manifest = self.cache.manifest
+        self.eval_cache = Cache.open(cfg.eval_cache) if cfg.eval_cache else None
+
+    # ------------------------------------------------------------------ setup
+    def _policy_source(self) -> tuple[str, str | None]:
+        if self.cfg.policy:
+            return self.cfg.policy, self.cfg.gguf_file
+        ref = self.manifest["reference"]
+        return ref["name_or_path"], ref.get("gguf_file")
+
+    def _check_tokenizer(self, tokenizer, name: str) -> None:
+        expected = self.manifest["tokenizer"].get("vocab_digest")
+        got = tokenizer_digest(tokenizer, None)
+        if expected != got:
+            raise MismatchError(
+                f"the policy's tokenizer ({name}, {type(tokenizer).__name__}, {len(tokenizer)} tokens) "
+                f"is not the tokenizer the cache {self.cache.path} was built with "
+                f"({self.manifest['tokenizer'].get('name_or_path')}); the cached token ids would "
+                f"mean other text. Train a policy that shares the reference's tokenizer, or build "
+                f"a cache with this model")
+
+    def _prepare_out(self) -> None:
+        if self.dist.is_main:
+            existing = self.out.exists() and any(self.out.iterdir())
+            if existing and not self.cfg.resume:
+                if not self.cfg.overwrite:
+                    raise ConfigError(f"{self.out} is not empty; pass --resume to continue the run "
+                                      f"there, --overwrite to replace it, or another --out")
+                shutil.rmtree(self.out)
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.dist.barrier()
+
+    def setup(self) -> None:
+        import torch
+
+        cfg = self.cfg
+        self._prepare_out()
+        name, gguf = self._policy_source()
+        self.tokenizer = load_tokenizer(name, gguf_file=gguf, trust_remote_code=cfg.trust_remote_code)
+        self._check_tokenizer(self.tokenizer, name)
+        self.policy_is_reference = weights_digest(name, gguf) == self.manifest["reference"]["weights_digest"]
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        _set_seed(cfg.seed)
+        model = load_model(name, dtype=cfg.dtype, device=self.device, gguf_file=gguf,
+                           trust_remote_code=cfg.trust_remote_code)
+        _disable_dropout(model)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if cfg.lora_r:
+            model = self._lora(model)
+        model.train()
+        self.model = model
+        from .scoring import SequenceScorer
+
+        self.scorer = SequenceScorer(model)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.scorer = DDP(self.scorer, device_ids=[self.dist.local_rank] if self.device.startswith("cuda") else None)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = _optimizer(cfg, params)
+        counts = count_pairs(self.cache, cfg.pairs, cfg.orientation)
+        self.pair_counts = counts
+        if counts.kept == 0:
+            raise CacheError(f"{self.cache.path}: no pair is left after --pairs {cfg.pairs} "
+                             f"--orientation {cfg.orientation} ({counts.as_dict()})")
+        micro_per_epoch = math.ceil(counts.kept / cfg.micro_batch)
+        self.steps_per_epoch = math.ceil(micro_per_epoch / (cfg.grad_accum * self.dist.world))
+        total = self.steps_per_epoch * cfg.epochs
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        self.scheduler = _schedule(cfg, self.optimizer, self.total_steps)
+        self.step, self.epoch, self.micro_in_epoch = 0, 0, 0
+        if cfg.resume:
+            self._load_checkpoint()
+        self.log(f"pairs: {counts.kept} kept, {counts.swapped} swapped, {counts.dropped} dropped "
+                 f"of {counts.total} (--pairs {cfg.pairs}, --orientation {cfg.orientation}) "
+                 f"{counts.reasons or ''}")
+        self.log(f"loss: {self.spec.generator} beta={self.spec.beta} C={self.spec.safety_penalty} "
+                 f"clamp=[{self.spec.clamp_lower}, {self.spec.clamp_upper}] lambda={self.spec.lam} "
+                 f"s={self.spec.scale}; {self.total_steps} steps of {cfg.batch_size} pairs "
+                 f"({self.steps_per_epoch}/epoch); policy {name}"
+                 f"{' (= the reference weights)' if self.policy_is_reference else ''}")
+        if self.dist.is_main:
+            atomic_write_json(self.out / "run_config.json", {
+                "config": to_dict(cfg), "loss": to_dict_spec(self.spec), "pairs": counts.as_dict(),
+                "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                "world_size": self.dist.world, "cache_manifest": str(self.cache.path / S.MANIFEST_NAME),
+                "policy": name, "policy_is_reference": self.policy_is_reference})
+        del torch
+
+    def _lora(self, model):
+        cfg = self.cfg
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise ConfigError("--lora-r needs the `peft` package: pip install 'bso-cache[lora]'") from None
+        target = "all-linear" if cfg.lora_target == "all-linear" else cfg.lora_target.split(",")
+        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=target, task_type="CAUSAL_LM")
+        return get_peft_model(model, lcfg)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self) -> None:
+        import numpy as np
+        import torch
+        from safetensors.torch import save_model
+
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return
+        ckdir = self.out / CKPT_DIR
+        ckdir.mkdir(exist_ok=True)
+        final = ckdir / f"step-{self.step:08d}"
+        tmp = ckdir / (final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_model(self.model, str(tmp / "model.safetensors"))
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state()[1],
+                    "python_rng": json.dumps(random.getstate())}, tmp / TRAINER_STATE)
+        atomic_write_json(tmp / "state.json", {"step": self.step, "epoch": self.epoch,
+                                               "micro_in_epoch": self.micro_in_epoch,
+                                               "total_steps": self.total_steps})
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in _checkpoints(self.out)[:-max(1, self.cfg.keep_checkpoints)]:
+            shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
+
+    def _load_checkpoint(self) -> None:
+        import numpy as np
+        import torch
+        from safetensors.torch import load_model as load_weights
+
+        found = _checkpoints(self.out)
+        if not found:
+            self.log(f"--resume: no checkpoint in {self.out / CKPT_DIR}; starting from step 0")
+            return
+        ck = found[-1]
+        state = json.loads((ck / "state.json").read_text())
+        load_weights(self.model, str(ck / "model.safetensors"), device=self.device)
+        blob = torch.load(ck / TRAINER_STATE, map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.scheduler.load_state_dict(blob["scheduler"])
+        torch.set_rng_state(blob["torch_rng"])
+        np_state = list(np.random.get_state())
+        np_state[1] = blob["numpy_rng"].numpy() if hasattr(blob["numpy_rng"], "numpy") else blob["numpy_rng"]
+        np.random.set_state(tuple(np_state))
+        py = json.loads(blob["python_rng"])
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        self.step, self.epoch, self.micro_in_epoch = state["step"], state["epoch"], state["micro_in_epoch"]
+        metrics = self.out / "metrics.jsonl"
+        if metrics.exists() and self.dist.is_main:  # drop lines logged after the checkpoint
+            keep = [ln for ln in metrics.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
+            metrics.write_text("".join(ln + "\n" for ln in keep))
+        self.log(f"resumed from {ck} (step {self.step}, epoch {self.epoch})")
+
+    # ------------------------------------------------------------------ the loop
+    def _micro_batches(self):
+        """(epoch, micro index in epoch, batch) from the current position, this rank's share."""
+        cfg = self.cfg
+        epoch, skip = self.epoch, self.micro_in_epoch
+        while epoch < cfg.epochs:
+            stream = epoch_batches(self.cache, mode=cfg.pairs, orientation=cfg.orientation,
+                                   batch_size=cfg.micro_batch, seed=cfg.seed, epoch=epoch,
+                                   shuffle_buffer=cfg.shuffle_buffer, bucket_batches=cfg.bucket_batches)
+            for j, batch in enumerate(stream):
+                if j < skip:
+                    continue
+                yield epoch, j, batch
+            epoch, skip = epoch + 1, 0
+        yield epoch, 0, None
+
+    def run(self) -> dict:
+        import torch
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.setup()
+        stream = self._micro_batches()
+        per_step = cfg.grad_accum * self.dist.world
+        tol = step0_tolerance(cfg, self.manifest)
+        metrics_path = self.out / "metrics.jsonl"
+        tb = self._tensorboard()
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="training",
+                   disable=not (cfg.progress and self.dist.is_main), dynamic_ncols=True)
+        window = _Window()
+        step0 = None
+        last = {}
+        finished_data = False
+        while self.step < self.total_steps and not finished_data:
+            t0 = time.perf_counter()
+            group = []
+            for _ in range(per_step):
+                epoch, j, batch = next(stream)
+                if batch is None:
+                    finished_data = True
+                    break
+                group.append((epoch, j, batch))
+            mine = group[self.dist.rank::self.dist.world] if self.dist.enabled else group
+            if not group:
+                break
+            n_pairs = sum(len(b) for _, _, b in group)
+            tokens = 0
+            self.optimizer.zero_grad(set_to_none=True)
+            for k, (_, _, batch) in enumerate(mine):
+                sync = k == len(mine) - 1 or not self.dist.enabled
+                ctx = self.scorer.no_sync() if self.dist.enabled and not sync else _null()
+                with ctx:
+                    pc, pr, ntok = policy_pair_logps(self.scorer, batch, self.device, self.pad_id, cfg.autocast)
+                    tokens += ntok
+                    ref_c, ref_r, s_c, s_r = _batch_tensors(batch, pc.device)
+                    if step0 is None and self.step == 0:
+                        step0 = self._step0(pc, pr, ref_c, ref_r, tol)
+                    losses = spec_loss(self.spec, pc, pr, ref_c, ref_r, s_c, s_r)
+                    # sum over this step's pairs / all its pairs: the global-batch mean
+                    (losses.sum() * (self.dist.world / n_pairs)).backward()
+                window.add(self.spec, losses.detach(), pc.detach(), pr.detach(), ref_c, ref_r, s_c, s_r)
+            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], clip))
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            last_epoch, last_j, _ = group[-1]
+            self.epoch, self.micro_in_epoch = last_epoch, last_j + 1
+            window.tick(time.perf_counter() - t0, tokens * (self.dist.world if self.dist.enabled else 1),
+                        grad_norm, lr)
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                last = window.flush(self.step, self.epoch)
+                if self.eval_cache is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
+                    last.update({f"eval/{k}": v for k, v in self._evaluate().items()})
+                if self.dist.is_main:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(last) + "\n")
+                    if tb is not None:
+                        for k, v in last.items():
+                            if isinstance(v, (int, float)) and k != "step":
+                                tb.add_scalar(k, v, self.step)
+                bar.set_postfix_str(f"loss {last['loss']:.4f} acc {last['preference_accuracy']:.2f} "
+                                    f"{last['tokens_per_s']:,.0f} tok/s")
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                self._save_checkpoint()
+        bar.close()
+        if tb is not None:
+            tb.close()
+        self._save_final()
+        summary = {"steps": self.step, "final": last, "step0": step0, "out": str(self.out),
+                   "pairs": self.pair_counts.as_dict()}
+        if self.dist.is_main:
+            atomic_write_json(self.out / "summary.json", summary)
+        return summary
+
+    def _step0(self, pc, pr, ref_c, ref_r, tol: float) -> dict:
+        import torch
+
+        diff = torch.cat([pc.detach().double() - ref_c, pr.detach().double() - ref_r]).abs()
+        figure = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+                  "sequences": int(diff.numel()), "tolerance": tol,
+                  "policy_is_reference": self.policy_is_reference}
+        verdict = "agree" if figure["max_abs_diff"] <= tol else "DISAGREE"
+        self.log(f"step-0 check: max |log pi - log pi_ref| = {figure['max_abs_diff']:.3g} nats "
+                 f"(mean {figure['mean_abs_diff']:.3g}) over {figure['sequences']} sequences: {verdict} "
+                 f"(tolerance {tol:g}; policy {'is' if self.policy_is_reference else 'is not'} the reference weights)")
+        if self.policy_is_reference and figure["max_abs_diff"] > tol:
+            raise MismatchError(
+                f"step-0 check failed: the policy starts from the cache's reference weights, yet its "
+                f"log-probs differ from the cached ones by up to {figure['max_abs_diff']:.3g} nats "
+                f"(tolerance {tol:g}). Usual causes: the cache was built from other weights or another "
+                f"tokenizer/template, or in another dtype (cache: {self.manifest['reference_pass']['dtype']}, "
+                f"policy: {self.cfg.dtype}, autocast {self.cfg.autocast}). Rebuild the cache, or raise "
+                f"--step0-tolerance if the dtype difference is intended")
+        return figure
+
+    def _evaluate(self) -> dict:
+        res = evaluate_cache(self.model, self.eval_cache, batch_size=self.cfg.micro_batch,
+                             device=self.device, pad_id=self.pad_id, autocast=self.cfg.autocast)
+        return {k: v for k, v in res.items() if isinstance(v, (int, float))}
+
+    def _tensorboard(self):
+        if not (self.cfg.tensorboard and self.dist.is_main):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("--tensorboard needs the `tensorboard` package: pip install 'bso-cache[tensorboard]'") from None
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    def _save_final(self) -> None:
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return
+        model = self.model
+        if self.cfg.lora_r:
+            model.save_pretrained(str(self.out / "adapter"))
+            model = model.merge_and_unload()
+        model.save_pretrained(str(self.out), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(self.out))
+        self.dist.barrier()
+
+
+def to_dict_spec(spec) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(spec)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _batch_tensors(batch, device):
+    import torch
+
+    ref_c = torch.tensor([it.ref_chosen_logp for it in batch], dtype=torch.float64, device=device)
+    ref_r = torch.tensor([it.ref_rejected_logp for it in batch], dtype=torch.float64, device=device)
+    s_c = torch.tensor([it.chosen_unsafe for it in batch], dtype=torch.float64, device=device)
+    s_r = torch.tensor([it.rejected_unsafe for it in batch], dtype=torch.float64, device=device)
+    return ref_c, ref_r, s_c, s_r
+
+
+class _Window:
+    """Sums of per-pair diagnostics between two logged steps."""
+
+    TYPES = ("safe/safe", "safe/unsafe", "unsafe/safe", "unsafe/unsafe", "unlabelled")
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.s = {k: 0.0 for k in ("loss", "chosen_rewards", "rejected_rewards", "margin", "reward_margin",
+                                   "correct", "u", "clamped", "u_pos", "safety_pairs", "safe_wins")}
+        self.n = 0
+        self.by_type = {t: [0, 0.0] for t in self.TYPES}
+        self.seconds = self.tokens = self.steps = 0
+        self.grad_norm = self.lr = 0.0
+
+    def add(self, spec, losses, pc, pr, ref_c, ref_r, s_c, s_r):
+        d = pair_diagnostics(spec, pc, pr, ref_c, ref_r, s_c, s_r)
+        self.s["loss"] += float(losses.double().sum())
+        self.s["chosen_rewards"] += float(d["chosen_rewards"].sum())
+        self.s["rejected_rewards"] += float(d["rejected_rewards"].sum())
+        self.s["margin"] += float(d["margin"].sum())
+        self.s["reward_margin"] += float((d["chosen_rewards"] - d["rejected_rewards"]).sum())
+        self.s["correct"] += float((d["margin"] > 0).sum())
+        self.s["u"] += float(d["u"].sum())
+        self.s["clamped"] += float(d["clamped"].sum())
+        self.s["u_pos"] += float((d["u"] > 0).sum())
+        self.s["safety_pairs"] += float(d["safety_differs"].sum())
+        self.s["safe_wins"] += float(d["safe_wins"].sum())
+        self.n += len(losses)
+        for t, loss in zip(d["pair_type"].tolist(), losses.double().tolist()):
+            entry = self.by_type[self.TYPES[t]]
+            entry[0] += 1
+            entry[1] += loss
+
+    def tick(self, seconds, tokens, grad_norm, lr):
+        self.seconds += seconds
+        self.tokens += tokens
+        self.steps += 1
+        self.grad_norm = grad_norm
+        self.lr = lr
+
+    def flush(self, step: int, epoch: int) -> dict:
+        n = max(self.n, 1)
+        s = self.s
+        row = {
+            "step": step, "epoch": epoch, "pairs": self.n,
+            "loss": s["loss"] / n,
+            "chosen_rewards": s["chosen_rewards"] / n, "rejected_rewards": s["rejected_rewards"] / n,
+            "margin": s["margin"] / n, "reward_margin": s["reward_margin"] / n,
+            "preference_accuracy": s["correct"] / n,
+            "safety_accuracy": s["safe_wins"] / s["safety_pairs"] if s["safety_pairs"] else None,
+            "u_mean": s["u"] / n, "clamped_fraction": s["clamped"] / n, "u_positive_fraction": s["u_pos"] / n,
+            "lr": self.lr, "grad_norm": self.grad_norm,
+            "step_seconds": self.seconds / max(self.steps, 1),
+            "tokens_per_s": self.tokens / self.seconds if self.seconds else 0.0,
+        }
+        for t, (count, loss) in self.by_type.items():
+            if count:
+                row[f"loss/{t}"] = loss / count
+                row[f"pairs/{t}"] = count
+        self.reset()
+        return row
+
+
+def train(cfg: TrainConfig, *, log=print) -> dict:
+    return Trainer(cfg, log=log).run()

@@ -1,0 +1,215 @@
+"""The `bso-cache` command line: options -> frozen configs -> library calls. No math, no I/O logic.
+
+The project's own errors (bad input, bad options, damaged caches) print as one line and exit 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+app = typer.Typer(
+    name="bso-cache",
+    help="Train LMs to be helpful and safe with BSO (DPO, SafeDPO, ...) from an offline "
+         "reference-log-prob cache: `build` scores the data with the reference once, `train` "
+         "trains the policy alone, as often as you like.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _run(fn: Callable, *args, **kwargs):
+    from bso_cache.errors import BsoCacheError
+
+    try:
+        return fn(*args, **kwargs)
+    except BsoCacheError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+
+
+def _echo_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+# --------------------------------------------------------------------------------------- build
+@app.command()
+def build(
+    model: str = typer.Option(..., "--model", "-m", help="Reference model: local folder or hub id (in the local HF cache)."),
+    data: str = typer.Option(..., "--data", "-d", help="Input: JSONL/JSON/Parquet/CSV file or folder, a save_to_disk folder, or a HF dataset name."),
+    out: Path = typer.Option(..., "--out", "-o", help="Cache folder to write (resumed if unfinished)."),
+    split: str = typer.Option("train", help="Split of a Hugging Face dataset."),
+    hf_config: Optional[str] = typer.Option(None, "--hf-config", help="Configuration name of a HF dataset."),
+    format: str = typer.Option("auto", "--format", help="Input format: auto | pku | hh | generic (auto: from the columns)."),
+    gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="Load the model from this GGUF file inside --model."),
+    template: str = typer.Option("auto", help="Prompt rendering: auto (chat template if the tokenizer has one) | chat | plain ('Human: ...\\n\\nAssistant:')."),
+    chat_template: Optional[Path] = typer.Option(None, "--chat-template", help="Jinja chat template file overriding the tokenizer's."),
+    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="System message prepended to every conversation."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Max tokens of prompt + the longer response [default: min(2048, model positions)]."),
+    overlong: str = typer.Option("drop", help="Pairs over --max-length: drop (counted) | truncate (responses cut)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Pairs per reference forward (length-bucketed)."),
+    rows_per_shard: int = typer.Option(5000, "--rows-per-shard", help="Input rows per Parquet shard (the unit of resume and of torchrun ranks)."),
+    dtype: str = typer.Option("float32", help="Reference dtype: float32 | bfloat16 | float16 (log-softmax is float32 regardless)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda[:N]."),
+    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Count malformed rows as dropped (with the reason) instead of stopping."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing cache in --out made with other settings."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+):
+    """Score preference pairs with the frozen reference model once; write Parquet shards + manifest.
+
+    Re-running the same command on an unfinished cache resumes it; on a finished one it does nothing.
+    """
+    from bso_cache.build import build_cache
+    from bso_cache.config import BuildConfig
+
+    cfg = BuildConfig(model=model, data=data, out=str(out), split=split, hf_config=hf_config,
+                      format=format, gguf_file=gguf_file, template=template,
+                      chat_template=str(chat_template) if chat_template else None,
+                      system_prompt=system_prompt, max_length=max_length, overlong=overlong,
+                      batch_size=batch_size, rows_per_shard=rows_per_shard, dtype=dtype,
+                      device=device, skip_bad_rows=skip_bad_rows, overwrite=overwrite,
+                      trust_remote_code=trust_remote_code, progress=progress)
+    _run(build_cache, cfg, log=lambda s: typer.echo(s, err=True))
+
+
+# ------------------------------------------------------------------------------------- inspect
+@app.command()
+def inspect(
+    cache: Path = typer.Argument(..., help="Cache folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    verify: bool = typer.Option(False, "--verify", help="Also check every shard's checksum."),
+):
+    """Rows, drops by reason, length percentiles, label mix by pair type, log-prob statistics."""
+    from bso_cache.inspect_cache import inspect_cache
+
+    info = _run(inspect_cache, cache, verify=verify)
+    if as_json:
+        _echo_json(info)
+        return
+    r = info["rows"]
+    typer.echo(f"cache      {info['cache']}  ({info['shards']} shards, {info['bytes'] / 1e6:.2f} MB)")
+    typer.echo(f"reference  {info['reference']['name_or_path']}  {info['reference']['weights_digest'][:23]}")
+    typer.echo(f"rows       input {r['input']}, written {r['written']}, dropped {sum(r['dropped'].values())} {r['dropped'] or ''}")
+    if info["notes"]:
+        typer.echo(f"notes      {info['notes']}")
+    L = info["lengths"]
+    typer.echo(f"lengths    p50 {L['total_p50']:.0f}, p90 {L['total_p90']:.0f}, p99 {L['total_p99']:.0f}, "
+               f"max {L['total_max']}; mean prompt {L['prompt_mean']:.1f}, chosen {L['chosen_mean']:.1f}, "
+               f"rejected {L['rejected_mean']:.1f}; truncated {L['truncated']}")
+    typer.echo(f"pair types {info['pair_types']}   (chosen/rejected; ? = no label)")
+    typer.echo(f"safer      safer_is_chosen {info['safer_is_chosen']}")
+    lp = info["ref_logps"]
+    typer.echo(f"ref logp   chosen mean {lp['chosen_mean']:.2f} ({lp['chosen_per_token_mean']:.3f}/token), "
+               f"rejected mean {lp['rejected_mean']:.2f} ({lp['rejected_per_token_mean']:.3f}/token); "
+               f"reference prefers chosen in {100 * lp['ref_prefers_chosen']:.1f}%")
+
+# --------------------------------------------------------------------------------------- train
+_LOSS_HELP = "Loss (shared BSO.md): u = -(beta*m + C*(s_w - s_l)), clamped, loss = l_h(u)."
+
+
+def _train_config(**kw):
+    from bso_cache.config import TrainConfig
+
+    return TrainConfig(**kw)
+
+
+@app.command()
+def train(
+    cache: Path = typer.Option(..., "--cache", "-c", help="Cache folder from `bso-cache build`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: final model (from_pretrained format), metrics.jsonl, run_config.json, checkpoints/."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="Policy to train [default: the reference recorded in the manifest]. Must share the cache's tokenizer."),
+    gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="GGUF file inside --policy."),
+    generator: str = typer.Option("sba", help="Generator h: logistic (DPO/SafeDPO) | kliep | lsif | ba | sba | phi (= sba with lambda=1-mu, s=1)."),
+    beta: float = typer.Option(0.1, help="Temperature beta > 0 (as in DPO)."),
+    safety_penalty: float = typer.Option(30.0, "--safety-penalty", help="C >= 0, the safety penalty (C=0: plain preference optimisation)."),
+    lam: float = typer.Option(0.2, help="lambda of ba/sba (> -1; 0 is the kliep limit)."),
+    scale: float = typer.Option(4.0, help="s of sba (4 makes its gradient at u=0 equal logistic's)."),
+    mu: Optional[float] = typer.Option(None, help="mu of the phi generator."),
+    clamp: Optional[float] = typer.Option(None, help="Symmetric bound kappa on u: [-kappa, kappa]; no gradient past a bound [default: [-30, 30], and for C > 30 the upper bound becomes min(C+10, floor(85/(1+lambda))) so safe-winner pairs (u = C at start) still learn]."),
+    clamp_lower: Optional[float] = typer.Option(None, "--clamp-lower", help="Lower bound on u (overrides --clamp's)."),
+    clamp_upper: Optional[float] = typer.Option(None, "--clamp-upper", help="Upper bound on u (overrides --clamp's and the automatic raise)."),
+    label_smoothing: float = typer.Option(0.0, "--label-smoothing", help="Conservative epsilon in [0, 0.5): (1-e) l(u) + e l(-u)."),
+    pairs: str = typer.Option("safedpo", help="Pair handling: none | safedpo (swap unsafe-chosen/safe-rejected, drop both-unsafe) | drop-both-unsafe."),
+    orientation: str = typer.Option("better", help="better (chosen = more helpful) | safer (chosen = safer response, PKU-style data)."),
+    optimizer: str = typer.Option("rmsprop", help="adamw | rmsprop | sgd."),
+    lr: float = typer.Option(1e-6, help="Peak learning rate."),
+    lr_schedule: str = typer.Option("cosine", "--lr-schedule", help="cosine | linear | constant (after warmup)."),
+    warmup_ratio: float = typer.Option(0.05, "--warmup-ratio", help="Share of steps of linear warmup."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    grad_clip: float = typer.Option(10.0, "--grad-clip", help="Max gradient norm (0: no clipping)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Pairs per optimizer step per process."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per step (micro-batch = batch-size / grad-accum)."),
+    epochs: int = typer.Option(3, help="Passes over the cache."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
+    seed: int = typer.Option(0, help="Seed of shard order, shuffle buffer and init."),
+    shuffle_buffer: int = typer.Option(4096, "--shuffle-buffer", help="Pairs held for shuffling (bounds memory)."),
+    dtype: str = typer.Option("float32", help="Policy weights dtype: float32 | bfloat16 | float16."),
+    autocast: str = typer.Option("none", help="Mixed precision: none | bf16 | fp16 (weights stay in --dtype)."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute activations in backward (less memory)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda[:N]."),
+    lora_r: int = typer.Option(0, "--lora-r", help="LoRA rank (0: full fine-tuning). Needs peft."),
+    lora_alpha: float = typer.Option(16.0, "--lora-alpha"),
+    lora_dropout: float = typer.Option(0.0, "--lora-dropout"),
+    lora_target: str = typer.Option("all-linear", "--lora-target", help="Comma-separated module names, or all-linear."),
+    save_every: int = typer.Option(0, "--save-every", help="Checkpoint every N steps (0: only the final model)."),
+    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="Checkpoints kept."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    log_every: int = typer.Option(1, "--log-every", help="Write metrics every N steps."),
+    eval_cache: Optional[Path] = typer.Option(None, "--eval-cache", help="A held-out cache to evaluate on."),
+    eval_every: int = typer.Option(0, "--eval-every", help="Evaluate on --eval-cache every N steps."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also log to OUT/tensorboard."),
+    step0_tolerance: Optional[float] = typer.Option(None, "--step0-tolerance", help="Max |log pi - log pi_ref| at step 0 when the policy is the reference [default: 0.05 nats in float32, 2 otherwise]."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Train the policy alone on a cache with a BSO loss (defaults: the BSO authors' recipe).
+
+    Defaults: sba (lambda 0.2, s 4), beta 0.1, C 30, clamp 30, SafeDPO pair handling, RMSprop
+    lr 1e-6 cosine with 5% warmup, 3 epochs, batch 16, grad clip 10, fp32 policy.
+    DPO: --generator logistic --safety-penalty 0 --pairs none. SafeDPO: --generator logistic
+    --safety-penalty 10 --pairs safedpo.
+    """
+    from bso_cache.train import train as run_train
+
+    cfg = _train_config(
+        cache=str(cache), out=str(out), policy=policy, gguf_file=gguf_file, generator=generator,
+        beta=beta, safety_penalty=safety_penalty, lam=lam, scale=scale, mu=mu, clamp=clamp,
+        clamp_lower=clamp_lower, clamp_upper=clamp_upper, label_smoothing=label_smoothing,
+        pairs=pairs, orientation=orientation, optimizer=optimizer, lr=lr, lr_schedule=lr_schedule,
+        warmup_ratio=warmup_ratio, weight_decay=weight_decay, grad_clip=grad_clip,
+        batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, seed=seed,
+        shuffle_buffer=shuffle_buffer, dtype=dtype, autocast=autocast,
+        gradient_checkpointing=gradient_checkpointing, device=device, lora_r=lora_r,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_target=lora_target,
+        save_every=save_every, keep_checkpoints=keep_checkpoints, resume=resume,
+        overwrite=overwrite, log_every=log_every,
+        eval_cache=str(eval_cache) if eval_cache else None, eval_every=eval_every,
+        tensorboard=tensorboard, step0_tolerance=step0_tolerance,
+        trust_remote_code=trust_remote_code, progress=progress)
+    summary = _run(run_train, cfg, log=lambda s: typer.echo(s, err=True))
+    final = summary["final"] or {}
+    typer.echo(f"trained {summary['steps']} steps -> {summary['out']}; final loss "
+               f"{final.get('loss', float('nan')):.4f}, preference accuracy "
+               f"{final.get('preference_accuracy', float('nan')):.3f}")
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()
