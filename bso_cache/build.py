@@ -82,8 +82,10 @@ def _identity(cfg: BuildConfig, source, ptok: PairTokenizer, max_length: int, de
 
 
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Keys of the identity `b` whose values differ in the recorded `a` (extra keys of `a` are
+    what the build learnt later, like the model's parameter count, and do not count)."""
     out = []
-    for key in sorted(set(a) | set(b)):
+    for key in sorted(b):
         va, vb = a.get(key), b.get(key)
         if isinstance(va, dict) and isinstance(vb, dict):
             out += _differences(va, vb, f"{prefix}{key}.")

@@ -60,12 +60,13 @@ def _lsif(u: Tensor, lam: float, scale: float) -> Tensor:
 
 def _ba(u: Tensor, lam: float, scale: float) -> Tensor:
     # e^((1+l)u) - ((1+l)/l) e^(-l u)  ==  e^((1+l)u) - (1+l) expm1(-l u)/l  - (1+l)/l
-    return torch.exp((1.0 + lam) * u) - (1.0 + lam) * _expm1_over(-lam, u)
+    # and expm1(-l u)/l == -_expm1_over(-l, u)
+    return torch.exp((1.0 + lam) * u) + (1.0 + lam) * _expm1_over(-lam, u)
 
 
 def _sba(u: Tensor, lam: float, scale: float) -> Tensor:
     # [e^((1+l)u)/(1+l) - e^(-l u)/l] / s  ==  [e^((1+l)u)/(1+l) - expm1(-l u)/l] / s  - 1/(l s)
-    return (torch.exp((1.0 + lam) * u) / (1.0 + lam) - _expm1_over(-lam, u)) / scale
+    return (torch.exp((1.0 + lam) * u) / (1.0 + lam) + _expm1_over(-lam, u)) / scale
 
 
 _LOSS_OF_U: dict[str, Callable[[Tensor, float, float], Tensor]] = {

@@ -22,7 +22,8 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 
 
 class TargetLogProbs(torch.autograd.Function):
-    """log softmax(h W^T + b)[target] for N gathered positions, chunked, float32.
+    """log softmax(h W^T + b)[target] for N gathered positions, chunked, in float32 (float64
+    when the weights are float64, for gradient checks).
 
     forward saves (hidden, weight, bias, targets, logsumexp); backward recomputes each chunk's
     logits: d logp_t / d logits = onehot(t) - softmax.
@@ -31,11 +32,12 @@ class TargetLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int):
         n = hidden.shape[0]
-        out = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        acc = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 for checks
+        out = torch.empty(n, dtype=acc, device=hidden.device)
+        lse = torch.empty(n, dtype=acc, device=hidden.device)
         h = hidden.to(weight.dtype)
         for s in range(0, n, chunk):
-            logits = torch.nn.functional.linear(h[s:s + chunk], weight, bias).float()  # (c, V)
+            logits = torch.nn.functional.linear(h[s:s + chunk], weight, bias).to(acc)  # (c, V)
             lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
             out[s:s + chunk] = logits.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
@@ -47,21 +49,22 @@ class TargetLogProbs(torch.autograd.Function):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], \
             bias is not None and ctx.needs_input_grad[2]
+        acc = lse.dtype
         h = hidden.to(weight.dtype)
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
         chunk = ctx.chunk
         for s in range(0, hidden.shape[0], chunk):
             h_c = h[s:s + chunk]
-            g = grad_out[s:s + chunk].float()
-            logits = torch.nn.functional.linear(h_c, weight, bias).float()
+            g = grad_out[s:s + chunk].to(acc)
+            logits = torch.nn.functional.linear(h_c, weight, bias).to(acc)
             d = torch.exp(logits - lse[s:s + chunk, None]).mul_(-g[:, None])  # -g * softmax
             d.scatter_add_(1, targets[s:s + chunk, None], g[:, None])        # + g * onehot
             if need_h:
                 grad_h[s:s + chunk] = (d.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_w:
-                grad_w.addmm_(d.t(), h_c.float())
+                grad_w.addmm_(d.t(), h_c.to(acc))
             if need_b:
                 grad_b += d.sum(0)
         return (grad_h, grad_w.to(weight.dtype) if need_w else None,

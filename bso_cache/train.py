@@ -225,7 +225,9 @@ class Trainer:
         tmp.mkdir()
         save_model(self.model, str(tmp / "model.safetensors"))
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state()[1],
+                    "torch_rng": torch.get_rng_state(),
+                    "numpy_rng": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+                    "numpy_rng_rest": list(np.random.get_state()[2:]),
                     "python_rng": json.dumps(random.getstate())}, tmp / TRAINER_STATE)
         atomic_write_json(tmp / "state.json", {"step": self.step, "epoch": self.epoch,
                                                "micro_in_epoch": self.micro_in_epoch,
@@ -253,9 +255,7 @@ class Trainer:
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         torch.set_rng_state(blob["torch_rng"])
-        np_state = list(np.random.get_state())
-        np_state[1] = blob["numpy_rng"].numpy() if hasattr(blob["numpy_rng"], "numpy") else blob["numpy_rng"]
-        np.random.set_state(tuple(np_state))
+        np.random.set_state(("MT19937", blob["numpy_rng"].numpy().astype(np.uint32), *blob["numpy_rng_rest"]))
         py = json.loads(blob["python_rng"])
         random.setstate((py[0], tuple(py[1]), py[2]))
         self.step, self.epoch, self.micro_in_epoch = state["step"], state["epoch"], state["micro_in_epoch"]

@@ -206,6 +206,19 @@ def train(
                f"{final.get('preference_accuracy', float('nan')):.3f}")
 
 
+# ---------------------------------------------------------------------------------------- demo
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("quickstart-out"), "--out", "-o", help="Folder for the demo's data, model, caches and runs."),
+    steps: int = typer.Option(60, help="Training steps per run."),
+):
+    """The embedded default, end to end: synthetic safety data + tiny model -> one cache -> DPO-helpful,
+    SafeDPO and BSO trained from it -> a held-out comparison table."""
+    from bso_cache.demo import run_demo
+
+    _run(run_demo, out, steps=steps, log=typer.echo)
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

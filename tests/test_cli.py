@@ -1,0 +1,89 @@
+"""The command line: fast help, one-line errors, `python -m bso_cache`, end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def cli(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "bso_cache", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_help_imports_no_heavy_modules():
+    code = ("import sys; from typer.testing import CliRunner; from bso_cache.cli.app import app; "
+            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+            "heavy = [m for m in ('torch', 'transformers', 'polars', 'datasets', 'pyarrow') if m in sys.modules]; "
+            "assert not heavy, heavy; print(r.output)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for command in ("build", "train", "inspect", "demo"):
+        assert command in out.stdout
+
+
+def test_train_help_documents_defaults_and_bounds():
+    out = cli("train", "--help").stdout
+    assert "authors' recipe" in out and "min(C+10" in out and "safedpo" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["build", "--model", "nowhere-model/x/y", "--data", "missing.jsonl", "--out", "o"], "no such file"),
+    (["train", "--cache", "no-cache", "--out", "o"], "no such cache folder"),
+    (["train", "--cache", "no-cache", "--out", "o", "--generator", "sbaa"], "valid names"),
+])
+def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, "-m", "bso_cache", *args], capture_output=True, text=True, env=ENV,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_bad_pku_rows_via_cli(tinystories, pku_path, tmp_path):
+    """One bad row among 20 good ones: refused naming the line, or counted with --skip-bad-rows."""
+    good = pku_path.read_text().splitlines()[:20]
+    row = json.loads(good[0])
+    bads = {
+        "broken_json": '{"prompt": "x",',
+        "missing_response": json.dumps({k: v for k, v in row.items() if k != "response_1"}),
+        "non_boolean_label": json.dumps({**row, "is_response_1_safe": "no"}),
+        "empty_response": json.dumps({**row, "response_0": ""}),
+        "better_id_2": json.dumps({**row, "better_response_id": 2}),
+        "null_prompt": json.dumps({**row, "prompt": None}),
+    }
+    for name, bad in bads.items():
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("\n".join(good[:11] + [bad] + good[11:]) + "\n")
+        base = ["build", "--model", tinystories, "--data", data, "--max-length", 512, "--no-progress"]
+        proc = cli(*base, "--out", tmp_path / f"{name}-a", check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"{data}, row 12" in proc.stderr, proc.stderr
+        cli(*base, "--out", tmp_path / f"{name}-b", "--skip-bad-rows")
+        rows = json.loads((tmp_path / f"{name}-b" / "manifest.json").read_text())["rows"]
+        assert rows["input"] == 21 and rows["written"] + sum(rows["dropped"].values()) == 21
+        assert sum(v for k, v in rows["dropped"].items() if k != "overlong") == 1
+
+
+def test_end_to_end_build_inspect_train(demo_assets, tmp_path):
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    cli("build", "--model", demo_assets["model"], "--data", demo_assets["train"], "--out", cache,
+        "--max-length", 128, "--no-progress")
+    info = json.loads(cli("inspect", cache, "--json").stdout)
+    assert info["rows"]["written"] == 96
+    out = cli("train", "--cache", cache, "--out", run, "--generator", "logistic", "--safety-penalty", 0,
+              "--lr", 0, "--max-steps", 2, "--batch-size", 4, "--no-progress")
+    assert "step-0 check" in out.stderr and "agree" in out.stderr
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(abs(r["loss"] - math.log(2)) < 1e-4 for r in rows)

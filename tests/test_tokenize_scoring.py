@@ -1,0 +1,142 @@
+"""The prompt/response boundary on real tokenizers, and the one scoring function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bso_cache.data import Pair
+from bso_cache.scoring import TargetLogProbs, make_token_batch, sequence_logps
+from bso_cache.tokenize import PairTokenizer, apply_length_policy, Encoded
+
+PAIR = Pair(0, (("user", "How do I bake bread?"), ("assistant", "With flour."), ("user", "And then?")),
+            "Knead the dough, let it rise, and bake it for 30 minutes.", "No idea.")
+
+
+def check_boundary(tok, ptok: PairTokenizer, pair: Pair = PAIR):
+    prompt_text, chosen_text, rejected_text = ptok.render(pair)
+    enc = ptok.encode_many([pair])[0]
+    # the response ids decode to the response (plus end-of-turn), the prompt ids to the prompt
+    assert pair.chosen in tok.decode(enc.chosen_ids)
+    assert pair.rejected in tok.decode(enc.rejected_ids)
+    assert "And then?" in tok.decode(enc.prompt_ids)
+    assert pair.chosen not in tok.decode(enc.prompt_ids)
+    # every token of the prompt and of the response is what the separate encodings gave: no merges
+    # across the boundary, and the concatenation decodes to the whole conversation
+    assert enc.prompt_ids == tok(prompt_text, add_special_tokens=not ptok.use_chat)["input_ids"]
+    full = tok.decode(enc.prompt_ids + enc.chosen_ids, skip_special_tokens=False)
+    assert full.replace(" ", "").endswith(tok.decode(enc.chosen_ids).replace(" ", ""))
+    return enc
+
+
+def test_boundary_tinystories_plain(tinystories):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tinystories))
+    ptok = PairTokenizer(tok)
+    assert ptok.mode == "plain"
+    enc = check_boundary(tok, ptok)
+    assert enc.prompt_ids[0] == tok.bos_token_id and enc.chosen_ids[-1] == tok.eos_token_id
+    assert tok.decode(enc.prompt_ids, skip_special_tokens=True).endswith("Human: And then?\n\nAssistant:")
+
+
+def test_boundary_gpt2_plain(gpt2_tokenizer):
+    ptok = PairTokenizer(gpt2_tokenizer)
+    enc = check_boundary(gpt2_tokenizer, ptok)
+    assert enc.chosen_ids[-1] == gpt2_tokenizer.eos_token_id == 50256
+    # plain text round trip: prompt + " " + response
+    text = gpt2_tokenizer.decode(enc.prompt_ids + enc.chosen_ids[:-1])
+    assert text.endswith("Assistant: " + PAIR.chosen)
+
+
+def test_boundary_chatml(chatml_tokenizer):
+    tok = chatml_tokenizer
+    ptok = PairTokenizer(tok)
+    assert ptok.mode == "chat"
+    enc = check_boundary(tok, ptok)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in enc.chosen_ids  # the response includes its end-of-turn token
+    prompt = tok.decode(enc.prompt_ids)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    assert tok.decode(enc.chosen_ids) == PAIR.chosen + "<|im_end|>\n"
+
+
+def test_boundary_smollm2_real_chat_template(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    ptok = PairTokenizer(tok)
+    assert ptok.mode == "chat"
+    enc = check_boundary(tok, ptok)
+    assert tok.decode(enc.prompt_ids).endswith("<|im_start|>assistant\n")
+    assert tok.decode(enc.chosen_ids).startswith(PAIR.chosen + "<|im_end|>")
+
+
+def test_template_override_and_plain_forcing(chatml_tokenizer):
+    assert PairTokenizer(chatml_tokenizer, template="plain").mode == "plain"
+    enc = PairTokenizer(chatml_tokenizer, template="plain").encode_many([PAIR])[0]
+    assert "<|im_start|>" not in chatml_tokenizer.decode(enc.prompt_ids)
+
+
+def test_length_policy():
+    enc = Encoded([1, 2, 3], [4, 5, 6, 7], [8, 9])
+    assert apply_length_policy(enc, 7, "drop") == (enc, None)
+    assert apply_length_policy(enc, 6, "drop") == (None, "overlong")
+    cut, reason = apply_length_policy(enc, 5, "truncate")
+    assert reason is None and cut.chosen_ids == [4, 5] and cut.rejected_ids == [8, 9] and cut.truncated
+    assert apply_length_policy(enc, 3, "truncate") == (None, "prompt_too_long")
+
+
+def naive_logps(model, batch):
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(2, batch.input_ids[:, 1:, None]).squeeze(2)
+    return (lp * batch.score_mask[:, 1:]).sum(1)
+
+
+def test_sequence_logps_matches_full_logits_values_and_gradients(demo_assets):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(demo_assets["model"]))
+    batch = make_token_batch([[1, 5, 6], [1, 7], [1, 9, 9, 9, 9]], [[8, 9, 10], [11, 12, 13, 14], [20]], pad_id=3)
+    for chunk in (1, 3, 1000):
+        model.zero_grad()
+        ours = sequence_logps(model, batch, chunk=chunk)
+        ours.sum().backward()
+        g_ours = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        ref = naive_logps(model, batch)
+        ref.sum().backward()
+        g_ref = [p.grad.clone() for p in model.parameters()]
+        assert torch.allclose(ours, ref, atol=1e-4)
+        for a, b in zip(g_ours, g_ref):
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_target_logprobs_gradcheck_float64():
+    torch.manual_seed(0)
+    h = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 11, (7,))
+
+    for chunk in (1, 3, 100):
+        assert torch.autograd.gradcheck(lambda a, c, d: TargetLogProbs.apply(a, c, d, t, chunk), (h, w, b))
+    naive = torch.log_softmax(h @ w.t() + b, -1).gather(1, t[:, None]).squeeze(1)
+    assert torch.allclose(TargetLogProbs.apply(h, w, b, t, 2), naive, atol=1e-12)
+    out32 = TargetLogProbs.apply(h.float(), w.float(), b.float(), t, 2)
+    assert out32.dtype == torch.float32 and torch.allclose(out32.double(), naive, atol=1e-5)
+
+
+def test_padding_and_batch_do_not_change_scores(demo_assets):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(demo_assets["model"])).eval()
+    prompts = [[1, 5, 6, 7], [1, 8], [1, 9, 10, 11, 12, 13]]
+    responses = [[14, 15], [16, 17, 18, 19, 20, 21, 22], [23]]
+    with torch.no_grad():
+        together = sequence_logps(model, make_token_batch(prompts, responses))
+        alone = torch.cat([sequence_logps(model, make_token_batch([p], [r])) for p, r in zip(prompts, responses)])
+    assert torch.allclose(together, alone, atol=1e-4)
+
+
+def test_make_token_batch_rejects_empty_prompt():
+    with pytest.raises(ValueError, match="at least one token"):
+        make_token_batch([[]], [[1, 2]])

@@ -1,0 +1,169 @@
+"""`bso-cache train`: the policy alone, step-0 check, learning, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from bso_cache import models
+from bso_cache.config import TrainConfig
+from bso_cache.errors import ConfigError, MismatchError
+from bso_cache.train import train
+
+from .conftest import read_jsonl
+
+QUIET = dict(progress=False)
+
+
+def run(cache, out, **kw):
+    cfg = dict(cache=str(cache), out=str(out), **QUIET)
+    cfg.update(kw)
+    return train(TrainConfig(**cfg), log=lambda s: None)
+
+
+def weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_lr0_logistic_is_log2_every_step_on_pku(pku_cache, tmp_path):
+    summary = run(pku_cache, tmp_path / "r", generator="logistic", safety_penalty=0.0, lr=0.0,
+                  max_steps=3, batch_size=4)
+    rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert abs(r["loss"] - math.log(2)) < 1e-4
+    assert summary["step0"]["policy_is_reference"] and summary["step0"]["max_abs_diff"] < 1e-3
+
+
+def test_sba_run_loads_one_model_and_weights_move(pku_cache, tinystories, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    before = len(models.LOAD_LOG)
+    run(pku_cache, tmp_path / "r", generator="sba", safety_penalty=30.0, lr=1e-3, max_steps=8, batch_size=4,
+        optimizer="adamw")
+    assert models.LOAD_LOG[before:] == [str(tinystories)]  # the policy, once; never a reference
+    rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    assert len(rows) == 8 and all(math.isfinite(r["loss"]) for r in rows)
+    for key in ("step", "loss", "chosen_rewards", "rejected_rewards", "margin", "preference_accuracy",
+                "safety_accuracy", "u_mean", "clamped_fraction", "lr", "grad_norm", "tokens_per_s"):
+        assert key in rows[0]
+    trained = AutoModelForCausalLM.from_pretrained(str(tmp_path / "r"))
+    original = AutoModelForCausalLM.from_pretrained(str(tinystories))
+    ref = dict(original.named_parameters())
+    for name, p in trained.named_parameters():
+        assert not torch.equal(p, ref[name]), f"{name} did not move"
+    cfg = json.loads((tmp_path / "r" / "run_config.json").read_text())
+    assert cfg["config"]["generator"] == "sba" and cfg["loss"]["clamp_upper"] == 30.0
+
+
+def test_loss_falls_on_learnable_data(demo_cache, tmp_path):
+    run(demo_cache, tmp_path / "r", generator="logistic", safety_penalty=0.0, pairs="none",
+        optimizer="adamw", lr=3e-3, lr_schedule="constant", warmup_ratio=0.0, batch_size=16, max_steps=25,
+        epochs=10)
+    rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # step 0: policy = reference
+    last = sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < 0.5 * math.log(2)
+    assert rows[-1]["preference_accuracy"] > 0.8
+
+
+def test_tokenizer_mismatch_is_refused(demo_cache, tinystories, tmp_path):
+    before = len(models.LOAD_LOG)
+    with pytest.raises(MismatchError, match="tokenizer.*tinystories-260k.*not the tokenizer"):
+        run(demo_cache, tmp_path / "r", policy=str(tinystories), max_steps=1)
+    assert len(models.LOAD_LOG) == before  # refused before any model loaded
+
+
+def test_step0_check_catches_a_wrong_cache(demo_cache, tmp_path):
+    """A cache whose log-probs are not the reference's (here: shifted) stops training at step 0."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from bso_cache import schemas as S
+    from bso_cache.cache import file_sha256
+
+    bad = tmp_path / "bad"
+    shutil.copytree(demo_cache, bad)
+    manifest = json.loads((bad / S.MANIFEST_NAME).read_text())
+    for shard in manifest["shards"]:
+        path = bad / shard["file"]
+        table = pq.read_table(path)
+        col = table.schema.get_field_index(S.REF_CHOSEN_LOGP)
+        table = table.set_column(col, S.REF_CHOSEN_LOGP, pc.add(table[S.REF_CHOSEN_LOGP], 0.5))
+        pq.write_table(table, path)
+        shard["sha256"], shard["bytes"] = file_sha256(path), path.stat().st_size
+    (bad / S.MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(MismatchError, match="step-0 check failed.*other weights"):
+        run(bad, tmp_path / "r", max_steps=2, batch_size=4)
+
+
+def test_other_policy_weights_are_allowed_and_reported(demo_assets, demo_cache, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    other = tmp_path / "other"
+    model = AutoModelForCausalLM.from_pretrained(str(demo_assets["model"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(str(other))
+    AutoTokenizer.from_pretrained(str(demo_assets["model"])).save_pretrained(str(other))
+    summary = run(demo_cache, tmp_path / "r", policy=str(other), max_steps=2, batch_size=4)
+    assert not summary["step0"]["policy_is_reference"] and summary["step0"]["max_abs_diff"] > 0.05
+
+
+def test_resume_matches_an_uninterrupted_run(demo_cache, tmp_path):
+    kw = dict(generator="sba", optimizer="adamw", lr=1e-3, batch_size=8, max_steps=6, seed=0, save_every=3,
+              shuffle_buffer=32, warmup_ratio=0.2)
+    run(demo_cache, tmp_path / "full", **kw)
+    run(demo_cache, tmp_path / "part", **{**kw, "save_every": 3})
+    # pretend the second run died after its step-3 checkpoint: drop everything after it
+    part = tmp_path / "part"
+    for f in ("model.safetensors", "summary.json"):
+        (part / f).unlink()
+    assert [p.name for p in (part / "checkpoints").iterdir()] == ["step-00000003"]
+    run(demo_cache, part, **{**kw, "resume": True})
+    a, b = weights(tmp_path / "full"), weights(part)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    steps = [r["step"] for r in read_jsonl(part / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_out_folder_is_not_clobbered(demo_cache, tmp_path):
+    run(demo_cache, tmp_path / "r", max_steps=1, batch_size=4)
+    with pytest.raises(ConfigError, match="--resume.*--overwrite"):
+        run(demo_cache, tmp_path / "r", max_steps=1, batch_size=4)
+
+
+def test_pair_handling_counts(pku_cache):
+    from bso_cache.cache import Cache
+    from bso_cache.pairs import count_pairs
+
+    cache = Cache.open(pku_cache)
+    none = count_pairs(cache, "none", "better")
+    safedpo = count_pairs(cache, "safedpo", "better")
+    safer = count_pairs(cache, "none", "safer")
+    both = count_pairs(cache, "drop-both-unsafe", "better")
+    assert none.kept == none.total == cache.num_pairs and none.swapped == 0
+    assert safedpo.dropped == both.dropped == safedpo.reasons["both_unsafe"] > 0
+    assert safedpo.swapped == safedpo.reasons["safedpo_swapped"] > 0
+    assert safer.swapped == safer.reasons["oriented_safer"] > 0
+
+
+def test_every_pair_once_per_epoch(demo_cache):
+    from bso_cache.cache import Cache
+    from bso_cache.pairs import epoch_batches
+
+    cache = Cache.open(demo_cache)
+    for bs in (1, 5, 16):
+        seen = [it.source_index for b in epoch_batches(cache, mode="none", orientation="better", batch_size=bs,
+                                                        seed=1, epoch=0, shuffle_buffer=7, bucket_batches=2)
+                for it in b]
+        assert sorted(seen) == list(range(cache.num_pairs))
