@@ -123,6 +123,24 @@ def load_model(name_or_path: str, *, dtype: str = "float32", device: str = "cpu"
     return model.to(device)
 
 
+def load_classifier(name_or_path: str, *, device: str = "cpu", trust_remote_code: bool = False):
+    """A sequence-classification model (reward or cost model) and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+
+    quiet_transformers()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, use_safetensors=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"could not load a sequence-classification model from '{name_or_path}': {e}") from None
+    tok = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model.to(device).eval(), tok
+
+
 def model_identity(name_or_path: str, gguf_file: str | None, model) -> dict:
     """What the manifest records about a model."""
     folder = resolve_dir(name_or_path)

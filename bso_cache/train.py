@@ -360,6 +360,9 @@ class Trainer:
         self._save_final()
         summary = {"steps": self.step, "final": last, "step0": step0, "out": str(self.out),
                    "pairs": self.pair_counts.as_dict()}
+        if self.eval_cache is not None:
+            summary["eval"] = evaluate_cache(self.model, self.eval_cache, batch_size=self.cfg.micro_batch,
+                                             device=self.device, pad_id=self.pad_id, autocast=self.cfg.autocast)
         if self.dist.is_main:
             atomic_write_json(self.out / "summary.json", summary)
         return summary

@@ -206,6 +206,126 @@ def train(
                f"{final.get('preference_accuracy', float('nan')):.3f}")
 
 
+# -------------------------------------------------------------------------------------- verify
+@app.command()
+def verify(
+    cache: Path = typer.Argument(..., help="Cache folder."),
+    model: Optional[str] = typer.Option(None, "--model", help="Reference to re-score with [default: the manifest's]."),
+    sample: int = typer.Option(0, "--sample", help="Pairs to re-score with the reference (0: integrity only)."),
+    seed: int = typer.Option(0, help="Seed of the sample."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda[:N]."),
+    tolerance: float = typer.Option(1e-3, help="Fail if a re-scored log-prob differs by more (nats)."),
+):
+    """Check every shard (checksum, size, rows, schema); optionally re-score a sample of pairs."""
+    from bso_cache.verify import verify_cache
+
+    res = _run(verify_cache, cache, model=model, sample=sample, seed=seed, device=device,
+               log=lambda s: typer.echo(s, err=True))
+    typer.echo(json.dumps(res))
+    if res.get("max_abs_diff") is not None and res["max_abs_diff"] > tolerance:
+        typer.echo(f"error: re-scored log-probs differ by {res['max_abs_diff']:.3g} > {tolerance}", err=True)
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------------------- eval
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="Model to evaluate (a run folder or any from_pretrained path)."),
+    cache: Path = typer.Option(..., "--cache", "-c", help="Cache whose pairs (and reference log-probs) to evaluate on."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the results as JSON here."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    max_pairs: Optional[int] = typer.Option(None, "--max-pairs"),
+    device: str = typer.Option("auto"),
+    dtype: str = typer.Option("float32"),
+    generate: bool = typer.Option(False, "--generate", help="Also sample responses to the cache's prompts and score them."),
+    cost_model: Optional[str] = typer.Option(None, "--cost-model", help="Sequence-classification cost model (harmless: cost <= 0)."),
+    reward_model: Optional[str] = typer.Option(None, "--reward-model", help="Sequence-classification reward model."),
+    max_prompts: int = typer.Option(64, "--max-prompts", help="Distinct prompts to generate for."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
+    temperature: float = typer.Option(0.7),
+    top_p: float = typer.Option(0.9, "--top-p"),
+    generations: Optional[Path] = typer.Option(None, "--generations", help="Save generations here as JSONL [default: next to --out]."),
+    seed: int = typer.Option(0),
+):
+    """Preference and safety accuracy from cached reference log-probs (no reference loaded);
+    with --generate, harmless rate and mean reward of sampled responses."""
+    from bso_cache.cli.commands import run_eval
+
+    res = _run(run_eval, model=model, cache=cache, out=out, batch_size=batch_size, max_pairs=max_pairs,
+               device=device, dtype=dtype, generate=generate, cost_model=cost_model, reward_model=reward_model,
+               max_prompts=max_prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+               generations=generations, seed=seed)
+    if as_json:
+        _echo_json(res)
+        return
+    typer.echo(f"pairs {res['pairs']}   preference_accuracy {res['preference_accuracy']:.4f}   "
+               f"safety_accuracy {res['safety_accuracy']:.4f} (over {res['safety_pairs']} pairs)   "
+               f"mean margin {res['mean_margin']:.3f}")
+    typer.echo(f"{'pair type':<14}{'pairs':>7}{'chosen r':>11}{'rejected r':>12}{'margin':>10}{'pref acc':>10}")
+    for name, t in res["by_pair_type"].items():
+        typer.echo(f"{name:<14}{t['pairs']:>7}{t['mean_chosen_reward']:>11.3f}{t['mean_rejected_reward']:>12.3f}"
+                   f"{t['mean_margin']:>10.3f}{t['preference_accuracy']:>10.3f}")
+    if "generation" in res:
+        typer.echo("generation: " + json.dumps(res["generation"]))
+
+
+# --------------------------------------------------------------------------------------- sweep
+@app.command()
+def sweep(
+    cache: Path = typer.Option(..., "--cache", "-c"),
+    out: Path = typer.Option(..., "--out", "-o", help="Sweep folder: one subfolder per run, summary.csv/.json, PNG plots."),
+    baselines: Optional[str] = typer.Option(None, help="Comma-separated: dpo-helpful, dpo-harmless, safedpo, bso (BSO.md settings)."),
+    eval_cache: Optional[Path] = typer.Option(None, "--eval-cache", help="Held-out cache: each run is evaluated on it at the end."),
+    generator: Optional[str] = typer.Option(None, help="e.g. logistic,kliep,sba"),
+    beta: Optional[str] = typer.Option(None, help="e.g. 0.05,0.1"),
+    safety_penalty: Optional[str] = typer.Option(None, "--safety-penalty", help="e.g. 0,10,30"),
+    lam: Optional[str] = typer.Option(None),
+    scale: Optional[str] = typer.Option(None),
+    mu: Optional[str] = typer.Option(None),
+    clamp: Optional[str] = typer.Option(None),
+    label_smoothing: Optional[str] = typer.Option(None, "--label-smoothing"),
+    pairs: Optional[str] = typer.Option(None),
+    orientation: Optional[str] = typer.Option(None),
+    optimizer: Optional[str] = typer.Option(None),
+    lr: Optional[str] = typer.Option(None),
+    batch_size: Optional[str] = typer.Option(None, "--batch-size"),
+    epochs: Optional[str] = typer.Option(None),
+    max_steps: Optional[str] = typer.Option(None, "--max-steps"),
+    seed: Optional[str] = typer.Option(None),
+    device: str = typer.Option("auto"),
+    dtype: str = typer.Option("float32"),
+    log_every: int = typer.Option(1, "--log-every"),
+):
+    """Many runs from one cache: a grid of comma-separated train options and/or named baselines.
+
+    Finished runs are skipped when repeated; the reference is never loaded (one model per run).
+    """
+    from bso_cache.sweep import parse_grid, run_sweep
+
+    grid = _run(parse_grid, {"generator": generator, "beta": beta, "safety_penalty": safety_penalty, "lam": lam,
+                             "scale": scale, "mu": mu, "clamp": clamp, "label_smoothing": label_smoothing,
+                             "pairs": pairs, "orientation": orientation, "optimizer": optimizer, "lr": lr,
+                             "batch_size": batch_size, "epochs": epochs, "max_steps": max_steps, "seed": seed})
+    names = [b.strip() for b in baselines.split(",") if b.strip()] if baselines else []
+    base = {"device": device, "dtype": dtype, "log_every": log_every, "progress": False}
+    _run(run_sweep, str(cache), str(out), grid, names, base, str(eval_cache) if eval_cache else None,
+         log=typer.echo)
+
+
+# -------------------------------------------------------------------------------------- report
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A training run folder (with metrics.jsonl)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the PNGs [default: RUN_DIR/plots]."),
+):
+    """PNG plots of a run's metrics: loss, rewards, margins, accuracies, u and clamped fraction."""
+    from bso_cache.report import plot_run
+
+    for path in _run(plot_run, run_dir, out):
+        typer.echo(str(path))
+
+
 # ---------------------------------------------------------------------------------------- demo
 @app.command()
 def demo(

@@ -1,0 +1,169 @@
+"""`bso-cache sweep`: many runs from one cache, one summary, plots.
+
+A grid is given as comma-separated values of train options; named baselines (BSO.md) are
+crossed with the grid's other options. Each run gets its own folder; a run whose summary exists
+is skipped when the sweep is repeated, and an interrupted one resumes from its checkpoint.
+Each run loads its policy once; the reference is never loaded.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gc
+import itertools
+import json
+import re
+from pathlib import Path
+
+from .config import TrainConfig
+from .errors import ConfigError
+
+BASELINES = {
+    "dpo-helpful": dict(generator="logistic", safety_penalty=0.0, pairs="none", orientation="better"),
+    "dpo-harmless": dict(generator="logistic", safety_penalty=0.0, pairs="none", orientation="safer"),
+    "safedpo": dict(generator="logistic", safety_penalty=10.0, pairs="safedpo", orientation="better"),
+    "bso": dict(generator="sba", lam=0.2, scale=4.0, beta=0.1, safety_penalty=30.0, clamp=None,
+                pairs="safedpo", orientation="better"),
+}
+SWEEPABLE = ("generator", "beta", "safety_penalty", "lam", "scale", "mu", "clamp", "clamp_lower", "clamp_upper",
+             "label_smoothing", "pairs", "orientation", "optimizer", "lr", "lr_schedule", "warmup_ratio",
+             "weight_decay", "grad_clip", "batch_size", "grad_accum", "epochs", "max_steps", "seed")
+SHARED_KEYS = ("seed", "lr", "max_steps", "batch_size", "grad_accum", "epochs", "optimizer", "lr_schedule",
+               "warmup_ratio", "weight_decay", "grad_clip")
+SUMMARY_METRICS = ("loss", "preference_accuracy", "safety_accuracy", "margin", "reward_margin",
+                   "chosen_rewards", "rejected_rewards", "u_mean", "clamped_fraction")
+
+
+def _field_types() -> dict[str, type]:
+    import typing
+
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for name in SWEEPABLE:
+        hint = hints[name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        out[name] = args[0] if args else hint
+    return out
+
+
+def parse_grid(values: dict[str, str | None]) -> dict[str, list]:
+    """{'beta': '0.05,0.1'} -> {'beta': [0.05, 0.1]} with each option's type; names checked."""
+    types = _field_types()
+    grid = {}
+    for name, text in values.items():
+        if text is None:
+            continue
+        if name not in types:
+            raise ConfigError(f"'{name}' cannot be swept; sweepable: {', '.join(SWEEPABLE)}")
+        parts = [p.strip() for p in str(text).split(",") if p.strip()]
+        try:
+            grid[name] = [None if p.lower() == "none" and name in ("clamp", "mu", "max_steps", "clamp_lower",
+                                                                   "clamp_upper") else types[name](p) for p in parts]
+        except ValueError:
+            raise ConfigError(f"--{name.replace('_', '-')}: cannot read '{text}' as {types[name].__name__} values") from None
+    return grid
+
+
+def _slug(settings: dict) -> str:
+    text = "_".join(f"{k.replace('_', '-')}-{v}" for k, v in settings.items()) or "default"
+    return re.sub(r"[^A-Za-z0-9._=-]+", "-", text)
+
+
+def plan_runs(grid: dict[str, list], baselines: list[str]) -> list[tuple[str, dict]]:
+    """(run name, settings) for the grid and the baselines crossed with the grid's other options."""
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise ConfigError(f"unknown baseline(s) {unknown}; valid: {', '.join(BASELINES)}")
+    keys = list(grid)
+    combos = [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))] or [{}]
+    runs: list[tuple[str, dict]] = []
+    # with baselines, the grid adds runs of its own only when it varies the loss or pairs
+    if not baselines or any(k not in SHARED_KEYS for k in grid):
+        for combo in combos:
+            varied = {k: v for k, v in combo.items() if len(grid[k]) > 1}
+            runs.append((_slug(varied) if varied else _slug(combo), combo))
+    for b in baselines:
+        seen = set()
+        for combo in combos:
+            rest = {k: v for k, v in combo.items() if k not in BASELINES[b]}
+            varied = {k: v for k, v in rest.items() if len(grid[k]) > 1}
+            name = f"baseline-{b}" + (f"_{_slug(varied)}" if varied else "")
+            if name not in seen:
+                seen.add(name)
+                runs.append((name, {**rest, **BASELINES[b]}))
+    names = [n for n, _ in runs]
+    if len(set(names)) != len(names):
+        raise ConfigError("two runs of the sweep would share a folder; vary fewer options at once")
+    return runs
+
+
+def run_sweep(cache: str, out: str, grid: dict[str, list], baselines: list[str], base: dict,
+              eval_cache: str | None = None, log=print, plots: bool = True) -> list[dict]:
+    from .models import LOAD_LOG
+    from .train import _checkpoints, train
+
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = plan_runs(grid, baselines)
+    # validate every configuration before any model loads: a typo fails now, not at run 7
+    configs = []
+    for name, settings in runs:
+        cfg = TrainConfig(**{**base, **settings, "cache": cache, "out": str(out_dir / name),
+                             "eval_cache": eval_cache})
+        cfg.validate()
+        configs.append((name, settings, cfg))
+    log(f"sweep: {len(configs)} runs -> {out_dir}")
+    summaries = []
+    curves: dict[str, list[dict]] = {}
+    for i, (name, settings, cfg) in enumerate(configs, start=1):
+        run_dir = Path(cfg.out)
+        summary_path = run_dir / "summary.json"
+        if summary_path.exists():
+            log(f"[{i}/{len(configs)}] {name}: finished earlier, skipped")
+        else:
+            resume = run_dir.exists() and bool(_checkpoints(run_dir))
+            cfg = dataclasses.replace(cfg, resume=resume, overwrite=not resume)
+            loads = len(LOAD_LOG)
+            log(f"[{i}/{len(configs)}] {name}: training{' (resuming)' if resume else ''}")
+            train(cfg, log=lambda s: None)
+            if len(LOAD_LOG) - loads != 1:
+                raise AssertionError(f"run {name} loaded {len(LOAD_LOG) - loads} models; expected exactly 1")
+            gc.collect()
+        summary = json.loads(summary_path.read_text())
+        from .report import read_metrics
+
+        curves[name] = read_metrics(run_dir)
+        final = summary.get("final") or {}
+        row = {"run": name, **{k: getattr(cfg, k) for k in SWEEPABLE},
+               **{f"train_{k}": final.get(k) for k in SUMMARY_METRICS}, "steps": summary.get("steps")}
+        ev = summary.get("eval") or {}
+        if ev:
+            row.update({f"eval_{k}": ev.get(k) for k in ("preference_accuracy", "safety_accuracy", "mean_margin", "pairs")})
+        summaries.append(row)
+    _write_summary(out_dir, summaries)
+    if plots:
+        from .report import plot_sweep
+
+        def point(row):
+            pref = row.get("eval_preference_accuracy", row["train_preference_accuracy"])
+            safe = row.get("eval_safety_accuracy", row["train_safety_accuracy"])
+            return pref, safe
+
+        points = {r["run"]: point(r) for r in summaries if all(v is not None for v in point(r))}
+        files = plot_sweep(curves, points, out_dir)
+        log("plots: " + ", ".join(str(f) for f in files))
+    log(f"summary: {out_dir / 'summary.csv'}")
+    return summaries
+
+
+def _write_summary(out_dir: Path, rows: list[dict]) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(out_dir / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    (out_dir / "summary.json").write_text(json.dumps(rows, indent=2))

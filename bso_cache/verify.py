@@ -1,0 +1,51 @@
+"""`bso-cache verify`: every shard's integrity, and a sample of pairs re-scored with the reference."""
+
+from __future__ import annotations
+
+import random
+
+from . import schemas as S
+from .cache import Cache, read_manifest, verify_shards
+
+
+def verify_cache(path, *, model: str | None = None, sample: int = 0, seed: int = 0, device: str = "auto",
+                 batch_size: int = 8, log=print) -> dict:
+    manifest = read_manifest(path)
+    verify_shards(path, manifest)
+    cache = Cache(path, manifest)
+    log(f"{path}: {len(manifest['shards'])} shards, {cache.num_pairs} pairs: checksums, sizes, row counts "
+        f"and schema OK")
+    result = {"shards": len(manifest["shards"]), "pairs": cache.num_pairs, "checked": 0, "max_abs_diff": None}
+    if not sample:
+        return result
+    from .build import score_pairs
+    from .models import load_model, load_tokenizer, resolve_device
+    from .tokenize import Encoded, tokenizer_digest
+    from .errors import MismatchError
+
+    ref = manifest["reference"]
+    name = model or ref["name_or_path"]
+    gguf = None if model else ref.get("gguf_file")
+    tok = load_tokenizer(name, gguf_file=gguf)
+    if tokenizer_digest(tok, None) != manifest["tokenizer"].get("vocab_digest"):
+        raise MismatchError(f"the tokenizer of {name} is not the one the cache was built with")
+    rng = random.Random(seed)
+    picks = sorted(rng.sample(range(cache.num_pairs), min(sample, cache.num_pairs)))
+    rows, i, want = [], 0, set(picks)
+    for batch in cache.iter_batches([S.PAIR_ID, S.PROMPT_IDS, S.CHOSEN_IDS, S.REJECTED_IDS,
+                                     S.REF_CHOSEN_LOGP, S.REF_REJECTED_LOGP]):
+        for r in batch.to_pylist():
+            if i in want:
+                rows.append(r)
+            i += 1
+    dev = resolve_device(device)
+    lm = load_model(name, dtype=manifest["reference_pass"]["dtype"], device=dev, gguf_file=gguf).eval()
+    encoded = [Encoded(r[S.PROMPT_IDS], r[S.CHOSEN_IDS], r[S.REJECTED_IDS]) for r in rows]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    chosen, rejected, _ = score_pairs(lm, encoded, batch_size=batch_size, device=dev, pad_id=pad)
+    diffs = [(abs(c - r[S.REF_CHOSEN_LOGP]), r[S.PAIR_ID]) for c, r in zip(chosen, rows)]
+    diffs += [(abs(c - r[S.REF_REJECTED_LOGP]), r[S.PAIR_ID]) for c, r in zip(rejected, rows)]
+    worst = max(diffs)
+    result.update(checked=len(rows), max_abs_diff=worst[0], worst_pair=worst[1], model=name)
+    log(f"re-scored {len(rows)} pairs with {name}: largest |difference| {worst[0]:.3g} nats (pair {worst[1]})")
+    return result

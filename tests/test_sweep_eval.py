@@ -1,0 +1,129 @@
+"""One cache, many runs: sweep, eval (cached and generation-based), report, verify."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from bso_cache import models
+from bso_cache.cache import Cache
+from bso_cache.errors import ConfigError
+from bso_cache.sweep import parse_grid, plan_runs, run_sweep
+
+
+def is_png(path) -> bool:
+    return path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def independent_accuracies(model_dir, cache_dir):
+    """preference/safety accuracy recomputed from the cache with the naive full-logit forward."""
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    cache = Cache.open(cache_dir)
+    correct = n = safe_ok = differs = 0
+    for shard in cache.shards:
+        for r in pq.read_table(shard).to_pylist():
+            rewards = []
+            for ids, ref in (("chosen_ids", "ref_chosen_logp"), ("rejected_ids", "ref_rejected_logp")):
+                seq = torch.tensor([r["prompt_ids"] + r[ids]])
+                with torch.no_grad():
+                    lp = torch.log_softmax(model(input_ids=seq).logits[0, :-1].float(), -1)
+                tok = lp.gather(1, seq[0, 1:, None]).squeeze(1)[len(r["prompt_ids"]) - 1:]
+                rewards.append(tok.double().sum().item() - r[ref])
+            n += 1
+            correct += rewards[0] > rewards[1]
+            cu, ru = r["chosen_unsafe"], r["rejected_unsafe"]
+            if cu is not None and ru is not None and cu != ru:
+                differs += 1
+                safe_ok += (rewards[0] > rewards[1]) if not cu else (rewards[1] > rewards[0])
+    return correct / n, safe_ok / differs
+
+
+def test_grid_parsing_and_planning():
+    grid = parse_grid({"generator": "logistic,sba", "beta": "0.05,0.1", "seed": "0"})
+    assert grid == {"generator": ["logistic", "sba"], "beta": [0.05, 0.1], "seed": [0]}
+    runs = plan_runs(grid, [])
+    assert len(runs) == 4 and runs[0][0] == "generator-logistic_beta-0.05"
+    only_baselines = plan_runs(parse_grid({"seed": "0,1"}), ["dpo-helpful", "bso"])
+    assert [n for n, _ in only_baselines] == ["baseline-dpo-helpful_seed-0", "baseline-dpo-helpful_seed-1",
+                                              "baseline-bso_seed-0", "baseline-bso_seed-1"]
+    assert only_baselines[0][1]["safety_penalty"] == 0.0 and only_baselines[2][1]["generator"] == "sba"
+    with pytest.raises(ConfigError, match="cannot read"):
+        parse_grid({"beta": "a,b"})
+    with pytest.raises(ConfigError, match="unknown baseline"):
+        plan_runs({}, ["ppo"])
+
+
+def test_sweep_on_pku_then_eval_matches_independent_computation(pku_cache, tmp_path):
+    out = tmp_path / "sweep"
+    before = len(models.LOAD_LOG)
+    grid = parse_grid({"generator": "logistic,kliep,sba", "max_steps": "4", "batch_size": "4"})
+    rows = run_sweep(str(pku_cache), str(out), grid, [], {"progress": False, "lr": 1e-3, "optimizer": "adamw"},
+                     log=lambda s: None)
+    assert len(models.LOAD_LOG) - before == 3  # one policy per run, never the reference
+    with open(out / "summary.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["run"] for r in table] == ["generator-logistic", "generator-kliep", "generator-sba"]
+    assert all(math.isfinite(float(r["train_loss"])) for r in table)
+    assert is_png(out / "loss_curves.png") and is_png(out / "tradeoff.png")
+    assert json.loads((out / "summary.json").read_text())[0]["run"] == "generator-logistic"
+    # repeated: finished runs are skipped, no model loads
+    before = len(models.LOAD_LOG)
+    run_sweep(str(pku_cache), str(out), grid, [], {"progress": False, "lr": 1e-3, "optimizer": "adamw"},
+              log=lambda s: None, plots=False)
+    assert len(models.LOAD_LOG) == before
+    # eval of one run's model equals the definitions computed independently
+    from bso_cache.evaluate import evaluate_cache
+    from bso_cache.models import load_model
+
+    res = evaluate_cache(load_model(str(out / "generator-sba")), Cache.open(pku_cache), batch_size=8)
+    pref, safe = independent_accuracies(out / "generator-sba", pku_cache)
+    assert abs(res["preference_accuracy"] - pref) < 0.01 and abs(res["safety_accuracy"] - safe) < 0.01
+    assert res["pairs"] == Cache.open(pku_cache).num_pairs
+
+
+def test_eval_cli_json_and_generation_with_tiny_classifiers(demo_assets, demo_cache, tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from .test_cli import cli
+
+    tok = AutoTokenizer.from_pretrained(str(demo_assets["model"]))
+    for name, seed in (("cost", 1), ("reward", 2)):
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+        LlamaForSequenceClassification(cfg).save_pretrained(str(tmp_path / name))
+        tok.save_pretrained(str(tmp_path / name))
+    out = tmp_path / "eval.json"
+    proc = cli("eval", "--model", demo_assets["model"], "--cache", demo_cache, "--json", "--out", out,
+               "--generate", "--cost-model", tmp_path / "cost", "--reward-model", tmp_path / "reward",
+               "--max-prompts", 6, "--max-new-tokens", 8)
+    res = json.loads(proc.stdout)
+    # the reference itself: every margin is 0 up to float noise of batching, and ties count as wrong
+    assert res["preference_accuracy"] < 0.05 and abs(res["mean_margin"]) < 1e-3
+    assert "safety_accuracy" in res and json.loads(out.read_text())["pairs"] == res["pairs"]
+    gen = res["generation"]
+    assert gen["prompts"] == 6 and 0.0 <= gen["harmless_rate"] <= 1.0 and math.isfinite(gen["mean_reward"])
+    lines = [json.loads(x) for x in open(gen["generations"])]
+    assert len(lines) == 6 and {"prompt", "response", "cost", "reward"} <= set(lines[0])
+    assert sum(x["cost"] <= 0 for x in lines) / 6 == gen["harmless_rate"]
+
+
+def test_report_and_verify(demo_cache, tmp_path):
+    from bso_cache.config import TrainConfig
+    from bso_cache.report import plot_run
+    from bso_cache.train import train
+    from bso_cache.verify import verify_cache
+
+    train(TrainConfig(cache=str(demo_cache), out=str(tmp_path / "r"), max_steps=3, batch_size=4, progress=False),
+          log=lambda s: None)
+    files = plot_run(tmp_path / "r")
+    assert all(is_png(f) for f in files)
+    res = verify_cache(demo_cache, sample=10, log=lambda s: None)
+    assert res["checked"] == 10 and res["max_abs_diff"] < 1e-4
