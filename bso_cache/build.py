@@ -112,22 +112,27 @@ def _prepare_out(out: Path, identity: dict, overwrite: bool, dist: Dist) -> dict
             except json.JSONDecodeError:
                 previous = {}
             diff = _differences(previous, identity)
-            if diff:
+            nothing_done = path == state_path and not any(out.glob("part-*.json"))
+            if diff and not nothing_done:
                 raise CacheError(f"{out} holds {what} made with other settings (differs in: "
                                  f"{', '.join(diff[:6])}); pass --overwrite to start again, or "
                                  f"another --out")
             if path == manifest_path:
                 return json.loads(manifest_path.read_text())
-    if not dist.is_main:
-        return None
     stray = [p.name for p in out.iterdir() if not p.name.startswith("part-")
              and p.name not in (BUILD_STATE, S.MANIFEST_NAME)]
     if stray and not state_path.exists():
         raise CacheError(f"{out} is not empty and is not a bso-cache cache (found {stray[0]}); "
                          f"choose an empty or new --out")
-    atomic_write_json(state_path, {"format": S.FORMAT_NAME, "schema_version": S.SCHEMA_VERSION,
-                                   **identity})
     return None
+
+
+def _write_state(out: Path, identity: dict, dist: Dist) -> None:
+    """Record the build's identity (after the input was validated, so a bad row leaves nothing)."""
+    if dist.is_main:
+        atomic_write_json(out / BUILD_STATE, {"format": S.FORMAT_NAME, "schema_version": S.SCHEMA_VERSION,
+                                              **identity})
+    dist.barrier()
 
 
 def _validate_rows(source, fmt: str, skip_bad_rows: bool) -> tuple[int, str]:
@@ -277,6 +282,7 @@ def build_cache(cfg: BuildConfig, *, log=print) -> dict:
         log(f"{out}: this cache is already complete ({done['rows']['written']} pairs); nothing to do")
         return done
     n_input, fmt = _validate_rows(source, cfg.format, cfg.skip_bad_rows)
+    _write_state(out, identity, dist)
     R = cfg.rows_per_shard
     n_blocks = math.ceil(n_input / R)
     mine = [k for k in range(n_blocks) if k % dist.world == dist.rank]
