@@ -27,6 +27,7 @@ from .tokenize import Encoded, PairTokenizer, apply_length_policy, tokenizer_dig
 
 BUILD_STATE = "build.json"
 DEFAULT_MAX_LENGTH = 2048
+DEFAULT_ROWS_PER_SHARD = 5000
 
 
 def _sidecar(out: Path, k: int) -> Path:
@@ -64,7 +65,8 @@ def _model_max_length(cfg: BuildConfig) -> int | None:
     return None
 
 
-def _identity(cfg: BuildConfig, source, ptok: PairTokenizer, max_length: int, device: str) -> dict:
+def _identity(cfg: BuildConfig, source, ptok: PairTokenizer, max_length: int, device: str,
+              rows_per_shard: int) -> dict:
     return {
         "reference": {"name_or_path": cfg.model, "gguf_file": cfg.gguf_file,
                       "weights_digest": weights_digest(cfg.model, cfg.gguf_file)},
@@ -77,7 +79,7 @@ def _identity(cfg: BuildConfig, source, ptok: PairTokenizer, max_length: int, de
         "tokenization": {"max_length": max_length, "overlong": cfg.overlong,
                          "template": ptok.mode, "system_prompt": cfg.system_prompt},
         "reference_pass": {"dtype": cfg.dtype, "device_kind": device.split(":")[0]},
-        "layout": {"rows_per_shard": cfg.rows_per_shard},
+        "layout": {"rows_per_shard": rows_per_shard},
     }
 
 
@@ -119,11 +121,12 @@ def _prepare_out(out: Path, identity: dict, overwrite: bool, dist: Dist) -> dict
                                  f"another --out")
             if path == manifest_path:
                 return json.loads(manifest_path.read_text())
-    stray = [p.name for p in out.iterdir() if not p.name.startswith("part-")
-             and p.name not in (BUILD_STATE, S.MANIFEST_NAME)]
+    ours = (BUILD_STATE, S.MANIFEST_NAME, BUILD_STATE + ".tmp", S.MANIFEST_NAME + ".tmp")
+    stray = [p.name for p in out.iterdir() if not p.name.startswith("part-") and p.name not in ours]
     if stray and not state_path.exists():
         raise CacheError(f"{out} is not empty and is not a bso-cache cache (found {stray[0]}); "
                          f"choose an empty or new --out")
+    dist.barrier()  # every rank has looked before rank 0 writes build.json
     return None
 
 
@@ -276,14 +279,15 @@ def build_cache(cfg: BuildConfig, *, log=print) -> dict:
     max_length = cfg.max_length or min(DEFAULT_MAX_LENGTH, model_max or DEFAULT_MAX_LENGTH)
     if model_max and max_length > model_max:
         raise ConfigError(f"--max-length {max_length} exceeds the model's {model_max} positions")
-    identity = _identity(cfg, source, ptok, max_length, device)
+    n_input, fmt = _validate_rows(source, cfg.format, cfg.skip_bad_rows)
+    R = cfg.rows_per_shard or min(DEFAULT_ROWS_PER_SHARD, math.ceil(n_input / dist.world))
+    identity = _identity(cfg, source, ptok, max_length, device, R)
     done = _prepare_out(out, identity, cfg.overwrite, dist)
     if done is not None:
         log(f"{out}: this cache is already complete ({done['rows']['written']} pairs); nothing to do")
+        dist.close()
         return done
-    n_input, fmt = _validate_rows(source, cfg.format, cfg.skip_bad_rows)
     _write_state(out, identity, dist)
-    R = cfg.rows_per_shard
     n_blocks = math.ceil(n_input / R)
     mine = [k for k in range(n_blocks) if k % dist.world == dist.rank]
     todo = [k for k in mine if _sidecar_done(out, k) is None]
@@ -298,7 +302,7 @@ def build_cache(cfg: BuildConfig, *, log=print) -> dict:
         ref_info = {k: v for k, v in model_identity(cfg.model, cfg.gguf_file, model).items()
                     if k not in identity["reference"]}
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        _score_blocks(cfg, source, fmt, ptok, model, todo, n_input, out, device, pad_id, max_length,
+        _score_blocks(cfg, source, fmt, ptok, model, todo, R, n_input, out, device, pad_id, max_length,
                       dist, ref_info)
         del model
     dist.barrier()
@@ -313,15 +317,15 @@ def build_cache(cfg: BuildConfig, *, log=print) -> dict:
     dist.barrier()
     if not dist.is_main:
         manifest = json.loads((out / S.MANIFEST_NAME).read_text())
+    dist.close()
     return manifest
 
 
-def _score_blocks(cfg: BuildConfig, source, fmt: str, ptok: PairTokenizer, model, todo: list[int],
+def _score_blocks(cfg: BuildConfig, source, fmt: str, ptok: PairTokenizer, model, todo: list[int], R: int,
                   n_input: int, out: Path, device: str, pad_id: int, max_length: int,
                   dist: Dist, ref_info: dict) -> None:
     from tqdm.auto import tqdm
 
-    R = cfg.rows_per_shard
     todo_set = set(todo)
     total = sum(min(R, n_input - k * R) for k in todo)
     bar = tqdm(total=total, unit="pair", desc="scoring", disable=not (cfg.progress and dist.is_main),

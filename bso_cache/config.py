@@ -37,7 +37,7 @@ class BuildConfig:
     max_length: int | None = None       # None: min(2048, the model's max positions)
     overlong: str = "drop"              # drop | truncate
     batch_size: int = 8                 # pairs per forward (2x sequences)
-    rows_per_shard: int = 5000          # input rows per shard
+    rows_per_shard: int | None = None   # input rows per shard; None: 5000, or fewer so every rank has one
     dtype: str = "float32"
     device: str = "auto"
     skip_bad_rows: bool = False
@@ -59,7 +59,7 @@ class BuildConfig:
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown --dtype '{self.dtype}'; valid: {', '.join(DTYPES)}")
         for name in ("batch_size", "rows_per_shard"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError("--max-length must be >= 2")
@@ -92,8 +92,8 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     grad_clip: float = 10.0
-    batch_size: int = 16                # pairs per optimizer step on one process
-    grad_accum: int = 1                 # micro-batches per step (micro-batch = batch_size / grad_accum)
+    batch_size: int = 16                # pairs per optimizer step, over all processes
+    grad_accum: int = 1                 # micro-batches per step and process
     epochs: int = 3
     max_steps: int | None = None
     seed: int = 0

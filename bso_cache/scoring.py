@@ -38,8 +38,12 @@ class TargetLogProbs(torch.autograd.Function):
         h = hidden.to(weight.dtype)
         for s in range(0, n, chunk):
             logits = torch.nn.functional.linear(h[s:s + chunk], weight, bias).to(acc)  # (c, V)
-            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
-            out[s:s + chunk] = logits.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
+            target = logits.gather(1, targets[s:s + chunk, None]).squeeze(1)
+            top = logits.amax(dim=-1, keepdim=True)
+            # logsumexp in place: no second (c, V) block
+            lse_c = logits.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(1))
+            lse[s:s + chunk] = lse_c
+            out[s:s + chunk] = target - lse_c
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk = chunk
         return out
@@ -59,7 +63,7 @@ class TargetLogProbs(torch.autograd.Function):
             h_c = h[s:s + chunk]
             g = grad_out[s:s + chunk].to(acc)
             logits = torch.nn.functional.linear(h_c, weight, bias).to(acc)
-            d = torch.exp(logits - lse[s:s + chunk, None]).mul_(-g[:, None])  # -g * softmax
+            d = logits.sub_(lse[s:s + chunk, None]).exp_().mul_(-g[:, None])  # -g * softmax, in place
             d.scatter_add_(1, targets[s:s + chunk, None], g[:, None])        # + g * onehot
             if need_h:
                 grad_h[s:s + chunk] = (d.to(weight.dtype) @ weight).to(hidden.dtype)
@@ -94,9 +98,11 @@ def _backbone_and_head(model: nn.Module):
     return backbone, head
 
 
-def default_chunk(vocab_size: int, budget_bytes: int = 1 << 28) -> int:
-    """Positions per chunk so that one (chunk, V) float32 block stays near `budget_bytes`."""
-    return max(64, budget_bytes // (4 * max(vocab_size, 1)))
+def default_chunk(vocab_size: int, device: torch.device | str = "cpu") -> int:
+    """Positions per chunk so that one (chunk, V) float32 block stays near 32 MiB on the CPU
+    (cache-friendly, little memory) and 256 MiB on a GPU (large matmuls)."""
+    budget = (1 << 28) if torch.device(device).type == "cuda" else (1 << 25)
+    return max(32, budget // (4 * max(vocab_size, 1)))
 
 
 @dataclass
@@ -165,7 +171,7 @@ class SequenceScorer(nn.Module):
                               use_cache=False).last_hidden_state  # (S, T, H)
             picked = hidden[:, :-1][pred_mask]                   # (N, H)
             token_logps = TargetLogProbs.apply(picked, head.weight, head.bias, targets,
-                                               self.chunk or default_chunk(head.weight.shape[0]))
+                                               self.chunk or default_chunk(head.weight.shape[0], head.weight.device))
         return torch.zeros(input_ids.shape[0], dtype=torch.float32, device=token_logps.device
                            ).index_add_(0, seq_index, token_logps)
 

@@ -173,12 +173,15 @@ class Trainer:
         if counts.kept == 0:
             raise CacheError(f"{self.cache.path}: no pair is left after --pairs {cfg.pairs} "
                              f"--orientation {cfg.orientation} ({counts.as_dict()})")
-        micro_per_epoch = math.ceil(counts.kept / cfg.micro_batch)
-        self.steps_per_epoch = math.ceil(micro_per_epoch / (cfg.grad_accum * self.dist.world))
+        parts = cfg.grad_accum * self.dist.world
+        if cfg.batch_size % parts:
+            raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of --grad-accum x processes "
+                              f"({cfg.grad_accum} x {self.dist.world})")
+        self.steps_per_epoch = math.ceil(counts.kept / cfg.batch_size)
         total = self.steps_per_epoch * cfg.epochs
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
         self.scheduler = _schedule(cfg, self.optimizer, self.total_steps)
-        self.step, self.epoch, self.micro_in_epoch = 0, 0, 0
+        self.step, self.epoch, self.steps_in_epoch = 0, 0, 0
         if cfg.resume:
             self._load_checkpoint()
         self.log(f"pairs: {counts.kept} kept, {counts.swapped} swapped, {counts.dropped} dropped "
@@ -230,7 +233,7 @@ class Trainer:
                     "numpy_rng_rest": list(np.random.get_state()[2:]),
                     "python_rng": json.dumps(random.getstate())}, tmp / TRAINER_STATE)
         atomic_write_json(tmp / "state.json", {"step": self.step, "epoch": self.epoch,
-                                               "micro_in_epoch": self.micro_in_epoch,
+                                               "steps_in_epoch": self.steps_in_epoch,
                                                "total_steps": self.total_steps})
         if final.exists():
             shutil.rmtree(final)
@@ -258,7 +261,7 @@ class Trainer:
         np.random.set_state(("MT19937", blob["numpy_rng"].numpy().astype(np.uint32), *blob["numpy_rng_rest"]))
         py = json.loads(blob["python_rng"])
         random.setstate((py[0], tuple(py[1]), py[2]))
-        self.step, self.epoch, self.micro_in_epoch = state["step"], state["epoch"], state["micro_in_epoch"]
+        self.step, self.epoch, self.steps_in_epoch = state["step"], state["epoch"], state["steps_in_epoch"]
         metrics = self.out / "metrics.jsonl"
         if metrics.exists() and self.dist.is_main:  # drop lines logged after the checkpoint
             keep = [ln for ln in metrics.read_text().splitlines()
@@ -267,13 +270,17 @@ class Trainer:
         self.log(f"resumed from {ck} (step {self.step}, epoch {self.epoch})")
 
     # ------------------------------------------------------------------ the loop
-    def _micro_batches(self):
-        """(epoch, micro index in epoch, batch) from the current position, this rank's share."""
+    def _step_batches(self):
+        """(epoch, step index in epoch, the step's pairs) from the current position.
+
+        A step's pairs (--batch-size, length-bucketed) are the same whatever the number of
+        processes and of accumulation steps; `_share` cuts them into this rank's micro-batches.
+        """
         cfg = self.cfg
-        epoch, skip = self.epoch, self.micro_in_epoch
+        epoch, skip = self.epoch, self.steps_in_epoch
         while epoch < cfg.epochs:
             stream = epoch_batches(self.cache, mode=cfg.pairs, orientation=cfg.orientation,
-                                   batch_size=cfg.micro_batch, seed=cfg.seed, epoch=epoch,
+                                   batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
                                    shuffle_buffer=cfg.shuffle_buffer, bucket_batches=cfg.bucket_batches)
             for j, batch in enumerate(stream):
                 if j < skip:
@@ -288,8 +295,7 @@ class Trainer:
 
         cfg = self.cfg
         self.setup()
-        stream = self._micro_batches()
-        per_step = cfg.grad_accum * self.dist.world
+        stream = self._step_batches()
         tol = step0_tolerance(cfg, self.manifest)
         metrics_path = self.out / "metrics.jsonl"
         tb = self._tensorboard()
@@ -301,32 +307,29 @@ class Trainer:
         finished_data = False
         while self.step < self.total_steps and not finished_data:
             t0 = time.perf_counter()
-            group = []
-            for _ in range(per_step):
-                epoch, j, batch = next(stream)
-                if batch is None:
-                    finished_data = True
-                    break
-                group.append((epoch, j, batch))
-            mine = group[self.dist.rank::self.dist.world] if self.dist.enabled else group
-            if not group:
+            epoch, j, pairs = next(stream)
+            if pairs is None:
+                finished_data = True
                 break
-            n_pairs = sum(len(b) for _, _, b in group)
+            mine = self._share(pairs)
+            n_pairs = len(pairs)
             tokens = 0
             self.optimizer.zero_grad(set_to_none=True)
-            for k, (_, _, batch) in enumerate(mine):
+            for k, (batch, weight) in enumerate(mine):
                 sync = k == len(mine) - 1 or not self.dist.enabled
                 ctx = self.scorer.no_sync() if self.dist.enabled and not sync else _null()
                 with ctx:
                     pc, pr, ntok = policy_pair_logps(self.scorer, batch, self.device, self.pad_id, cfg.autocast)
-                    tokens += ntok
                     ref_c, ref_r, s_c, s_r = _batch_tensors(batch, pc.device)
                     if step0 is None and self.step == 0:
                         step0 = self._step0(pc, pr, ref_c, ref_r, tol)
                     losses = spec_loss(self.spec, pc, pr, ref_c, ref_r, s_c, s_r)
-                    # sum over this step's pairs / all its pairs: the global-batch mean
-                    (losses.sum() * (self.dist.world / n_pairs)).backward()
-                window.add(self.spec, losses.detach(), pc.detach(), pr.detach(), ref_c, ref_r, s_c, s_r)
+                    # sum over this step's pairs / all its pairs = the global-batch mean (DDP averages
+                    # over ranks, hence the factor world); weight 0 marks a rank's filler micro-batch
+                    (losses.sum() * (weight * self.dist.world / n_pairs)).backward()
+                if weight:
+                    tokens += ntok
+                    window.add(self.spec, losses.detach(), pc.detach(), pr.detach(), ref_c, ref_r, s_c, s_r)
             clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad], clip))
@@ -334,13 +337,11 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.step += 1
-            last_epoch, last_j, _ = group[-1]
-            self.epoch, self.micro_in_epoch = last_epoch, last_j + 1
-            window.tick(time.perf_counter() - t0, tokens * (self.dist.world if self.dist.enabled else 1),
-                        grad_norm, lr)
+            self.epoch, self.steps_in_epoch = epoch, j + 1
+            window.tick(time.perf_counter() - t0, tokens, grad_norm, lr)
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                last = window.flush(self.step, self.epoch)
+                last = window.flush(self.step, self.epoch, self.dist)
                 if self.eval_cache is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
                     last.update({f"eval/{k}": v for k, v in self._evaluate().items()})
                 if self.dist.is_main:
@@ -365,7 +366,19 @@ class Trainer:
                                              device=self.device, pad_id=self.pad_id, autocast=self.cfg.autocast)
         if self.dist.is_main:
             atomic_write_json(self.out / "summary.json", summary)
+        self.dist.close()
         return summary
+
+    def _share(self, pairs: list) -> list:
+        """This rank's micro-batches of a step, as (batch, weight): the step's pairs cut into
+        grad_accum x world contiguous slices, slice i going to rank i % world. Every rank runs the
+        same number of forward/backward passes (DDP needs each to join every all-reduce); a rank
+        whose slice is empty (a short last step) re-runs a pair with weight 0."""
+        parts = self.cfg.grad_accum * self.dist.world
+        size = -(-len(pairs) // parts)
+        slices = [pairs[i * size:(i + 1) * size] for i in range(parts)]
+        mine = slices[self.dist.rank::self.dist.world]
+        return [(b, 1.0) if b else (pairs[:1], 0.0) for b in mine]
 
     def _step0(self, pc, pr, ref_c, ref_r, tol: float) -> dict:
         import torch
@@ -481,7 +494,18 @@ class _Window:
         self.grad_norm = grad_norm
         self.lr = lr
 
-    def flush(self, step: int, epoch: int) -> dict:
+    def _merge(self, dist) -> None:
+        """Sum the window over ranks, so the metrics cover every pair of the step."""
+        if dist is None or not dist.enabled:
+            return
+        parts = dist.all_gather_object((self.s, self.n, self.by_type, self.tokens))
+        self.s = {k: sum(p[0][k] for p in parts) for k in self.s}
+        self.n = sum(p[1] for p in parts)
+        self.by_type = {t: [sum(p[2][t][0] for p in parts), sum(p[2][t][1] for p in parts)] for t in self.TYPES}
+        self.tokens = sum(p[3] for p in parts)
+
+    def flush(self, step: int, epoch: int, dist=None) -> dict:
+        self._merge(dist)
         n = max(self.n, 1)
         s = self.s
         row = {

@@ -1,0 +1,256 @@
+#!/usr/bin/env python
+"""Training-step benchmark: bso-cache train vs TRL DPOTrainer vs the policy-only limit.
+
+Same model, same pairs, same batch size and length, measured side by side in one run:
+- bso-cache train (policy alone, reference log-probs from the cache; DPO loss: logistic, C=0)
+- TRL DPOTrainer, reference model online (precompute_ref_log_probs=False)
+- TRL DPOTrainer, precompute_ref_log_probs=True
+- the policy-only limit: a plain forward + backward with labels on the same token batches + AdamW
+
+Each (system, steps) runs in its own process. Per-step time = (T(long) - T(short)) / (long - short),
+so start-up, model loading and TRL's reference pre-pass cancel; peak memory is the process's
+max RSS (CPU) or torch.cuda.max_memory_allocated (GPU) in the long run; tokens/s counts the
+non-padding tokens each system feeds its policy per step.
+
+Usage (needs ../shared for the PKU sample and the GPT-2 tokenizer, and `pip install trl`):
+    python scripts/bench_train.py                       # the issue's setup: 46M Llama, 64 pairs, batch 4
+    python scripts/bench_train.py --quick               # a tiny model, for a smoke test
+Writes the table to stdout and into docs/PERFORMANCE.md (between markers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("BSO_SHARED", ROOT.parent / "shared"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SYSTEMS = ("bso-cache", "trl", "trl-precompute", "policy-only")
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ----------------------------------------------------------------------------------- setup
+def setup(work: Path, n_pairs: int, max_length: int, quick: bool) -> dict:
+    """Model (random init, GPT-2 tokenizer), the pairs (PKU, nothing truncated), the cache."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from bso_cache.data import Normaliser, open_source
+    from bso_cache.tokenize import PairTokenizer
+
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = work / ("model-tiny" if quick else "model-46m")
+    tok = AutoTokenizer.from_pretrained(str(SHARED / "models" / "gpt2-tokenizer"))
+    tok.pad_token = tok.eos_token
+    if not (model_dir / "model.safetensors").exists():
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64 if quick else 512, intermediate_size=128 if quick else 1536,
+                          num_hidden_layers=2 if quick else 6, num_attention_heads=8, num_key_value_heads=8,
+                          max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        LlamaForCausalLM(cfg).save_pretrained(str(model_dir))
+        tok.save_pretrained(str(model_dir))
+    pku = SHARED / "data" / "PKU-Alignment_PKU-SafeRLHF_sample.jsonl"
+    ptok = PairTokenizer(tok)
+    norm = Normaliser("pku")
+    rows, trl_rows = [], []
+    for i, raw in enumerate(open_source(str(pku)).rows()):
+        pair = norm(raw, i)
+        enc = ptok.encode_many([pair])[0]
+        if enc.length > max_length:
+            continue
+        prompt, chosen, rejected = ptok.render(pair)
+        rows.append(raw.data)
+        trl_rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        if len(rows) == n_pairs:
+            break
+    data = work / f"pairs-{n_pairs}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trl_data = work / f"pairs-{n_pairs}-trl.jsonl"
+    trl_data.write_text("".join(json.dumps(r) + "\n" for r in trl_rows))
+    cache = work / f"cache-{model_dir.name}-{n_pairs}"
+    from bso_cache.build import build_cache
+    from bso_cache.config import BuildConfig
+
+    build_cache(BuildConfig(model=str(model_dir), data=str(data), out=str(cache), max_length=max_length,
+                            batch_size=8, progress=False), log=lambda s: None)
+    return {"model": str(model_dir), "data": str(data), "trl_data": str(trl_data), "cache": str(cache),
+            "pairs": len(rows)}
+
+
+# ---------------------------------------------------------------------------------- workers
+def worker(system: str, steps: int, info: dict, batch_size: int, max_length: int, device: str) -> dict:
+    import torch
+
+    t0 = time.perf_counter()
+    tokens = 0
+    if system == "bso-cache":
+        from bso_cache.config import TrainConfig
+        from bso_cache.train import train
+
+        out = Path(info["cache"]).parent / f"run-bso-{steps}"
+        summary = train(TrainConfig(cache=info["cache"], out=str(out), generator="logistic", safety_penalty=0.0,
+                                    pairs="none", optimizer="adamw", lr=1e-6, lr_schedule="constant",
+                                    warmup_ratio=0.0, grad_clip=0.0, batch_size=batch_size, max_steps=steps,
+                                    epochs=100, device=device, progress=False, overwrite=True,
+                                    log_every=1), log=lambda s: None)
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        tokens = sum(r["tokens_per_s"] * r["step_seconds"] for r in rows) / len(rows)
+        del summary
+    elif system in ("trl", "trl-precompute"):
+        from datasets import Dataset
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from trl import DPOConfig, DPOTrainer
+
+        tok = AutoTokenizer.from_pretrained(info["model"])
+        rows = [json.loads(x) for x in Path(info["trl_data"]).read_text().splitlines()]
+        model = AutoModelForCausalLM.from_pretrained(info["model"])
+        args = DPOConfig(output_dir=str(Path(info["cache"]).parent / f"run-{system}-{steps}"),
+                         per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=1e-6,
+                         optim="adamw_torch", lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0,
+                         max_length=max_length, precompute_ref_log_probs=system == "trl-precompute",
+                         report_to="none", logging_steps=10_000, save_strategy="no", use_cpu=device == "cpu",
+                         dataloader_num_workers=0, beta=0.1, seed=0, disable_tqdm=True)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+        trainer.train()
+        lengths = []
+        for batch in trainer.get_train_dataloader():
+            lengths.append(int(batch["attention_mask"].sum()))
+            if len(lengths) >= 4:
+                break
+        tokens = sum(lengths) / len(lengths)
+    elif system == "policy-only":
+        from transformers import AutoModelForCausalLM
+
+        from bso_cache.cache import Cache
+        from bso_cache.pairs import epoch_batches
+        from bso_cache.scoring import make_token_batch
+
+        model = AutoModelForCausalLM.from_pretrained(info["model"]).to(device)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        cache = Cache.open(info["cache"])
+        done, counted = 0, []
+        while done < steps:
+            for batch in epoch_batches(cache, mode="none", orientation="better", batch_size=batch_size, seed=0,
+                                       epoch=done, shuffle=False):
+                prompts = [it.prompt_ids for it in batch] * 2
+                responses = [it.chosen_ids for it in batch] + [it.rejected_ids for it in batch]
+                tb = make_token_batch(prompts, responses, pad_id=0)
+                labels = tb.input_ids.masked_fill(tb.attention_mask == 0, -100)
+                loss = model(input_ids=tb.input_ids.to(device), attention_mask=tb.attention_mask.to(device),
+                             labels=labels.to(device)).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                counted.append(tb.tokens)
+                done += 1
+                if done >= steps:
+                    break
+        tokens = sum(counted) / len(counted)
+    else:
+        raise SystemExit(f"unknown system {system}")
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    mem = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else peak_rss_mib()
+    return {"system": system, "steps": steps, "seconds": seconds, "peak_mib": mem, "tokens_per_step": tokens}
+
+
+def run_worker(system: str, steps: int, args, info: dict) -> dict:
+    cmd = [sys.executable, __file__, "--worker", system, "--steps", str(steps), "--info", json.dumps(info),
+           "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--device", args.device]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{system} ({steps} steps) failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def versions() -> str:
+    import importlib.metadata as md
+
+    parts = []
+    for p in ("torch", "transformers", "trl", "pyarrow"):
+        try:
+            parts.append(f"{p} {md.version(p)}")
+        except md.PackageNotFoundError:
+            pass
+    return ", ".join(parts)
+
+
+def write_section(doc: Path, marker: str, text: str) -> None:
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    old = doc.read_text() if doc.exists() else "# Performance\n"
+    block = f"{begin}\n{text}\n{end}"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    doc.write_text(new)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker")
+    ap.add_argument("--info")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--pairs", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--long", type=int, default=10)
+    ap.add_argument("--short", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--quick", action="store_true", help="tiny model (smoke test)")
+    ap.add_argument("--work", default=str(ROOT / "bench-out"))
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "PERFORMANCE.md"))
+    args = ap.parse_args()
+    if args.worker:
+        res = worker(args.worker, args.steps, json.loads(args.info), args.batch_size, args.max_length, args.device)
+        print(json.dumps(res))
+        return
+    info = setup(Path(args.work), args.pairs, args.max_length, args.quick)
+    systems = [s for s in args.systems.split(",") if s]
+    results = {}
+    for s in systems:
+        short = run_worker(s, args.short, args, info)
+        long = run_worker(s, args.long, args, info)
+        per_step = (long["seconds"] - short["seconds"]) / (args.long - args.short)
+        results[s] = {"per_step": per_step, "peak_mib": long["peak_mib"], "tokens_per_step": long["tokens_per_step"],
+                      "short_s": short["seconds"], "long_s": long["seconds"]}
+        print(f"{s}: {per_step:.2f} s/step, peak {long['peak_mib']:.0f} MiB", flush=True)
+    ref = results.get("trl")
+    mem = "peak RSS (MiB)" if args.device == "cpu" else "peak GPU memory (MiB)"
+    lines = [f"| system | s/step | vs TRL (ref online) | {mem} | vs TRL | tokens/s |", "|---|---|---|---|---|---|"]
+    for s, r in results.items():
+        rt = f"{r['per_step'] / ref['per_step']:.2f}x" if ref else "-"
+        rm = f"{r['peak_mib'] / ref['peak_mib']:.2f}x" if ref else "-"
+        tps = r["tokens_per_step"] / r["per_step"] if r["per_step"] > 0 else float("nan")
+        lines.append(f"| {s} | {r['per_step']:.2f} | {rt} | {r['peak_mib']:,.0f} | {rm} | {tps:,.0f} |")
+    cmd = "python scripts/bench_train.py " + " ".join(a for a in sys.argv[1:])
+    model = "tiny Llama (quick)" if args.quick else "random-init 46M Llama (hidden 512, 6 layers, intermediate 1536, tied) with the GPT-2 tokenizer"
+    text = (f"### Training step ({time.strftime('%Y-%m-%d')})\n\n"
+            f"{model}; {info['pairs']} PKU pairs (nothing truncated), batch {args.batch_size}, max length "
+            f"{args.max_length}, AdamW lr 1e-6, fp32, device {args.device}; per-step time from a {args.long}-step "
+            f"minus a {args.short}-step run, each in its own process.\n\n"
+            f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; {versions()}.\n"
+            f"Command: `{cmd.strip()}`\n\n" + "\n".join(lines))
+    print(text)
+    write_section(Path(args.doc), f"bench-train-{args.device}{'-quick' if args.quick else ''}", text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Memory/speed options: LoRA (PEFT), gradient checkpointing, bf16 autocast, grad accumulation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from bso_cache.config import TrainConfig
+from bso_cache.train import train
+
+from .conftest import read_jsonl
+
+
+def run(cache, out, **kw):
+    return train(TrainConfig(cache=str(cache), out=str(out), progress=False, **kw), log=lambda s: None)
+
+
+def test_lora_trains_adapters_only_and_saves_merged_model(demo_cache, demo_assets, tmp_path):
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    run(demo_cache, tmp_path / "r", lora_r=4, lora_alpha=8, optimizer="adamw", lr=1e-2, max_steps=4, batch_size=8,
+        generator="logistic", safety_penalty=0.0, pairs="none", save_every=2)
+    assert (tmp_path / "r" / "adapter" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "r"))
+    base = AutoModelForCausalLM.from_pretrained(str(demo_assets["model"]))
+    b = dict(base.named_parameters())
+    moved = [n for n, p in merged.named_parameters() if not torch.equal(p, b[n])]
+    assert moved and all("proj" in n for n in moved)  # attention/MLP projections; embeddings and head frozen
+    assert torch.equal(merged.lm_head.weight, base.lm_head.weight)
+    rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # LoRA B = 0: the policy starts at the reference
+    adapter = load_file(str(tmp_path / "r" / "adapter" / "adapter_model.safetensors"))
+    assert adapter and all("lora" in k for k in adapter)
+
+
+def test_gradient_checkpointing_and_accumulation_give_the_same_update(demo_cache, tmp_path):
+    from safetensors.torch import load_file
+
+    base = dict(generator="sba", optimizer="sgd", lr=1e-2, max_steps=2, batch_size=8, lr_schedule="constant",
+                warmup_ratio=0.0)
+    run(demo_cache, tmp_path / "a", **base)
+    run(demo_cache, tmp_path / "b", gradient_checkpointing=True, **base)
+    run(demo_cache, tmp_path / "c", grad_accum=2, **base)
+    a, b, c = (load_file(str(tmp_path / x / "model.safetensors")) for x in "abc")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+        assert torch.allclose(a[k], c[k], atol=1e-5), k
+
+
+def test_bf16_autocast_runs_and_step0_uses_the_looser_tolerance(demo_cache, tmp_path):
+    summary = run(demo_cache, tmp_path / "r", autocast="bf16", max_steps=2, batch_size=8)
+    assert summary["step0"]["tolerance"] == 2.0
+    rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    assert all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_tensorboard_logging(demo_cache, tmp_path):
+    pytest.importorskip("tensorboard")
+    run(demo_cache, tmp_path / "r", tensorboard=True, max_steps=2, batch_size=8)
+    assert list((tmp_path / "r" / "tensorboard").glob("events.out.tfevents.*"))
