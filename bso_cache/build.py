@@ -27,7 +27,7 @@ from .tokenize import Encoded, PairTokenizer, apply_length_policy, tokenizer_dig
 
 BUILD_STATE = "build.json"
 DEFAULT_MAX_LENGTH = 2048
-DEFAULT_ROWS_PER_SHARD = 5000
+DEFAULT_ROWS_PER_SHARD = 2000
 
 
 def _sidecar(out: Path, k: int) -> Path:

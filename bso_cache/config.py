@@ -37,7 +37,7 @@ class BuildConfig:
     max_length: int | None = None       # None: min(2048, the model's max positions)
     overlong: str = "drop"              # drop | truncate
     batch_size: int = 8                 # pairs per forward (2x sequences)
-    rows_per_shard: int | None = None   # input rows per shard; None: 5000, or fewer so every rank has one
+    rows_per_shard: int | None = None   # input rows per shard; None: 2000, or fewer so every rank has one
     dtype: str = "float32"
     device: str = "auto"
     skip_bad_rows: bool = False
@@ -104,6 +104,7 @@ class TrainConfig:
     autocast: str = "none"
     gradient_checkpointing: bool = False
     device: str = "auto"
+    fsdp: bool = False                  # shard parameters, gradients and optimizer state (torchrun)
     lora_r: int = 0
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -153,6 +154,8 @@ class TrainConfig:
             raise ConfigError("--eval-every needs --eval-cache")
         if self.lora_r < 0:
             raise ConfigError("--lora-r must be >= 0")
+        if self.fsdp and self.lora_r:
+            raise ConfigError("--fsdp with --lora-r is not supported; LoRA adapters are small: use DDP")
         self.loss_spec()
 
     def loss_spec(self):

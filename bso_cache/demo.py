@@ -141,9 +141,10 @@ def run_demo(out: Path, *, steps: int = 60, log=print) -> dict:
     from .cache import Cache
     from .config import BuildConfig, TrainConfig
     from .evaluate import evaluate_cache
-    from .models import load_model
+    from .models import load_model, quiet_transformers
     from .train import train
 
+    quiet_transformers()
     out = Path(out)
     paths = make_demo_assets(out)
     log(f"[1/4] generated {out}/data (train 480 pairs, held-out 160 pairs on unseen tasks) and a "

@@ -69,4 +69,5 @@ class Dist:
             import torch.distributed as td
 
             if td.is_initialized():
+                td.barrier()  # gloo aborts at exit if a rank leaves while another still talks
                 td.destroy_process_group()

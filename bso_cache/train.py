@@ -162,7 +162,18 @@ class Trainer:
         from .scoring import SequenceScorer
 
         self.scorer = SequenceScorer(model)
-        if self.dist.enabled:
+        if cfg.fsdp:
+            if not self.dist.enabled:
+                raise ConfigError("--fsdp shards the model over torchrun processes; run under torchrun "
+                                  "(torchrun --nproc-per-node N -m bso_cache train ...)")
+            from torch.distributed.fsdp import fully_shard
+
+            blocks = set(getattr(model, "_no_split_modules", None) or [])
+            for module in model.modules():
+                if type(module).__name__ in blocks:
+                    fully_shard(module)
+            fully_shard(self.scorer)  # embeddings, final norm and head: gathered in the scorer's forward
+        elif self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.scorer = DDP(self.scorer, device_ids=[self.dist.local_rank] if self.device.startswith("cuda") else None)
@@ -217,6 +228,7 @@ class Trainer:
         import torch
         from safetensors.torch import save_model
 
+        full_model, full_optim = self._full_state()
         if not self.dist.is_main:
             self.dist.barrier()
             return
@@ -226,8 +238,14 @@ class Trainer:
         tmp = ckdir / (final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_model(self.model, str(tmp / "model.safetensors"))
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        if full_model is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().clone().contiguous() for k, v in full_model.items()}, str(tmp / "model.safetensors"))
+        else:
+            save_model(self.model, str(tmp / "model.safetensors"))
+        torch.save({"optimizer": full_optim if full_optim is not None else self.optimizer.state_dict(),
+                    "fsdp": self.cfg.fsdp, "scheduler": self.scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state(),
                     "numpy_rng": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
                     "numpy_rng_rest": list(np.random.get_state()[2:]),
@@ -253,9 +271,19 @@ class Trainer:
             return
         ck = found[-1]
         state = json.loads((ck / "state.json").read_text())
-        load_weights(self.model, str(ck / "model.safetensors"), device=self.device)
         blob = torch.load(ck / TRAINER_STATE, map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(blob["optimizer"])
+        if bool(blob.get("fsdp", False)) != self.cfg.fsdp:
+            raise ConfigError(f"{ck} was written {'with' if blob.get('fsdp') else 'without'} --fsdp; resume it the same way")
+        if self.cfg.fsdp:
+            from safetensors.torch import load_file
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            weights = {"lm." + k: v for k, v in load_file(str(ck / "model.safetensors")).items()}
+            set_state_dict(self.scorer, self.optimizer, model_state_dict=weights, optim_state_dict=blob["optimizer"],
+                           options=StateDictOptions(full_state_dict=True))
+        else:
+            load_weights(self.model, str(ck / "model.safetensors"), device=self.device)
+            self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         torch.set_rng_state(blob["torch_rng"])
         np.random.set_state(("MT19937", blob["numpy_rng"].numpy().astype(np.uint32), *blob["numpy_rng_rest"]))
@@ -316,9 +344,7 @@ class Trainer:
             tokens = 0
             self.optimizer.zero_grad(set_to_none=True)
             for k, (batch, weight) in enumerate(mine):
-                sync = k == len(mine) - 1 or not self.dist.enabled
-                ctx = self.scorer.no_sync() if self.dist.enabled and not sync else _null()
-                with ctx:
+                with self._sync(k == len(mine) - 1):
                     pc, pr, ntok = policy_pair_logps(self.scorer, batch, self.device, self.pad_id, cfg.autocast)
                     ref_c, ref_r, s_c, s_r = _batch_tensors(batch, pc.device)
                     if step0 is None and self.step == 0:
@@ -331,8 +357,8 @@ class Trainer:
                     tokens += ntok
                     window.add(self.spec, losses.detach(), pc.detach(), pr.detach(), ref_c, ref_r, s_c, s_r)
             clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.requires_grad], clip))
+            norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], clip)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()
@@ -362,12 +388,39 @@ class Trainer:
         summary = {"steps": self.step, "final": last, "step0": step0, "out": str(self.out),
                    "pairs": self.pair_counts.as_dict()}
         if self.eval_cache is not None:
-            summary["eval"] = evaluate_cache(self.model, self.eval_cache, batch_size=self.cfg.micro_batch,
+            summary["eval"] = evaluate_cache(self._eval_model, self.eval_cache, batch_size=self.cfg.micro_batch,
                                              device=self.device, pad_id=self.pad_id, autocast=self.cfg.autocast)
         if self.dist.is_main:
             atomic_write_json(self.out / "summary.json", summary)
         self.dist.close()
         return summary
+
+    @property
+    def _eval_model(self):
+        """Under FSDP the sharded scorer (every rank joins its collectives), else the bare model."""
+        return self.scorer if self.cfg.fsdp else self.model
+
+    def _sync(self, last: bool):
+        """Gradient synchronisation only on the last micro-batch of a step (DDP / FSDP)."""
+        if not self.dist.enabled or last:
+            if self.cfg.fsdp:
+                self.scorer.set_requires_gradient_sync(True)
+            return _null()
+        if self.cfg.fsdp:
+            self.scorer.set_requires_gradient_sync(False)
+            return _null()
+        return self.scorer.no_sync()
+
+    def _full_state(self):
+        """(model state dict without the scorer prefix, optimizer state dict), full, on the CPU.
+        Under FSDP this is a collective: every rank must call it."""
+        if not self.cfg.fsdp:
+            return None, None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        msd, osd = get_state_dict(self.scorer, self.optimizer,
+                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k.removeprefix("lm."): v for k, v in msd.items()}, osd
 
     def _share(self, pairs: list) -> list:
         """This rank's micro-batches of a step, as (batch, weight): the step's pairs cut into
@@ -402,7 +455,7 @@ class Trainer:
         return figure
 
     def _evaluate(self) -> dict:
-        res = evaluate_cache(self.model, self.eval_cache, batch_size=self.cfg.micro_batch,
+        res = evaluate_cache(self._eval_model, self.eval_cache, batch_size=self.cfg.micro_batch,
                              device=self.device, pad_id=self.pad_id, autocast=self.cfg.autocast)
         return {k: v for k, v in res.items() if isinstance(v, (int, float))}
 
@@ -416,6 +469,7 @@ class Trainer:
         return SummaryWriter(str(self.out / "tensorboard"))
 
     def _save_final(self) -> None:
+        full_model, _ = self._full_state()
         if not self.dist.is_main:
             self.dist.barrier()
             return
@@ -423,7 +477,10 @@ class Trainer:
         if self.cfg.lora_r:
             model.save_pretrained(str(self.out / "adapter"))
             model = model.merge_and_unload()
-        model.save_pretrained(str(self.out), safe_serialization=True)
+        if full_model is not None:
+            model.save_pretrained(str(self.out), state_dict=full_model, safe_serialization=True)
+        else:
+            model.save_pretrained(str(self.out), safe_serialization=True)
         self.tokenizer.save_pretrained(str(self.out))
         self.dist.barrier()
 

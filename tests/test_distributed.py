@@ -34,31 +34,44 @@ def test_torchrun_build_equals_one_process(demo_assets, demo_cache, tmp_path):
     assert not list(out.glob("part-*.json")) and not (out / "build.json").exists()
 
 
-def test_torchrun_train_equals_one_process_with_accumulation(demo_cache, tmp_path):
+def weights_close(a_dir, b_dir, atol=1e-5):
     from safetensors.torch import load_file
 
+    a = load_file(str(a_dir / "model.safetensors"))
+    b = load_file(str(b_dir / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol), k
+
+
+def two_ranks_vs_one(demo_cache, tmp_path, name, optimizer, *extra):
+    """Train 4 steps on 2 ranks (with a checkpoint at 2) and on 1 process with --grad-accum 2;
+    the weights agree; then resume the 2-rank run from its checkpoint and agree again."""
     from bso_cache.config import TrainConfig
     from bso_cache.train import train
 
-    args = dict(generator="sba", optimizer="sgd", lr=1e-2, batch_size=8, max_steps=4, lr_schedule="constant",
-                warmup_ratio=0.0, seed=0)
+    args = dict(generator="sba", optimizer=optimizer, lr=1e-2 if optimizer == "sgd" else 1e-3, batch_size=8,
+                max_steps=4, lr_schedule="constant", warmup_ratio=0.0, seed=0)
     train(TrainConfig(cache=str(demo_cache), out=str(tmp_path / "one"), grad_accum=2, progress=False, **args),
           log=lambda s: None)
     flags = [x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", v)]
-    torchrun("train", "--cache", demo_cache, "--out", tmp_path / "two", *flags, "--save-every", 2, "--no-progress")
-    a = load_file(str(tmp_path / "one" / "model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "model.safetensors"))
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5), k
-    rows = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    cmd = ["train", "--cache", demo_cache, "--out", tmp_path / name, *flags, *extra, "--save-every", 2, "--no-progress"]
+    torchrun(*cmd)
+    weights_close(tmp_path / "one", tmp_path / name)
+    (tmp_path / name / "summary.json").unlink()
+    torchrun(*cmd, "--resume")
+    weights_close(tmp_path / "one", tmp_path / name)
+    return tmp_path / "one", tmp_path / name
+
+
+def test_torchrun_train_equals_one_process_with_accumulation(demo_cache, tmp_path):
+    one, two = two_ranks_vs_one(demo_cache, tmp_path, "ddp", "sgd")
+    rows = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
     # logged once, over the pairs of all ranks
-    assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["pairs"] for r in rows] == [r["pairs"] for r in one]
-    assert all(abs(x["loss"] - y["loss"]) <= 1e-4 * max(1.0, abs(x["loss"])) for x, y in zip(one, rows))
-    # resume across ranks from the step-2 checkpoint
-    (tmp_path / "two" / "summary.json").unlink()
-    torchrun("train", "--cache", demo_cache, "--out", tmp_path / "two", *flags, "--save-every", 2, "--no-progress",
-             "--resume")
-    c = load_file(str(tmp_path / "two" / "model.safetensors"))
-    for k in a:
-        assert torch.allclose(a[k], c[k], atol=1e-5), k
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["pairs"] for r in rows] == [r["pairs"] for r in ref]
+    assert all(abs(x["loss"] - y["loss"]) <= 1e-4 * max(1.0, abs(x["loss"])) for x, y in zip(ref, rows))
+
+
+def test_torchrun_fsdp_train_and_resume(demo_cache, tmp_path):
+    two_ranks_vs_one(demo_cache, tmp_path, "fsdp", "adamw", "--fsdp")
