@@ -203,7 +203,7 @@ def train(
     summary = _run(run_train, cfg, log=lambda s: typer.echo(s, err=True))
     final = summary["final"] or {}
     typer.echo(f"trained {summary['steps']} steps -> {summary['out']}; final loss "
-               f"{final.get('loss', float('nan')):.4f}, preference accuracy "
+               f"{final.get('loss', float('nan')):.6g}, preference accuracy "
                f"{final.get('preference_accuracy', float('nan')):.3f}")
 
 
