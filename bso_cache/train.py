@@ -323,7 +323,7 @@ class Trainer:
 
         cfg = self.cfg
         self.setup()
-        stream = self._step_batches()
+        stream = _prefetch(self._step_batches())
         tol = step0_tolerance(cfg, self.manifest)
         metrics_path = self.out / "metrics.jsonl"
         tb = self._tensorboard()
@@ -381,6 +381,7 @@ class Trainer:
                                     f"{last['tokens_per_s']:,.0f} tok/s")
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
                 self._save_checkpoint()
+        stream.close()
         bar.close()
         if tb is not None:
             tb.close()
@@ -392,6 +393,14 @@ class Trainer:
                                              device=self.device, pad_id=self.pad_id, autocast=self.cfg.autocast)
         if self.dist.is_main:
             atomic_write_json(self.out / "summary.json", summary)
+        if self.dist.enabled:
+            # DDP's reducer (C++ threads) must go before the process group, or the process can
+            # abort at exit ("terminate called without an active exception")
+            import gc
+
+            self.scorer = None
+            self.optimizer = None
+            gc.collect()
         self.dist.close()
         return summary
 
@@ -489,6 +498,45 @@ def to_dict_spec(spec) -> dict:
     import dataclasses
 
     return dataclasses.asdict(spec)
+
+
+def _prefetch(iterator, depth: int = 2):
+    """Iterate in a background thread, `depth` items ahead, so that reading shards and building
+    batches overlaps the model's work. Exceptions are re-raised in the consumer."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in iterator:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=produce, daemon=True, name="bso-cache-prefetch")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 class _null:
