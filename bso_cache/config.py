@@ -124,7 +124,6 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
-        from .losses import make_loss_spec
         from .models import DTYPES
 
         if self.pairs not in PAIR_MODES:

@@ -43,3 +43,7 @@ class CacheError(BsoCacheError):
 
 class MismatchError(CacheError):
     """The policy (tokenizer, weights) does not fit the cache."""
+
+
+class TrainingError(BsoCacheError):
+    """Training cannot go on (for example a non-finite loss); the message says what to change."""

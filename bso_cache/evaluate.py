@@ -30,8 +30,6 @@ def _type_name(sw: float, sl: float) -> str:
 
 def policy_pair_logps(model, batch, device: str, pad_id: int, autocast: str = "none"):
     """(policy chosen logps, policy rejected logps, tokens) for a list of PairItems, one forward."""
-    import torch
-
     prompts = [it.prompt_ids for it in batch] * 2
     responses = [it.chosen_ids for it in batch] + [it.rejected_ids for it in batch]
     tb = make_token_batch(prompts, responses, pad_id).to(device)

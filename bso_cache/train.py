@@ -20,7 +20,7 @@ from . import schemas as S
 from .cache import Cache, atomic_write_json
 from .config import TrainConfig, to_dict
 from .dist import Dist
-from .errors import CacheError, ConfigError, MismatchError
+from .errors import CacheError, ConfigError, MismatchError, TrainingError
 from .evaluate import evaluate_cache, policy_pair_logps
 from .losses import pair_diagnostics, spec_loss
 from .models import load_model, load_tokenizer, resolve_device, weights_digest
@@ -333,55 +333,62 @@ class Trainer:
         step0 = None
         last = {}
         finished_data = False
-        while self.step < self.total_steps and not finished_data:
-            t0 = time.perf_counter()
-            epoch, j, pairs = next(stream)
-            if pairs is None:
-                finished_data = True
-                break
-            mine = self._share(pairs)
-            n_pairs = len(pairs)
-            tokens = 0
-            self.optimizer.zero_grad(set_to_none=True)
-            for k, (batch, weight) in enumerate(mine):
-                with self._sync(k == len(mine) - 1):
-                    pc, pr, ntok = policy_pair_logps(self.scorer, batch, self.device, self.pad_id, cfg.autocast)
-                    ref_c, ref_r, s_c, s_r = _batch_tensors(batch, pc.device)
-                    if step0 is None and self.step == 0:
-                        step0 = self._step0(pc, pr, ref_c, ref_r, tol)
-                    losses = spec_loss(self.spec, pc, pr, ref_c, ref_r, s_c, s_r)
-                    # sum over this step's pairs / all its pairs = the global-batch mean (DDP averages
-                    # over ranks, hence the factor world); weight 0 marks a rank's filler micro-batch
-                    (losses.sum() * (weight * self.dist.world / n_pairs)).backward()
-                if weight:
-                    tokens += ntok
-                    window.add(self.spec, losses.detach(), pc.detach(), pr.detach(), ref_c, ref_r, s_c, s_r)
-            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], clip)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP
-            lr = self.scheduler.get_last_lr()[0]
-            self.optimizer.step()
-            self.scheduler.step()
-            self.step += 1
-            self.epoch, self.steps_in_epoch = epoch, j + 1
-            window.tick(time.perf_counter() - t0, tokens, grad_norm, lr)
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                last = window.flush(self.step, self.epoch, self.dist)
-                if self.eval_cache is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
-                    last.update({f"eval/{k}": v for k, v in self._evaluate().items()})
-                if self.dist.is_main:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(last) + "\n")
-                    if tb is not None:
-                        for k, v in last.items():
-                            if isinstance(v, (int, float)) and k != "step":
-                                tb.add_scalar(k, v, self.step)
-                bar.set_postfix_str(f"loss {last['loss']:.4f} acc {last['preference_accuracy']:.2f} "
-                                    f"{last['tokens_per_s']:,.0f} tok/s")
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
-                self._save_checkpoint()
-        stream.close()
+        try:
+            while self.step < self.total_steps and not finished_data:
+                t0 = time.perf_counter()
+                epoch, j, pairs = next(stream)
+                if pairs is None:
+                    finished_data = True
+                    break
+                mine = self._share(pairs)
+                n_pairs = len(pairs)
+                tokens = 0
+                self.optimizer.zero_grad(set_to_none=True)
+                for k, (batch, weight) in enumerate(mine):
+                    with self._sync(k == len(mine) - 1):
+                        pc, pr, ntok = policy_pair_logps(self.scorer, batch, self.device, self.pad_id, cfg.autocast)
+                        ref_c, ref_r, s_c, s_r = _batch_tensors(batch, pc.device)
+                        if step0 is None and self.step == 0:
+                            step0 = self._step0(pc, pr, ref_c, ref_r, tol)
+                        losses = spec_loss(self.spec, pc, pr, ref_c, ref_r, s_c, s_r)
+                        if not bool(torch.isfinite(losses).all()):
+                            raise TrainingError(
+                                f"step {self.step + 1}: the loss is not finite (policy log-probs "
+                                f"{pc.detach().min().item():.4g}..{pc.detach().max().item():.4g}); the policy "
+                                f"diverged: lower --lr, keep --grad-clip, or use --autocast none")
+                        # sum over this step's pairs / all its pairs = the global-batch mean (DDP averages
+                        # over ranks, hence the factor world); weight 0 marks a rank's filler micro-batch
+                        (losses.sum() * (weight * self.dist.world / n_pairs)).backward()
+                    if weight:
+                        tokens += ntok
+                        window.add(self.spec, losses.detach(), pc.detach(), pr.detach(), ref_c, ref_r, s_c, s_r)
+                clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+                norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], clip)
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP
+                lr = self.scheduler.get_last_lr()[0]
+                self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                self.epoch, self.steps_in_epoch = epoch, j + 1
+                window.tick(time.perf_counter() - t0, tokens, grad_norm, lr)
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    last = window.flush(self.step, self.epoch, self.dist)
+                    if self.eval_cache is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
+                        last.update({f"eval/{k}": v for k, v in self._evaluate().items()})
+                    if self.dist.is_main:
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps(last) + "\n")
+                        if tb is not None:
+                            for k, v in last.items():
+                                if isinstance(v, (int, float)) and k != "step":
+                                    tb.add_scalar(k, v, self.step)
+                    bar.set_postfix_str(f"loss {last['loss']:.4g} acc {last['preference_accuracy']:.2f} "
+                                        f"{last['tokens_per_s']:,.0f} tok/s")
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                    self._save_checkpoint()
+        finally:
+            stream.close()  # stops the prefetch thread, also when a step raises
         bar.close()
         if tb is not None:
             tb.close()
@@ -537,6 +544,12 @@ def _prefetch(iterator, depth: int = 2):
             yield item
     finally:
         stop.set()
+        while thread.is_alive():  # let it leave any native call (Parquet reads) before we go on
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)
 
 
 class _null:

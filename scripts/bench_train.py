@@ -102,14 +102,13 @@ def worker(system: str, steps: int, info: dict, batch_size: int, max_length: int
         from bso_cache.train import train
 
         out = Path(info["cache"]).parent / f"run-bso-{steps}"
-        summary = train(TrainConfig(cache=info["cache"], out=str(out), generator="logistic", safety_penalty=0.0,
+        train(TrainConfig(cache=info["cache"], out=str(out), generator="logistic", safety_penalty=0.0,
                                     pairs="none", optimizer="adamw", lr=1e-6, lr_schedule="constant",
                                     warmup_ratio=0.0, grad_clip=0.0, batch_size=batch_size, max_steps=steps,
                                     epochs=100, device=device, progress=False, overwrite=True,
                                     log_every=1), log=lambda s: None)
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         tokens = sum(r["tokens_per_s"] * r["step_seconds"] for r in rows) / len(rows)
-        del summary
     elif system in ("trl", "trl-precompute"):
         from datasets import Dataset
         from transformers import AutoModelForCausalLM, AutoTokenizer

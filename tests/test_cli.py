@@ -82,6 +82,10 @@ def test_end_to_end_build_inspect_train(demo_assets, tmp_path):
         "--max-length", 128, "--no-progress")
     info = json.loads(cli("inspect", cache, "--json").stdout)
     assert info["rows"]["written"] == 96
+    text = cli("inspect", cache, "--verify").stdout
+    assert "written 96" in text and "pair types" in text and "safe/unsafe" in text
+    verified = json.loads(cli("verify", cache, "--sample", 5).stdout)
+    assert verified["checked"] == 5 and verified["max_abs_diff"] < 1e-3
     out = cli("train", "--cache", cache, "--out", run, "--generator", "logistic", "--safety-penalty", 0,
               "--lr", 0, "--max-steps", 2, "--batch-size", 4, "--no-progress")
     assert "step-0 check" in out.stderr and "agree" in out.stderr

@@ -64,7 +64,7 @@ def test_sweep_on_pku_then_eval_matches_independent_computation(pku_cache, tmp_p
     out = tmp_path / "sweep"
     before = len(models.LOAD_LOG)
     grid = parse_grid({"generator": "logistic,kliep,sba", "max_steps": "4", "batch_size": "4"})
-    rows = run_sweep(str(pku_cache), str(out), grid, [], {"progress": False, "lr": 1e-3, "optimizer": "adamw"},
+    run_sweep(str(pku_cache), str(out), grid, [], {"progress": False, "lr": 1e-3, "optimizer": "adamw"},
                      log=lambda s: None)
     assert len(models.LOAD_LOG) - before == 3  # one policy per run, never the reference
     with open(out / "summary.csv") as f:

@@ -167,3 +167,11 @@ def test_every_pair_once_per_epoch(demo_cache):
                                                         seed=1, epoch=0, shuffle_buffer=7, bucket_batches=2)
                 for it in b]
         assert sorted(seen) == list(range(cache.num_pairs))
+
+
+def test_divergence_stops_with_a_clear_error(demo_cache, tmp_path):
+    from bso_cache.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="not finite.*lower --lr"):
+        run(demo_cache, tmp_path / "r", generator="kliep", optimizer="sgd", lr=1e6, grad_clip=0.0, max_steps=20,
+            batch_size=8, lr_schedule="constant", warmup_ratio=0.0)
