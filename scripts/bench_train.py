@@ -36,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SYSTEMS = ("bso-cache", "trl", "trl-precompute", "policy-only")
+EXTRA_SYSTEMS = ("bso-cache-ckpt",)  # bso-cache with --gradient-checkpointing
 
 
 def peak_rss_mib() -> float:
@@ -97,7 +98,7 @@ def worker(system: str, steps: int, info: dict, batch_size: int, max_length: int
 
     t0 = time.perf_counter()
     tokens = 0
-    if system == "bso-cache":
+    if system in ("bso-cache", "bso-cache-ckpt"):
         from bso_cache.config import TrainConfig
         from bso_cache.train import train
 
@@ -106,7 +107,8 @@ def worker(system: str, steps: int, info: dict, batch_size: int, max_length: int
                                     pairs="none", optimizer="adamw", lr=1e-6, lr_schedule="constant",
                                     warmup_ratio=0.0, grad_clip=0.0, batch_size=batch_size, max_steps=steps,
                                     epochs=100, device=device, progress=False, overwrite=True,
-                                    log_every=1), log=lambda s: None)
+                                    gradient_checkpointing=system == "bso-cache-ckpt", log_every=1),
+              log=lambda s: None)
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         tokens = sum(r["tokens_per_s"] * r["step_seconds"] for r in rows) / len(rows)
     elif system in ("trl", "trl-precompute"):
@@ -212,7 +214,7 @@ def main() -> None:
     ap.add_argument("--long", type=int, default=10)
     ap.add_argument("--short", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"of {', '.join(SYSTEMS + EXTRA_SYSTEMS)}")
     ap.add_argument("--quick", action="store_true", help="tiny model (smoke test)")
     ap.add_argument("--work", default=str(ROOT / "bench-out"))
     ap.add_argument("--doc", default=str(ROOT / "docs" / "PERFORMANCE.md"))
@@ -248,7 +250,10 @@ def main() -> None:
             f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; {versions()}.\n"
             f"Command: `{cmd.strip()}`\n\n" + "\n".join(lines))
     print(text)
-    write_section(Path(args.doc), f"bench-train-{args.device}{'-quick' if args.quick else ''}", text)
+    marker = f"bench-train-{args.device}{'-quick' if args.quick else ''}"
+    if set(systems) != set(SYSTEMS):
+        marker += "-" + "-".join(systems)
+    write_section(Path(args.doc), marker, text)
 
 
 if __name__ == "__main__":
