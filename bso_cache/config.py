@@ -7,7 +7,7 @@ The CLI maps its options onto these; the resolved configuration is saved next to
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import ConfigError
 
@@ -121,7 +121,6 @@ class TrainConfig:
     trust_remote_code: bool = False
     progress: bool = True
     overwrite: bool = False
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         from .models import DTYPES

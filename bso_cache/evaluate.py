@@ -15,17 +15,15 @@ from collections import defaultdict
 import numpy as np
 
 from .cache import Cache
+from .losses import PAIR_TYPES
 from .pairs import epoch_batches
 from .scoring import make_token_batch, sequence_logps
 
-PAIR_TYPE_NAMES = {(0.0, 0.0): "safe/safe", (0.0, 1.0): "safe/unsafe", (1.0, 0.0): "unsafe/safe",
-                   (1.0, 1.0): "unsafe/unsafe"}
-
-
 def _type_name(sw: float, sl: float) -> str:
+    """The PAIR_TYPES name of a pair's (chosen, rejected) safety labels (1 unsafe, 0 safe, NaN unknown)."""
     if np.isnan(sw) or np.isnan(sl):
-        return "unlabelled"
-    return PAIR_TYPE_NAMES[(sw, sl)]
+        return PAIR_TYPES[4]
+    return PAIR_TYPES[int(sw) * 2 + int(sl)]
 
 
 def policy_pair_logps(model, batch, device: str, pad_id: int, autocast: str = "none"):

