@@ -171,7 +171,7 @@ def train(
     eval_cache: Optional[Path] = typer.Option(None, "--eval-cache", help="A held-out cache to evaluate on."),
     eval_every: int = typer.Option(0, "--eval-every", help="Evaluate on --eval-cache every N steps."),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also log to OUT/tensorboard."),
-    step0_tolerance: Optional[float] = typer.Option(None, "--step0-tolerance", help="Max |log pi - log pi_ref| at step 0 when the policy is the reference [default: 0.05 nats in float32, 2 otherwise]."),
+    step0_tolerance: Optional[float] = typer.Option(None, "--step0-tolerance", help="Max |log pi - log pi_ref| per response token at step 0 when the policy is the reference [default: 0.001 nats with float32 on both sides, 0.05 otherwise]."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):

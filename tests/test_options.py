@@ -53,7 +53,7 @@ def test_gradient_checkpointing_and_accumulation_give_the_same_update(demo_cache
 
 def test_bf16_autocast_runs_and_step0_uses_the_looser_tolerance(demo_cache, tmp_path):
     summary = run(demo_cache, tmp_path / "r", autocast="bf16", max_steps=2, batch_size=8)
-    assert summary["step0"]["tolerance"] == 2.0
+    assert summary["step0"]["tolerance_per_token"] == 0.05 and summary["step0"]["max_per_token"] < 0.05
     rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
     assert all(math.isfinite(r["loss"]) for r in rows)
 
@@ -62,3 +62,16 @@ def test_tensorboard_logging(demo_cache, tmp_path):
     pytest.importorskip("tensorboard")
     run(demo_cache, tmp_path / "r", tensorboard=True, max_steps=2, batch_size=8)
     assert list((tmp_path / "r" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_bf16_cache_with_float32_policy_passes_step0(demo_assets, tmp_path):
+    """The authors' setup: reference pass in half precision, policy in float32."""
+    from bso_cache.build import build_cache
+    from bso_cache.config import BuildConfig
+
+    build_cache(BuildConfig(model=str(demo_assets["model"]), data=str(demo_assets["train"]), out=str(tmp_path / "c"),
+                            max_length=128, dtype="bfloat16", progress=False), log=lambda s: None)
+    summary = run(tmp_path / "c", tmp_path / "r", max_steps=1, batch_size=8)
+    step0 = summary["step0"]
+    assert step0["policy_is_reference"] and step0["tolerance_per_token"] == 0.05
+    assert 0 < step0["max_per_token"] < 0.05
