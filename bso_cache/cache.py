@@ -111,6 +111,19 @@ def read_manifest(cache_dir: Path) -> dict:
     return manifest
 
 
+def check_tokenizer(cache_dir, manifest: dict, tokenizer, name: str) -> None:
+    """Refuse a tokenizer other than the one the cache's token ids were made with."""
+    from .errors import MismatchError
+    from .tokenize import tokenizer_digest
+
+    if tokenizer_digest(tokenizer, None) != manifest["tokenizer"].get("vocab_digest"):
+        raise MismatchError(
+            f"the tokenizer of {name} ({type(tokenizer).__name__}, {len(tokenizer)} tokens) is not the "
+            f"tokenizer the cache {cache_dir} was built with ({manifest['tokenizer'].get('name_or_path')}); "
+            f"the cached token ids would mean other text. Use a model that shares the reference's "
+            f"tokenizer, or build a cache with this model")
+
+
 def shard_paths(cache_dir: Path, manifest: dict) -> list[Path]:
     return [Path(cache_dir) / s["file"] for s in manifest["shards"]]
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from . import schemas as S
-from .cache import Cache, atomic_write_json
+from .cache import Cache, atomic_write_json, check_tokenizer
 from .config import TrainConfig, to_dict
 from .dist import Dist
 from .errors import CacheError, ConfigError, MismatchError, TrainingError
@@ -27,7 +27,6 @@ from .evaluate import evaluate_cache, policy_pair_logps
 from .losses import PAIR_TYPES, pair_diagnostics, spec_loss
 from .models import load_model, load_tokenizer, resolve_device, weights_digest
 from .pairs import count_pairs, epoch_batches
-from .tokenize import tokenizer_digest
 
 CKPT_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
@@ -123,17 +122,6 @@ class Trainer:
         ref = self.manifest["reference"]
         return ref["name_or_path"], ref.get("gguf_file")
 
-    def _check_tokenizer(self, tokenizer, name: str) -> None:
-        expected = self.manifest["tokenizer"].get("vocab_digest")
-        got = tokenizer_digest(tokenizer, None)
-        if expected != got:
-            raise MismatchError(
-                f"the policy's tokenizer ({name}, {type(tokenizer).__name__}, {len(tokenizer)} tokens) "
-                f"is not the tokenizer the cache {self.cache.path} was built with "
-                f"({self.manifest['tokenizer'].get('name_or_path')}); the cached token ids would "
-                f"mean other text. Train a policy that shares the reference's tokenizer, or build "
-                f"a cache with this model")
-
     def _prepare_out(self) -> None:
         if self.dist.is_main:
             existing = self.out.exists() and any(self.out.iterdir())
@@ -152,7 +140,7 @@ class Trainer:
         self._prepare_out()
         name, gguf = self._policy_source()
         self.tokenizer = load_tokenizer(name, gguf_file=gguf, trust_remote_code=cfg.trust_remote_code)
-        self._check_tokenizer(self.tokenizer, name)
+        check_tokenizer(self.cache.path, self.manifest, self.tokenizer, name)
         self.policy_is_reference = weights_digest(name, gguf) == self.manifest["reference"]["weights_digest"]
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         _set_seed(cfg.seed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from . import schemas as S
-from .cache import Cache, read_manifest, verify_shards
+from .cache import Cache, check_tokenizer, read_manifest, verify_shards
 
 
 def verify_cache(path, *, model: str | None = None, sample: int = 0, seed: int = 0, device: str = "auto",
@@ -20,15 +20,13 @@ def verify_cache(path, *, model: str | None = None, sample: int = 0, seed: int =
         return result
     from .build import score_pairs
     from .models import load_model, load_tokenizer, resolve_device
-    from .tokenize import Encoded, tokenizer_digest
-    from .errors import MismatchError
+    from .tokenize import Encoded
 
     ref = manifest["reference"]
     name = model or ref["name_or_path"]
     gguf = None if model else ref.get("gguf_file")
     tok = load_tokenizer(name, gguf_file=gguf)
-    if tokenizer_digest(tok, None) != manifest["tokenizer"].get("vocab_digest"):
-        raise MismatchError(f"the tokenizer of {name} is not the one the cache was built with")
+    check_tokenizer(path, manifest, tok, name)
     rng = random.Random(seed)
     picks = sorted(rng.sample(range(cache.num_pairs), min(sample, cache.num_pairs)))
     rows, i, want = [], 0, set(picks)

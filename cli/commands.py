@@ -9,17 +9,14 @@ from pathlib import Path
 def run_eval(*, model: str, cache: Path, out: Path | None, batch_size: int, max_pairs: int | None, device: str,
              dtype: str, generate: bool, cost_model: str | None, reward_model: str | None, max_prompts: int,
              max_new_tokens: int, temperature: float, top_p: float, generations: Path | None, seed: int) -> dict:
-    from bso_cache.cache import Cache
+    from bso_cache.cache import Cache, check_tokenizer
     from bso_cache.errors import ConfigError
     from bso_cache.evaluate import cache_prompts, evaluate_cache, generation_eval
     from bso_cache.models import load_model, load_tokenizer, resolve_device
-    from bso_cache.tokenize import tokenizer_digest
-    from bso_cache.errors import MismatchError
 
     c = Cache.open(cache)
     tok = load_tokenizer(model)
-    if tokenizer_digest(tok, None) != c.manifest["tokenizer"].get("vocab_digest"):
-        raise MismatchError(f"the tokenizer of {model} is not the one the cache {cache} was built with")
+    check_tokenizer(cache, c.manifest, tok, model)
     dev = resolve_device(device)
     lm = load_model(model, dtype=dtype, device=dev)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0

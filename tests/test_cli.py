@@ -114,3 +114,11 @@ def test_real_chat_model_end_to_end(smollm2_tokenizer, pku_path, tmp_path):
     assert "agree" in out.stderr
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "r"))
     assert getattr(model.config, "quantization_config", None) is None
+
+
+def test_eval_and_verify_refuse_a_foreign_tokenizer(demo_cache, tinystories):
+    for args in (["eval", "--model", tinystories, "--cache", demo_cache],
+                 ["verify", demo_cache, "--model", tinystories, "--sample", 2]):
+        proc = cli(*args, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert "not the tokenizer the cache" in proc.stderr and "tinystories-260k" in proc.stderr
