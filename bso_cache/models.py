@@ -134,12 +134,8 @@ def _forget_gguf_quantizer(model, name_or_path: str) -> None:
         raise ConfigError(f"model '{name_or_path}': GGUF weights {bad[:3]} stayed quantized; "
                           f"convert the model to safetensors first")
     model.hf_quantizer = None
-    for attr in ("is_quantized",):
-        if hasattr(model, attr):
-            try:
-                setattr(model, attr, False)
-            except AttributeError:  # a read-only property derived from hf_quantizer
-                pass
+    if getattr(model, "is_quantized", False):  # an instance attribute set by from_pretrained
+        model.is_quantized = False
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
 

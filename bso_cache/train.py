@@ -327,13 +327,11 @@ class Trainer:
         window = _Window()
         step0 = None
         last = {}
-        finished_data = False
         try:
-            while self.step < self.total_steps and not finished_data:
+            while self.step < self.total_steps:
                 t0 = time.perf_counter()
                 epoch, j, pairs = next(stream)
-                if pairs is None:
-                    finished_data = True
+                if pairs is None:  # the last epoch is used up
                     break
                 mine = self._share(pairs)
                 n_pairs = len(pairs)
