@@ -156,34 +156,6 @@ def _validate_rows(source, fmt: str, skip_bad_rows: bool) -> tuple[int, str]:
     return n, normalise.format
 
 
-def score_pairs(model, encoded: list[Encoded], *, batch_size: int, device: str, pad_id: int,
-                on_batch=None) -> tuple[list[float], list[float], dict]:
-    """Reference log-probs of chosen and rejected for each pair, batched by length."""
-    import torch
-
-    from .scoring import make_token_batch, sequence_logps
-
-    chosen = [0.0] * len(encoded)
-    rejected = [0.0] * len(encoded)
-    order = sorted(range(len(encoded)), key=lambda i: encoded[i].length, reverse=True)
-    stats = {"tokens": 0, "padded_tokens": 0, "sequences": 0}
-    with torch.inference_mode():
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            prompts = [encoded[i].prompt_ids for i in idx] * 2
-            responses = [encoded[i].chosen_ids for i in idx] + [encoded[i].rejected_ids for i in idx]
-            batch = make_token_batch(prompts, responses, pad_id)
-            logps = sequence_logps(model, batch.to(device)).double().cpu().tolist()
-            for j, i in enumerate(idx):
-                chosen[i], rejected[i] = logps[j], logps[len(idx) + j]
-            stats["tokens"] += batch.tokens
-            stats["padded_tokens"] += batch.input_ids.numel()
-            stats["sequences"] += len(prompts)
-            if on_batch is not None:
-                on_batch(len(idx), batch.tokens)
-    return chosen, rejected, stats
-
-
 def _pair_columns(pairs: list[Pair], encoded: list[Encoded], chosen: list[float],
                   rejected: list[float]) -> dict[str, list]:
     cols = empty_columns()
@@ -246,7 +218,7 @@ def _write_manifest(out: Path, identity: dict, cfg: BuildConfig, n_input: int, n
                   "pairs_per_s": round(written / seconds, 2) if seconds else None,
                   "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
                   "tokens": tokens, "padding_share": round(1 - tokens / padded, 4) if padded else 0.0,
-                  "batch_size": cfg.batch_size},
+                  "batch_size": cfg.batch_size, "prefix_sharing": _sharing_summary(sides)},
         "build_config": to_dict(cfg),
     }
     atomic_write_json(out / S.MANIFEST_NAME, manifest)
@@ -254,6 +226,16 @@ def _write_manifest(out: Path, identity: dict, cfg: BuildConfig, n_input: int, n
         _sidecar(out, k).unlink(missing_ok=True)
     (out / BUILD_STATE).unlink(missing_ok=True)
     return manifest
+
+
+def _on_off(value) -> str:
+    return {True: "on", False: "off"}.get(value, str(value))
+
+
+def _sharing_summary(sides: list[dict]):
+    """true / false when every shard was scored the same way, "mixed" when a resume changed it."""
+    used = {i["stats"].get("prefix_sharing") for i in sides if i["shard"]["rows"]}
+    return used.pop() if len(used) == 1 else ("mixed" if used else None)
 
 
 def build_cache(cfg: BuildConfig, *, log=print) -> dict:
@@ -300,10 +282,13 @@ def build_cache(cfg: BuildConfig, *, log=print) -> dict:
         model.eval()
         ref_info = {k: v for k, v in model_identity(cfg.model, cfg.gguf_file, model).items()
                     if k not in identity["reference"]}
+        from .scoring import PairScorer
+
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        _score_blocks(cfg, source, fmt, ptok, model, todo, R, n_input, out, device, pad_id, max_length,
-                      dist, ref_info)
-        del model
+        scorer = PairScorer(model, prefix_sharing=cfg.prefix_sharing, device=device, pad_id=pad_id,
+                            log=log if dist.is_main else (lambda s: None))
+        _score_blocks(cfg, source, fmt, ptok, scorer, todo, R, n_input, out, max_length, dist, ref_info)
+        del model, scorer
     dist.barrier()
     manifest = None
     if dist.is_main:
@@ -312,7 +297,8 @@ def build_cache(cfg: BuildConfig, *, log=print) -> dict:
         log(f"wrote {out}: {r['written']} pairs in {len(manifest['shards'])} shards; dropped "
             f"{sum(r['dropped'].values())} {r['dropped'] or ''}; "
             f"{manifest['stats']['pairs_per_s']} pairs/s, {manifest['stats']['tokens_per_s']} tokens/s, "
-            f"padding {100 * manifest['stats']['padding_share']:.1f}%")
+            f"padding {100 * manifest['stats']['padding_share']:.1f}%, prefix sharing "
+            f"{_on_off(manifest['stats']['prefix_sharing'])}")
     dist.barrier()
     if not dist.is_main:
         manifest = json.loads((out / S.MANIFEST_NAME).read_text())
@@ -320,9 +306,8 @@ def build_cache(cfg: BuildConfig, *, log=print) -> dict:
     return manifest
 
 
-def _score_blocks(cfg: BuildConfig, source, fmt: str, ptok: PairTokenizer, model, todo: list[int], R: int,
-                  n_input: int, out: Path, device: str, pad_id: int, max_length: int,
-                  dist: Dist, ref_info: dict) -> None:
+def _score_blocks(cfg: BuildConfig, source, fmt: str, ptok: PairTokenizer, scorer, todo: list[int], R: int,
+                  n_input: int, out: Path, max_length: int, dist: Dist, ref_info: dict) -> None:
     from tqdm.auto import tqdm
 
     todo_set = set(todo)
@@ -347,8 +332,7 @@ def _score_blocks(cfg: BuildConfig, source, fmt: str, ptok: PairTokenizer, model
         block_k = k
         block.append((index, raw))
         if len(block) == min(R, n_input - k * R):
-            _score_block(cfg, normalise, ptok, model, k, block, out, device, pad_id, max_length,
-                         on_batch, ref_info)
+            _score_block(cfg, normalise, ptok, scorer, k, block, out, max_length, on_batch, ref_info)
             block = []
     if block:  # the input shrank between the passes
         raise DataError(f"the input changed while building (shard {block_k} is short)",
@@ -356,9 +340,8 @@ def _score_blocks(cfg: BuildConfig, source, fmt: str, ptok: PairTokenizer, model
     bar.close()
 
 
-def _score_block(cfg: BuildConfig, normalise: Normaliser, ptok: PairTokenizer, model, k: int,
-                 block: list, out: Path, device: str, pad_id: int, max_length: int, on_batch,
-                 ref_info: dict) -> None:
+def _score_block(cfg: BuildConfig, normalise: Normaliser, ptok: PairTokenizer, scorer, k: int,
+                 block: list, out: Path, max_length: int, on_batch, ref_info: dict) -> None:
     t0 = time.perf_counter()
     dropped: dict[str, int] = {}
     notes_before = dict(normalise.notes)
@@ -380,8 +363,10 @@ def _score_block(cfg: BuildConfig, normalise: Normaliser, ptok: PairTokenizer, m
             kept_pairs.append(p)
             kept_enc.append(e2)
     skipped = len(block) - len(kept_pairs)
-    chosen, rejected, stats = score_pairs(model, kept_enc, batch_size=cfg.batch_size, device=device,
-                                          pad_id=pad_id, on_batch=on_batch)
+    chosen, rejected, stats = scorer.score_all([e.prompt_ids for e in kept_enc], [e.chosen_ids for e in kept_enc],
+                                               [e.rejected_ids for e in kept_enc], batch_size=cfg.batch_size,
+                                               on_batch=on_batch)
+    stats["prefix_sharing"] = bool(scorer.sharing)
     if skipped:
         on_batch(skipped, 0)
     shard = write_shard(out, k, _pair_columns(kept_pairs, kept_enc, chosen, rejected))

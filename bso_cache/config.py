@@ -16,6 +16,12 @@ ORIENTATIONS = ("better", "safer")
 OPTIMIZERS = ("adamw", "rmsprop", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
 AUTOCAST = ("none", "bf16", "fp16")
+PREFIX_SHARING = ("auto", "on", "off")   # bso_cache.scoring.PREFIX_SHARING_MODES
+
+
+def _check_prefix_sharing(value: str) -> None:
+    if value not in PREFIX_SHARING:
+        raise ConfigError(f"unknown --prefix-sharing '{value}'; valid: {', '.join(PREFIX_SHARING)}")
 
 
 def to_dict(cfg) -> dict:
@@ -40,6 +46,7 @@ class BuildConfig:
     rows_per_shard: int | None = None   # input rows per shard; None: 2000, or fewer so every rank has one
     dtype: str = "float32"
     device: str = "auto"
+    prefix_sharing: str = "auto"        # score each prompt once (auto: where it measured faster)
     skip_bad_rows: bool = False
     overwrite: bool = False
     trust_remote_code: bool = False
@@ -63,6 +70,7 @@ class BuildConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError("--max-length must be >= 2")
+        _check_prefix_sharing(self.prefix_sharing)
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,7 @@ class TrainConfig:
     autocast: str = "none"
     gradient_checkpointing: bool = False
     device: str = "auto"
+    prefix_sharing: str = "auto"        # score each prompt once (auto: where it measured faster)
     fsdp: bool = False                  # shard parameters, gradients and optimizer state (torchrun)
     lora_r: int = 0
     lora_alpha: float = 16.0
@@ -152,6 +161,7 @@ class TrainConfig:
             raise ConfigError("--eval-every needs --eval-cache")
         if self.lora_r < 0:
             raise ConfigError("--lora-r must be >= 0")
+        _check_prefix_sharing(self.prefix_sharing)
         if self.fsdp and self.lora_r:
             raise ConfigError("--fsdp with --lora-r is not supported; LoRA adapters are small: use DDP")
         self.loss_spec()

@@ -1,17 +1,30 @@
-"""The one function that scores token ids: summed response log-probs, shared by build, train, verify.
+"""The one pair scorer: summed response log-probs of chosen and rejected, for build, train, eval, verify.
 
 A causal LM's usual forward materialises logits for every position, (B, T, V), and a float32
 log-softmax copy of them; at a 50k-150k vocabulary that dominates time and memory. Here the
 backbone runs once, the hidden states of the positions that predict response tokens are
 gathered, and the output projection + log-softmax runs over those positions only, in chunks,
 through `TargetLogProbs`, whose backward recomputes each chunk's logits instead of storing them.
-Peak extra memory is one (chunk, V) float32 block, whatever B and T are.
+Peak extra memory is one (chunk, V) float32 block, whatever B and T are. (Models whose logits
+are not a plain projection, e.g. with soft-capping, take the full-logit path instead: there a
+(rows, T, V) tensor does exist.)
+
+Two layouts of a batch of pairs (prompt, chosen, rejected):
+- unshared: 2B rows, prompt + chosen and prompt + rejected (each prompt runs twice);
+- shared (prefix sharing): one segment prompt + chosen + rejected per pair with a block mask
+  and restarted position ids, so the prompt runs once and each response sees exactly the
+  prompt and itself (`shared_layout`).
+Per-token log-probs are float32 (float64 for float64 weights); their sums are float64.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from dataclasses import dataclass
+from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,6 +32,17 @@ Tensor = torch.Tensor
 
 # Models whose logits are not a plain linear projection of the last hidden state.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+PREFIX_SHARING_MODES = ("auto", "on", "off")
+# Where `auto` shares prompts, by device kind: what docs/PERFORMANCE.md measured (the GPU has
+# not been measured yet, so `auto` leaves it off there until scripts/gpu_check.sh shows it pays).
+AUTO_PREFIX_SHARING = {"cpu": True, "cuda": False}
+# Attention implementations that take a custom 4D mask as given (transformers passes it through).
+MASK_ATTENTION = ("sdpa", "eager")
+# The prefix-sharing probe: pairs scored both ways, and the largest per-token difference that
+# still counts as the same numbers (float32; bf16/fp16), as in the trainer's step-0 check.
+PROBE_PAIRS = 4
+PROBE_TOLERANCE = {False: 1e-3, True: 0.05}
 
 
 class TargetLogProbs(torch.autograd.Function):
@@ -75,6 +99,8 @@ class TargetLogProbs(torch.autograd.Function):
                 grad_b.to(bias.dtype) if need_b else None, None, None)
 
 
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside DDP / FSDP / PEFT wrappers."""
     while True:
@@ -98,12 +124,18 @@ def _backbone_and_head(model: nn.Module):
     return backbone, head
 
 
+def _attention_implementation(model: nn.Module) -> str | None:
+    return getattr(getattr(_unwrap(model), "config", None), "_attn_implementation", None)
+
+
 def default_chunk(vocab_size: int, device: torch.device | str = "cpu") -> int:
     """Positions per chunk so that one (chunk, V) float32 block stays near 32 MiB on the CPU
     (cache-friendly, little memory) and 256 MiB on a GPU (large matmuls)."""
     budget = (1 << 28) if torch.device(device).type == "cuda" else (1 << 25)
     return max(32, budget // (4 * max(vocab_size, 1)))
 
+
+# --------------------------------------------------------------------------- token layouts
 
 @dataclass
 class TokenBatch:
@@ -123,26 +155,157 @@ class TokenBatch:
                           self.score_mask.to(device, non_blocking=True))
 
 
-def make_token_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int = 0) -> TokenBatch:
-    """Sequences prompt + response, right-padded to the longest, scored on the response positions."""
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(lengths), width), dtype=torch.long)
-    score = torch.zeros((len(lengths), width), dtype=torch.bool)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        n = len(p) + len(r)
-        ids[i, :n] = torch.tensor(p + r, dtype=torch.long)
-        attn[i, :n] = 1
-        score[i, len(p):n] = True
-    if bool(score[:, 0].any()):
+def _check_prompts(prompts: Sequence) -> None:
+    if any(len(p) == 0 for p in prompts):
         raise ValueError("a response starting at position 0 has no context to be scored from; "
                          "every prompt needs at least one token")
-    return TokenBatch(ids, attn, score)
 
+
+def make_token_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                     pad_id: int = 0) -> TokenBatch:
+    """Sequences prompt + response, right-padded to the longest, scored on the response positions."""
+    _check_prompts(prompts)
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    width = max(lengths)
+    ids = np.full((len(lengths), width), pad_id, dtype=np.int64)
+    attn = np.zeros((len(lengths), width), dtype=np.int64)
+    score = np.zeros((len(lengths), width), dtype=bool)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        n = lengths[i]
+        ids[i, :len(p)] = p
+        ids[i, len(p):n] = r
+        attn[i, :n] = 1
+        score[i, len(p):n] = True
+    return TokenBatch(torch.from_numpy(ids), torch.from_numpy(attn), torch.from_numpy(score))
+
+
+@dataclass
+class ScoringLayout:
+    """Token rows for one forward and the plan of what to read from its hidden states.
+
+    Scored token k is `targets[k]`, predicted by the hidden state at flat position `source[k]`
+    (row * T + column) and summed into `sequence[k]`: i for the chosen response of pair i,
+    B + i for its rejected one.
+    """
+
+    input_ids: Tensor            # (R, T) int64
+    attention_mask: Tensor       # (R, T) int64 padding mask, or (R, 1, T, T) bool: True = may attend
+    position_ids: Tensor | None  # (R, T) int64; None: 0..T-1 in every row
+    source: Tensor               # (N,) int64
+    targets: Tensor              # (N,) int64
+    sequence: Tensor             # (N,) int64 in [0, 2B)
+    n_pairs: int
+    tokens: int                  # non-padding tokens fed to the model
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    def to(self, device) -> "ScoringLayout":
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return ScoringLayout(move(self.input_ids), move(self.attention_mask), move(self.position_ids),
+                             move(self.source), move(self.targets), move(self.sequence), self.n_pairs,
+                             self.tokens)
+
+
+def pair_length(prompt: Sequence, chosen: Sequence, rejected: Sequence, shared: bool) -> int:
+    """Tokens one pair occupies in a row: prompt + chosen + rejected when the prompt is shared,
+    else the longer of its two sequences (the width it pads its batch to)."""
+    if shared:
+        return len(prompt) + len(chosen) + len(rejected)
+    return len(prompt) + max(len(chosen), len(rejected))
+
+
+def unshared_layout(prompts: Sequence, chosen: Sequence, rejected: Sequence, pad_id: int = 0) -> ScoringLayout:
+    """2B right-padded rows: prompt + chosen for each pair, then prompt + rejected."""
+    b = len(prompts)
+    tb = make_token_batch(list(prompts) * 2, list(chosen) + list(rejected), pad_id)
+    width = tb.input_ids.shape[1]
+    rows, cols = tb.score_mask[:, 1:].nonzero(as_tuple=True)  # token at cols + 1, predicted at cols
+    return ScoringLayout(tb.input_ids, tb.attention_mask, None, rows * width + cols,
+                         tb.input_ids[rows, cols + 1], rows, b, tb.tokens)
+
+
+def _pack_rows(lengths: list[int], pack: bool) -> list[list[int]]:
+    """Pairs per row: one each, or (pack) first-fit decreasing into rows as wide as the longest pair."""
+    if not pack:
+        return [[i] for i in range(len(lengths))]
+    width = max(lengths)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(width - lengths[i])
+    return rows
+
+
+def shared_layout(prompts: Sequence, chosen: Sequence, rejected: Sequence, pad_id: int = 0, *,
+                  pack: bool = False) -> ScoringLayout:
+    """One segment [prompt, chosen, rejected] per pair, the prompt scored once.
+
+    The block mask lets every token attend causally within its own pair, and a rejected token
+    only to the prompt and to the rejected tokens before it (never to the chosen response);
+    position ids restart at len(prompt) for the rejected response. So each response sees exactly
+    what it sees in the unshared layout, and the prompt's activations serve (and receive
+    gradient from) both. With `pack`, several pairs share a row (each masked to itself), as many
+    as fit in the width of the longest pair.
+    """
+    _check_prompts(prompts)
+    b = len(prompts)
+    lengths = [pair_length(p, c, r, True) for p, c, r in zip(prompts, chosen, rejected)]
+    rows = _pack_rows(lengths, pack)
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    pos = np.zeros((len(rows), width), dtype=np.int64)
+    seg = np.full((len(rows), width), -1, dtype=np.int64)   # pair index of each token, -1 = padding
+    part = np.zeros((len(rows), width), dtype=np.int8)      # 0 prompt, 1 chosen, 2 rejected
+    source, targets, sequence = [], [], []
+    for r, row in enumerate(rows):
+        o = 0
+        for i in row:
+            p, c, j = len(prompts[i]), len(chosen[i]), len(rejected[i])
+            ids[r, o:o + p] = prompts[i]
+            ids[r, o + p:o + p + c] = chosen[i]
+            ids[r, o + p + c:o + p + c + j] = rejected[i]
+            pos[r, o:o + p + c] = np.arange(p + c)
+            pos[r, o + p + c:o + p + c + j] = np.arange(p, p + j)
+            seg[r, o:o + p + c + j] = i
+            part[r, o + p:o + p + c] = 1
+            part[r, o + p + c:o + p + c + j] = 2
+            flat = r * width + o
+            # chosen token k (at p + k) is predicted at p + k - 1; rejected token k (at p + c + k) at
+            # p - 1 (the prompt's last token) for k = 0, else at p + c + k - 1
+            source.append(flat + np.arange(p - 1, p + c - 1))
+            source.append(flat + np.concatenate(([p - 1], np.arange(p + c, p + c + j - 1))).astype(np.int64))
+            targets.append(np.asarray(chosen[i], dtype=np.int64))
+            targets.append(np.asarray(rejected[i], dtype=np.int64))
+            sequence.append(np.full(c, i, dtype=np.int64))
+            sequence.append(np.full(j, b + i, dtype=np.int64))
+            o += p + c + j
+    seg_t, part_t = torch.from_numpy(seg), torch.from_numpy(part)
+    causal = torch.ones(width, width, dtype=torch.bool).tril_()                   # (T, T)
+    same = (seg_t[:, :, None] == seg_t[:, None, :]) & (seg_t[:, None, :] >= 0)    # (R, T, T)
+    branch = (part_t[:, None, :] == 0) | (part_t[:, None, :] == part_t[:, :, None])
+    mask = causal & same & branch
+    # a padding query attends to itself only: no fully masked row (its softmax would be NaN)
+    mask |= torch.eye(width, dtype=torch.bool) & (seg_t < 0)[:, :, None]
+    return ScoringLayout(torch.from_numpy(ids), mask[:, None], torch.from_numpy(pos),
+                         torch.from_numpy(np.concatenate(source)), torch.from_numpy(np.concatenate(targets)),
+                         torch.from_numpy(np.concatenate(sequence)), b, sum(lengths))
+
+
+# --------------------------------------------------------------------------- the scorer module
 
 class SequenceScorer(nn.Module):
-    """Wraps a causal LM; forward(input_ids, attention_mask, score_mask) -> summed logps (S,).
+    """Wraps a causal LM; forward(layout tensors) -> summed log-probs (2B,) in float64.
 
     Wrap THIS module in DDP/FSDP (not the bare LM), so that the data-parallel hooks see the
     whole computation while the LM's full-vocabulary logits are never built.
@@ -153,35 +316,198 @@ class SequenceScorer(nn.Module):
         self.lm = lm
         self.chunk = chunk
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, score_mask: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None,
+                source: Tensor, targets: Tensor, sequence: Tensor, n_sequences: int) -> Tensor:
         inner = _unwrap(self.lm)
         parts = _backbone_and_head(inner)
-        # position t is predicted by the hidden state at t - 1
-        pred_mask = score_mask[:, 1:]                            # (S, T-1)
-        targets = input_ids[:, 1:][pred_mask]                    # (N,)
-        seq_index = pred_mask.nonzero()[:, 0]                    # (N,)
-        if parts is None:
-            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask,
-                             use_cache=False).logits[:, :-1]    # (S, T-1, V)
-            token_logps = torch.log_softmax(logits[pred_mask].float(), dim=-1).gather(
-                1, targets[:, None]).squeeze(1)
+        if attention_mask.dim() == 4 and _attention_implementation(inner) == "eager":
+            # eager attention adds the mask to the scores: 0 where allowed, the float minimum elsewhere
+            attention_mask = torch.zeros(attention_mask.shape, dtype=torch.float32, device=input_ids.device
+                                         ).masked_fill_(~attention_mask, torch.finfo(torch.float32).min)
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        if parts is None:  # logits are not a plain projection: the full (R, T, V) logits, then pick
+            logits = self.lm(**kwargs).logits                                     # (R, T, V)
+            picked = logits.reshape(-1, logits.shape[-1])[source]                 # (N, V)
+            token_logps = torch.log_softmax(picked.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
         else:
             backbone, head = parts
-            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                              use_cache=False).last_hidden_state  # (S, T, H)
-            picked = hidden[:, :-1][pred_mask]                   # (N, H)
+            hidden = backbone(**kwargs).last_hidden_state                         # (R, T, H)
+            picked = hidden.reshape(-1, hidden.shape[-1])[source]                 # (N, H)
             token_logps = TargetLogProbs.apply(picked, head.weight, head.bias, targets,
                                                self.chunk or default_chunk(head.weight.shape[0], head.weight.device))
-        return torch.zeros(input_ids.shape[0], dtype=torch.float32, device=token_logps.device
-                           ).index_add_(0, seq_index, token_logps)
+        # the per-token values are float32; their sum runs in float64 (exact to ~1e-9 for any length)
+        return torch.zeros(n_sequences, dtype=torch.float64, device=token_logps.device
+                           ).index_add_(0, sequence, token_logps.double())
+
+
+def _as_scorer(model: nn.Module, chunk: int | None = None) -> nn.Module:
+    if isinstance(model, SequenceScorer) or isinstance(getattr(model, "module", None), SequenceScorer):
+        return model
+    return SequenceScorer(model, chunk)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(_unwrap(model).parameters()).device
+
+
+def autocast_context(device, autocast: str):
+    """torch.autocast for --autocast bf16 / fp16, a no-op for none."""
+    if autocast == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if autocast == "bf16" else torch.float16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def sequence_logps(model: nn.Module, batch: TokenBatch, *, chunk: int | None = None) -> Tensor:
-    """Sum over the scored positions of log pi(token | preceding tokens), shape (S,), float32.
+    """Sum over the scored positions of one right-padded batch of sequences, shape (S,), float64."""
+    width = batch.input_ids.shape[1]
+    rows, cols = batch.score_mask[:, 1:].nonzero(as_tuple=True)
+    return _as_scorer(model, chunk)(batch.input_ids, batch.attention_mask, None, rows * width + cols,
+                                    batch.input_ids[rows, cols + 1], rows, batch.input_ids.shape[0])
 
-    `model` is a causal LM or a (DDP-wrapped) `SequenceScorer`. Log-softmax runs in float32
-    whatever the model's dtype. Gradients flow when enabled.
+
+@dataclass
+class PairLogps:
+    """Summed response log-probs of a batch of pairs, each (B,) float64, and what the forward cost."""
+
+    chosen: Tensor
+    rejected: Tensor
+    tokens: int
+    padded_tokens: int
+
+
+def score_pairs(model: nn.Module, prompts: Sequence, chosen: Sequence, rejected: Sequence, *,
+                pad_id: int = 0, prefix_sharing: bool = False, pack: bool = False, device=None,
+                autocast: str = "none", chunk: int | None = None) -> PairLogps:
+    """log pi(chosen | prompt) and log pi(rejected | prompt) for each pair, in one forward.
+
+    `model` is a causal LM or a (DDP/FSDP-wrapped) `SequenceScorer`; gradients flow when enabled.
+    With `prefix_sharing` the prompt runs once per pair (`shared_layout`), else twice.
     """
-    scorer = model if isinstance(model, SequenceScorer) or isinstance(
-        getattr(model, "module", None), SequenceScorer) else SequenceScorer(model, chunk)
-    return scorer(batch.input_ids, batch.attention_mask, batch.score_mask)
+    layout = (shared_layout(prompts, chosen, rejected, pad_id, pack=pack) if prefix_sharing
+              else unshared_layout(prompts, chosen, rejected, pad_id))
+    device = _model_device(model) if device is None else device
+    layout = layout.to(device)
+    b = layout.n_pairs
+    with autocast_context(device, autocast):
+        sums = _as_scorer(model, chunk)(layout.input_ids, layout.attention_mask, layout.position_ids,
+                                        layout.source, layout.targets, layout.sequence, 2 * b)
+    return PairLogps(sums[:b], sums[b:], layout.tokens, layout.padded_tokens)
+
+
+# --------------------------------------------------------------------------- prefix sharing, decided once
+
+def prefix_sharing_obstacle(model: nn.Module) -> str | None:
+    """Why this model cannot score with the per-pair block mask, or None when it can."""
+    impl = _attention_implementation(model)
+    if impl not in MASK_ATTENTION:
+        return f"attention '{impl}' cannot take a per-pair block mask"
+    return None
+
+
+def half_precision(model: nn.Module, autocast: str) -> bool:
+    return autocast != "none" or next(_unwrap(model).parameters()).dtype in (torch.float16, torch.bfloat16)
+
+
+class PairScorer:
+    """Scores batches of pairs with one model, sharing each prompt where that is on and exact.
+
+    `prefix_sharing` is `auto` (on where docs/PERFORMANCE.md measured that it pays on this
+    device kind: AUTO_PREFIX_SHARING), `on` or `off`. Before the first batch is scored shared,
+    a few of its pairs are scored both ways; a model whose attention does not honour the block
+    mask (or differs beyond `PROBE_TOLERANCE` per token) falls back to the unshared layout with
+    one printed line. `module` is what runs the forward: the model, or its DDP/FSDP wrapper.
+    """
+
+    def __init__(self, model: nn.Module, *, prefix_sharing: str = "auto", device=None, pad_id: int = 0,
+                 autocast: str = "none", pack: bool = False, log=print):
+        if prefix_sharing not in PREFIX_SHARING_MODES:
+            raise ValueError(f"prefix_sharing must be one of {PREFIX_SHARING_MODES}, got {prefix_sharing!r}")
+        self.model = model
+        self.module: nn.Module = model
+        self.mode = prefix_sharing
+        self.device = _model_device(model) if device is None else torch.device(device)
+        self.pad_id = pad_id
+        self.autocast = autocast
+        self.pack = pack
+        self.log = log
+        self.sharing: bool | None = None if prefix_sharing != "off" else False
+        self.probe: dict | None = None
+
+    def with_module(self, module: nn.Module) -> "PairScorer":
+        """The same decision, another module to run (e.g. the bare model for evaluation)."""
+        other = copy.copy(self)
+        other.module = module
+        return other
+
+    def decide(self, prompts: Sequence, chosen: Sequence, rejected: Sequence) -> bool:
+        """Settle whether to share, probing on (up to PROBE_PAIRS of) these pairs; idempotent."""
+        if self.sharing is not None:
+            return self.sharing
+        if self.mode == "auto" and not AUTO_PREFIX_SHARING.get(self.device.type, False):
+            self.sharing = False
+            return False
+        obstacle = prefix_sharing_obstacle(self.model)
+        if obstacle:
+            self.log(f"prefix sharing off: {obstacle}; each prompt is scored twice instead")
+            self.sharing = False
+            return False
+        k = min(PROBE_PAIRS, len(prompts))
+        sample = (prompts[:k], chosen[:k], rejected[:k])
+        with torch.no_grad():
+            shared = score_pairs(self.model, *sample, pad_id=self.pad_id, prefix_sharing=True, device=self.device,
+                                 autocast=self.autocast)
+            plain = score_pairs(self.model, *sample, pad_id=self.pad_id, prefix_sharing=False, device=self.device,
+                                autocast=self.autocast)
+        lengths = torch.tensor([len(c) for c in sample[1]] + [len(r) for r in sample[2]], dtype=torch.float64)
+        diff = torch.cat([(shared.chosen - plain.chosen), (shared.rejected - plain.rejected)]).abs().cpu()
+        per_token = float((diff / lengths).max())
+        tol = PROBE_TOLERANCE[half_precision(self.model, self.autocast)]
+        self.probe = {"pairs": k, "max_abs_diff": float(diff.max()), "max_per_token": per_token, "tolerance": tol}
+        if per_token > tol:
+            self.log(f"prefix sharing off: on the first {k} pairs the shared scores differ from the unshared ones "
+                     f"by up to {per_token:.2g} nats per token (tolerance {tol:g}); this model's attention "
+                     f"({_attention_implementation(self.model)}) does not honour the block mask, so each prompt "
+                     f"is scored twice instead")
+            self.sharing = False
+        else:
+            self.sharing = True
+        return self.sharing
+
+    def length(self, prompt: Sequence, chosen: Sequence, rejected: Sequence) -> int:
+        return pair_length(prompt, chosen, rejected, bool(self.sharing))
+
+    def __call__(self, prompts: Sequence, chosen: Sequence, rejected: Sequence) -> PairLogps:
+        if self.sharing is None:
+            self.decide(prompts, chosen, rejected)
+        return score_pairs(self.module, prompts, chosen, rejected, pad_id=self.pad_id,
+                           prefix_sharing=bool(self.sharing), pack=self.pack and bool(self.sharing),
+                           device=self.device, autocast=self.autocast)
+
+    def score_all(self, prompts: Sequence, chosen: Sequence, rejected: Sequence, *, batch_size: int,
+                  on_batch=None) -> tuple[list[float], list[float], dict]:
+        """No-grad scores of many pairs, in length-sorted batches; returned in the given order."""
+        n = len(prompts)
+        if n:
+            self.decide(prompts, chosen, rejected)
+        order = sorted(range(n), key=lambda i: self.length(prompts[i], chosen[i], rejected[i]), reverse=True)
+        out_c, out_r = [0.0] * n, [0.0] * n
+        stats = {"tokens": 0, "padded_tokens": 0, "batches": 0}
+        with torch.inference_mode():
+            for s in range(0, n, batch_size):
+                idx = order[s:s + batch_size]
+                lp = self([prompts[i] for i in idx], [chosen[i] for i in idx], [rejected[i] for i in idx])
+                for i, c, r in zip(idx, lp.chosen.cpu().tolist(), lp.rejected.cpu().tolist()):
+                    out_c[i], out_r[i] = c, r
+                stats["tokens"] += lp.tokens
+                stats["padded_tokens"] += lp.padded_tokens
+                stats["batches"] += 1
+                if on_batch is not None:
+                    on_batch(len(idx), lp.tokens)
+        return out_c, out_r, stats
+
+    def describe(self) -> str:
+        state = {None: "undecided", True: "on", False: "off"}[self.sharing]
+        return f"prefix sharing: {state} (--prefix-sharing {self.mode})"

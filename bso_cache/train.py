@@ -23,8 +23,8 @@ from .cache import Cache, atomic_write_json, check_tokenizer
 from .config import TrainConfig, to_dict
 from .dist import Dist
 from .errors import CacheError, ConfigError, MismatchError, TrainingError
-from .evaluate import evaluate_cache, policy_pair_logps
-from .losses import PAIR_TYPES, pair_diagnostics, spec_loss
+from .losses import spec_loss
+from .metrics import MetricsWindow, evaluate_cache
 from .models import load_model, load_tokenizer, resolve_device, weights_digest
 from .pairs import count_pairs, epoch_batches
 
@@ -154,8 +154,11 @@ class Trainer:
             model = self._lora(model)
         model.train()
         self.model = model
-        from .scoring import SequenceScorer
+        from .scoring import PairScorer, SequenceScorer
 
+        self.pair_scorer = PairScorer(model, prefix_sharing=cfg.prefix_sharing, device=self.device,
+                                      pad_id=self.pad_id, autocast=cfg.autocast, log=self.log)
+        self._decide_prefix_sharing()
         self.scorer = SequenceScorer(model)
         if cfg.fsdp:
             if not self.dist.enabled:
@@ -172,6 +175,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.scorer = DDP(self.scorer, device_ids=[self.dist.local_rank] if self.device.startswith("cuda") else None)
+        self.pair_scorer.module = self.scorer
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = _optimizer(cfg, params)
         counts = count_pairs(self.cache, cfg.pairs, cfg.orientation)
@@ -197,14 +201,24 @@ class Trainer:
                  f"clamp=[{self.spec.clamp_lower}, {self.spec.clamp_upper}] lambda={self.spec.lam} "
                  f"s={self.spec.scale}; {self.total_steps} steps of {cfg.batch_size} pairs "
                  f"({self.steps_per_epoch}/epoch); policy {name}"
-                 f"{' (= the reference weights)' if self.policy_is_reference else ''}")
+                 f"{' (= the reference weights)' if self.policy_is_reference else ''}; "
+                 f"{self.pair_scorer.describe()}")
         if self.dist.is_main:
             atomic_write_json(self.out / "run_config.json", {
                 "config": to_dict(cfg), "loss": dataclasses.asdict(self.spec), "pairs": counts.as_dict(),
                 "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                 "world_size": self.dist.world, "cache_manifest": str(self.cache.path / S.MANIFEST_NAME),
-                "policy": name, "policy_is_reference": self.policy_is_reference})
+                "policy": name, "policy_is_reference": self.policy_is_reference,
+                "prefix_sharing": {"used": self.pair_scorer.sharing, "probe": self.pair_scorer.probe}})
         del torch
+
+    def _decide_prefix_sharing(self) -> None:
+        """Settle prefix sharing on the cache's first pairs (in stored order, so every rank decides
+        the same), before any DDP/FSDP wrapping: the probe runs the bare model."""
+        first = next(epoch_batches(self.cache, mode="none", orientation="better", batch_size=4, seed=0,
+                                   epoch=0, shuffle=False), [])
+        self.pair_scorer.decide([it.prompt_ids for it in first], [it.chosen_ids for it in first],
+                                [it.rejected_ids for it in first])
 
     def _lora(self, model):
         cfg = self.cfg
@@ -324,7 +338,7 @@ class Trainer:
         tb = self._tensorboard()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="training",
                    disable=not (cfg.progress and self.dist.is_main), dynamic_ncols=True)
-        window = _Window()
+        window = MetricsWindow()
         step0 = None
         last = {}
         try:
@@ -339,7 +353,9 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 for k, (batch, weight) in enumerate(mine):
                     with self._sync(k == len(mine) - 1):
-                        pc, pr, ntok = policy_pair_logps(self.scorer, batch, self.device, self.pad_id, cfg.autocast)
+                        lp = self.pair_scorer([it.prompt_ids for it in batch], [it.chosen_ids for it in batch],
+                                              [it.rejected_ids for it in batch])
+                        pc, pr, ntok = lp.chosen, lp.rejected, lp.tokens
                         ref_c, ref_r, s_c, s_r = _batch_tensors(batch, pc.device)
                         if step0 is None and self.step == 0:
                             step0 = self._step0(batch, pc, pr, ref_c, ref_r, tol)
@@ -389,8 +405,8 @@ class Trainer:
         summary = {"steps": self.step, "final": last, "step0": step0, "out": str(self.out),
                    "pairs": self.pair_counts.as_dict()}
         if self.eval_cache is not None:
-            summary["eval"] = evaluate_cache(self._eval_model, self.eval_cache, batch_size=self.cfg.micro_batch,
-                                             device=self.device, pad_id=self.pad_id, autocast=self.cfg.autocast)
+            summary["eval"] = evaluate_cache(self.pair_scorer.with_module(self._eval_model), self.eval_cache,
+                                             batch_size=self.cfg.micro_batch)
         if self.dist.is_main:
             atomic_write_json(self.out / "summary.json", summary)
         if self.dist.enabled:
@@ -469,8 +485,8 @@ class Trainer:
         return figure
 
     def _evaluate(self) -> dict:
-        res = evaluate_cache(self._eval_model, self.eval_cache, batch_size=self.cfg.micro_batch,
-                             device=self.device, pad_id=self.pad_id, autocast=self.cfg.autocast)
+        res = evaluate_cache(self.pair_scorer.with_module(self._eval_model), self.eval_cache,
+                             batch_size=self.cfg.micro_batch)
         return {k: v for k, v in res.items() if isinstance(v, (int, float))}
 
     def _tensorboard(self):
@@ -552,82 +568,6 @@ def _batch_tensors(batch, device):
     s_c = torch.tensor([it.chosen_unsafe for it in batch], dtype=torch.float64, device=device)
     s_r = torch.tensor([it.rejected_unsafe for it in batch], dtype=torch.float64, device=device)
     return ref_c, ref_r, s_c, s_r
-
-
-class _Window:
-    """Sums of per-pair diagnostics between two logged steps."""
-
-    TYPES = PAIR_TYPES
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.s = {k: 0.0 for k in ("loss", "chosen_rewards", "rejected_rewards", "margin", "reward_margin",
-                                   "correct", "u", "clamped", "u_pos", "safety_pairs", "safe_wins")}
-        self.n = 0
-        self.by_type = {t: [0, 0.0] for t in self.TYPES}
-        self.seconds = self.tokens = self.steps = 0
-        self.grad_norm = self.lr = 0.0
-
-    def add(self, spec, losses, pc, pr, ref_c, ref_r, s_c, s_r):
-        d = pair_diagnostics(spec, pc, pr, ref_c, ref_r, s_c, s_r)
-        self.s["loss"] += float(losses.double().sum())
-        self.s["chosen_rewards"] += float(d["chosen_rewards"].sum())
-        self.s["rejected_rewards"] += float(d["rejected_rewards"].sum())
-        self.s["margin"] += float(d["margin"].sum())
-        self.s["reward_margin"] += float((d["chosen_rewards"] - d["rejected_rewards"]).sum())
-        self.s["correct"] += float((d["margin"] > 0).sum())
-        self.s["u"] += float(d["u"].sum())
-        self.s["clamped"] += float(d["clamped"].sum())
-        self.s["u_pos"] += float((d["u"] > 0).sum())
-        self.s["safety_pairs"] += float(d["safety_differs"].sum())
-        self.s["safe_wins"] += float(d["safe_wins"].sum())
-        self.n += len(losses)
-        for t, loss in zip(d["pair_type"].tolist(), losses.double().tolist()):
-            entry = self.by_type[self.TYPES[t]]
-            entry[0] += 1
-            entry[1] += loss
-
-    def tick(self, seconds, tokens, grad_norm, lr):
-        self.seconds += seconds
-        self.tokens += tokens
-        self.steps += 1
-        self.grad_norm = grad_norm
-        self.lr = lr
-
-    def _merge(self, dist) -> None:
-        """Sum the window over ranks, so the metrics cover every pair of the step."""
-        if dist is None or not dist.enabled:
-            return
-        parts = dist.all_gather_object((self.s, self.n, self.by_type, self.tokens))
-        self.s = {k: sum(p[0][k] for p in parts) for k in self.s}
-        self.n = sum(p[1] for p in parts)
-        self.by_type = {t: [sum(p[2][t][0] for p in parts), sum(p[2][t][1] for p in parts)] for t in self.TYPES}
-        self.tokens = sum(p[3] for p in parts)
-
-    def flush(self, step: int, epoch: int, dist=None) -> dict:
-        self._merge(dist)
-        n = max(self.n, 1)
-        s = self.s
-        row = {
-            "step": step, "epoch": epoch, "pairs": self.n,
-            "loss": s["loss"] / n,
-            "chosen_rewards": s["chosen_rewards"] / n, "rejected_rewards": s["rejected_rewards"] / n,
-            "margin": s["margin"] / n, "reward_margin": s["reward_margin"] / n,
-            "preference_accuracy": s["correct"] / n,
-            "safety_accuracy": s["safe_wins"] / s["safety_pairs"] if s["safety_pairs"] else None,
-            "u_mean": s["u"] / n, "clamped_fraction": s["clamped"] / n, "u_positive_fraction": s["u_pos"] / n,
-            "lr": self.lr, "grad_norm": self.grad_norm,
-            "step_seconds": self.seconds / max(self.steps, 1),
-            "tokens_per_s": self.tokens / self.seconds if self.seconds else 0.0,
-        }
-        for t, (count, loss) in self.by_type.items():
-            if count:
-                row[f"loss/{t}"] = loss / count
-                row[f"pairs/{t}"] = count
-        self.reset()
-        return row
 
 
 def train(cfg: TrainConfig, *, log=print) -> dict:

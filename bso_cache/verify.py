@@ -9,7 +9,7 @@ from .cache import Cache, check_tokenizer, read_manifest, verify_shards
 
 
 def verify_cache(path, *, model: str | None = None, sample: int = 0, seed: int = 0, device: str = "auto",
-                 batch_size: int = 8, log=print) -> dict:
+                 batch_size: int = 8, prefix_sharing: str = "auto", log=print) -> dict:
     manifest = read_manifest(path)
     verify_shards(path, manifest)
     cache = Cache(path, manifest)
@@ -18,9 +18,8 @@ def verify_cache(path, *, model: str | None = None, sample: int = 0, seed: int =
     result = {"shards": len(manifest["shards"]), "pairs": cache.num_pairs, "checked": 0, "max_abs_diff": None}
     if not sample:
         return result
-    from .build import score_pairs
     from .models import load_model, load_tokenizer, resolve_device
-    from .tokenize import Encoded
+    from .scoring import PairScorer
 
     ref = manifest["reference"]
     name = model or ref["name_or_path"]
@@ -38,12 +37,15 @@ def verify_cache(path, *, model: str | None = None, sample: int = 0, seed: int =
             i += 1
     dev = resolve_device(device)
     lm = load_model(name, dtype=manifest["reference_pass"]["dtype"], device=dev, gguf_file=gguf).eval()
-    encoded = [Encoded(r[S.PROMPT_IDS], r[S.CHOSEN_IDS], r[S.REJECTED_IDS]) for r in rows]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    chosen, rejected, _ = score_pairs(lm, encoded, batch_size=batch_size, device=dev, pad_id=pad)
+    scorer = PairScorer(lm, prefix_sharing=prefix_sharing, device=dev, pad_id=pad, log=log)
+    chosen, rejected, _ = scorer.score_all([r[S.PROMPT_IDS] for r in rows], [r[S.CHOSEN_IDS] for r in rows],
+                                           [r[S.REJECTED_IDS] for r in rows], batch_size=batch_size)
     diffs = [(abs(c - r[S.REF_CHOSEN_LOGP]), r[S.PAIR_ID]) for c, r in zip(chosen, rows)]
     diffs += [(abs(c - r[S.REF_REJECTED_LOGP]), r[S.PAIR_ID]) for c, r in zip(rejected, rows)]
     worst = max(diffs)
     result.update(checked=len(rows), max_abs_diff=worst[0], worst_pair=worst[1], model=name)
-    log(f"re-scored {len(rows)} pairs with {name}: largest |difference| {worst[0]:.3g} nats (pair {worst[1]})")
+    result["prefix_sharing"] = scorer.sharing
+    log(f"re-scored {len(rows)} pairs with {name} ({scorer.describe()}): largest |difference| "
+        f"{worst[0]:.3g} nats (pair {worst[1]})")
     return result

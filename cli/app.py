@@ -38,6 +38,12 @@ def _run(fn: Callable, *args, **kwargs):
         raise typer.Exit(130) from None
 
 
+PREFIX_SHARING_HELP = ("Score each prompt once for both responses (one sequence prompt+chosen+rejected with a "
+                       "block mask): auto (on where docs/PERFORMANCE.md measured it faster: the CPU) | on | off. "
+                       "The numbers are the same either way; a model whose attention cannot take the mask "
+                       "falls back to off with one printed line.")
+
+
 def _echo_json(obj) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
 
@@ -61,6 +67,7 @@ def build(
     rows_per_shard: Optional[int] = typer.Option(None, "--rows-per-shard", help="Input rows per Parquet shard, the unit of resume and of torchrun ranks [default: 2000, or fewer so that every torchrun rank gets a shard; build memory is bounded by it]."),
     dtype: str = typer.Option("float32", help="Reference dtype: float32 | bfloat16 | float16 (log-softmax is float32 regardless)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N]."),
+    prefix_sharing: str = typer.Option("auto", "--prefix-sharing", help=PREFIX_SHARING_HELP),
     skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Count malformed rows as dropped (with the reason) instead of stopping."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing cache in --out made with other settings."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
@@ -78,7 +85,7 @@ def build(
                       chat_template=str(chat_template) if chat_template else None,
                       system_prompt=system_prompt, max_length=max_length, overlong=overlong,
                       batch_size=batch_size, rows_per_shard=rows_per_shard, dtype=dtype,
-                      device=device, skip_bad_rows=skip_bad_rows, overwrite=overwrite,
+                      device=device, prefix_sharing=prefix_sharing, skip_bad_rows=skip_bad_rows, overwrite=overwrite,
                       trust_remote_code=trust_remote_code, progress=progress)
     _run(build_cache, cfg, log=lambda s: typer.echo(s, err=True))
 
@@ -158,6 +165,7 @@ def train(
     autocast: str = typer.Option("none", help="Mixed precision: none | bf16 | fp16 (weights stay in --dtype)."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute activations in backward (less memory)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N]."),
+    prefix_sharing: str = typer.Option("auto", "--prefix-sharing", help=PREFIX_SHARING_HELP),
     fsdp: bool = typer.Option(False, "--fsdp", help="Under torchrun: shard parameters, gradients and optimizer state over the processes (FSDP2) instead of DDP."),
     lora_r: int = typer.Option(0, "--lora-r", help="LoRA rank (0: full fine-tuning). Needs peft."),
     lora_alpha: float = typer.Option(16.0, "--lora-alpha"),
@@ -192,7 +200,7 @@ def train(
         warmup_ratio=warmup_ratio, weight_decay=weight_decay, grad_clip=grad_clip,
         batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, seed=seed,
         shuffle_buffer=shuffle_buffer, dtype=dtype, autocast=autocast,
-        gradient_checkpointing=gradient_checkpointing, device=device, fsdp=fsdp, lora_r=lora_r,
+        gradient_checkpointing=gradient_checkpointing, device=device, prefix_sharing=prefix_sharing, fsdp=fsdp, lora_r=lora_r,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_target=lora_target,
         save_every=save_every, keep_checkpoints=keep_checkpoints, resume=resume,
         overwrite=overwrite, log_every=log_every,
@@ -215,12 +223,13 @@ def verify(
     seed: int = typer.Option(0, help="Seed of the sample."),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N]."),
     tolerance: float = typer.Option(1e-3, help="Fail if a re-scored log-prob differs by more (nats)."),
+    prefix_sharing: str = typer.Option("auto", "--prefix-sharing", help=PREFIX_SHARING_HELP),
 ):
     """Check every shard (checksum, size, rows, schema); optionally re-score a sample of pairs."""
     from bso_cache.verify import verify_cache
 
     res = _run(verify_cache, cache, model=model, sample=sample, seed=seed, device=device,
-               log=lambda s: typer.echo(s, err=True))
+               prefix_sharing=prefix_sharing, log=lambda s: typer.echo(s, err=True))
     typer.echo(json.dumps(res))
     if res.get("max_abs_diff") is not None and res["max_abs_diff"] > tolerance:
         typer.echo(f"error: re-scored log-probs differ by {res['max_abs_diff']:.3g} > {tolerance}", err=True)
@@ -247,6 +256,7 @@ def eval_cmd(
     top_p: float = typer.Option(0.9, "--top-p"),
     generations: Optional[Path] = typer.Option(None, "--generations", help="Save generations here as JSONL [default: next to --out]."),
     seed: int = typer.Option(0),
+    prefix_sharing: str = typer.Option("auto", "--prefix-sharing", help=PREFIX_SHARING_HELP),
 ):
     """Preference and safety accuracy from cached reference log-probs (no reference loaded);
     with --generate, harmless rate and mean reward of sampled responses."""
@@ -255,7 +265,7 @@ def eval_cmd(
     res = _run(run_eval, model=model, cache=cache, out=out, batch_size=batch_size, max_pairs=max_pairs,
                device=device, dtype=dtype, generate=generate, cost_model=cost_model, reward_model=reward_model,
                max_prompts=max_prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-               generations=generations, seed=seed)
+               generations=generations, seed=seed, prefix_sharing=prefix_sharing)
     if as_json:
         _echo_json(res)
         return
@@ -296,6 +306,7 @@ def sweep(
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("float32"),
     log_every: int = typer.Option(1, "--log-every"),
+    prefix_sharing: str = typer.Option("auto", "--prefix-sharing", help=PREFIX_SHARING_HELP),
 ):
     """Many runs from one cache: a grid of comma-separated train options and/or named baselines.
 
@@ -308,7 +319,8 @@ def sweep(
                              "pairs": pairs, "orientation": orientation, "optimizer": optimizer, "lr": lr,
                              "batch_size": batch_size, "epochs": epochs, "max_steps": max_steps, "seed": seed})
     names = [b.strip() for b in baselines.split(",") if b.strip()] if baselines else []
-    base = {"device": device, "dtype": dtype, "log_every": log_every, "progress": False}
+    base = {"device": device, "dtype": dtype, "log_every": log_every, "progress": False,
+            "prefix_sharing": prefix_sharing}
     _run(run_sweep, str(cache), str(out), grid, names, base, str(eval_cache) if eval_cache else None,
          log=typer.echo)
 

@@ -2,14 +2,16 @@
 """Build benchmark and memory-vs-cache-size benchmark.
 
 1. Reference pass, side by side on the same model and pairs (each in its own process):
-   - bso-cache build (length-bucketed batches, target-only chunked log-softmax, shards + manifest)
+   - bso-cache build (length-bucketed batches, target-only chunked log-softmax, shards + manifest),
+     with each prompt scored once (--prefix-sharing on), with packing too, and twice (off)
    - a pure no-grad forward over the same token batches (full logits + float32 log-softmax + gather)
    - TRL's precompute pass (DPOTrainer with precompute_ref_log_probs=True, 0 training steps)
    Reported: pairs/s, tokens/s, padding share.
 2. Peak memory of `bso-cache build` and `bso-cache train` at 1x and 10x the rows (the input
    repeated), to show that neither grows with the size of the cache.
 
-Usage: python scripts/bench_build.py [--quick]   (needs ../shared; TRL for the precompute row)
+Usage: python scripts/bench_build.py [--quick] [--data hh --max-length 512] [--no-memory]
+(needs ../shared; TRL for the precompute row)
 Writes into docs/PERFORMANCE.md between markers.
 """
 
@@ -33,13 +35,18 @@ def worker(kind: str, info: dict, batch_size: int, max_length: int, out: str) ->
     import torch
 
     t0 = time.perf_counter()
-    if kind == "bso-cache-build":
+    if kind.startswith("bso-cache-build"):
+        from bso_cache import scoring
         from bso_cache.build import build_cache
         from bso_cache.config import BuildConfig
 
+        if kind.endswith("-packed"):  # packing is not a user option (it does not pay on the CPU): measure it here
+            real = scoring.PairScorer.__init__
+            scoring.PairScorer.__init__ = lambda self, *a, **k: real(self, *a, **{**k, "pack": True})
+        sharing = "off" if kind.endswith("-unshared") else "on" if "-shared" in kind else "auto"
         m = build_cache(BuildConfig(model=info["model"], data=info["data"], out=out, max_length=max_length,
                                     batch_size=batch_size, rows_per_shard=info.get("rows_per_shard"),
-                                    progress=False, overwrite=True), log=lambda s: None)
+                                    prefix_sharing=sharing, progress=False, overwrite=True), log=lambda s: None)
         pairs, tokens, padding = m["rows"]["written"], m["stats"]["tokens"], m["stats"]["padding_share"]
         seconds = m["stats"]["score_seconds"]
     elif kind == "plain-forward":
@@ -123,6 +130,8 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only-memory", action="store_true", help="skip the reference-pass comparison")
+    ap.add_argument("--no-memory", action="store_true", help="skip the memory-vs-size builds")
+    ap.add_argument("--data", default="pku", choices=["pku", "hh"], help="the shared sample to take pairs from")
     ap.add_argument("--rows-per-shard", type=int, default=500, help="for the memory-vs-size builds")
     ap.add_argument("--work", default=str(ROOT / "bench-out"))
     ap.add_argument("--doc", default=str(ROOT / "docs" / "PERFORMANCE.md"))
@@ -131,17 +140,26 @@ def main() -> None:
         print(json.dumps(worker(args.worker, json.loads(args.info), args.batch_size, args.max_length, args.out)))
         return
     work = Path(args.work)
-    info = setup(work, args.pairs, args.max_length, args.quick)
+    info = setup(work, args.pairs, args.max_length, args.quick, args.data)
     rows = []
-    for kind in () if args.only_memory else ("bso-cache-build", "plain-forward", "trl-precompute"):
+    kinds = ("bso-cache-build-shared", "bso-cache-build-shared-packed", "bso-cache-build-unshared", "plain-forward",
+             "trl-precompute")
+    for kind in () if args.only_memory else kinds:
         r = run(kind, info, args, str(work / f"build-{kind}"))
         rows.append(r)
         print(kind, r, flush=True)
-    lines = ["| reference pass | pairs/s | tokens/s | padding | peak RSS (MiB) |", "|---|---|---|---|---|"]
+    lines = ["| reference pass | pairs/s | seconds | vs unshared (time) | tokens fed/s | padding | peak RSS (MiB) "
+             "| vs unshared |", "|---|---|---|---|---|---|---|---|"]
+    base = next((r for r in rows if r["kind"] == "bso-cache-build-unshared"), None)
     for r in rows:
         pad = f"{100 * r['padding']:.1f}%" if r["padding"] is not None else "n/a"
-        lines.append(f"| {r['kind']} | {r['pairs'] / r['seconds']:.1f} | {r['tokens'] / r['seconds']:,.0f} | {pad} | "
-                     f"{r['peak_mib']:,.0f} |")
+        vs_t = f"{r['seconds'] / base['seconds']:.2f}x" if base else "-"
+        vs_m = f"{r['peak_mib'] / base['peak_mib']:.2f}x" if base else "-"
+        lines.append(f"| {r['kind']} | {r['pairs'] / r['seconds']:.1f} | {r['seconds']:.2f} | {vs_t} | "
+                     f"{r['tokens'] / r['seconds']:,.0f} | {pad} | {r['peak_mib']:,.0f} | {vs_m} |")
+    if args.no_memory:
+        _write_build_section(args, info, lines)
+        return
     # memory vs cache size: tinystories-260k on the PKU sample, 1x and 10x
     pku = SHARED / "data" / "PKU-Alignment_PKU-SafeRLHF_sample.jsonl"
     tiny = SHARED / "models" / "tinystories-260k"
@@ -157,24 +175,30 @@ def main() -> None:
                 str(work / f"run-pku-x{factor}"))
         mem.append(f"| {500 * factor:,} ({b['pairs']:,} written) | {b['peak_mib']:,.0f} | {t['peak_mib']:,.0f} |")
         print(mem[-1], flush=True)
-    model = "tiny Llama (quick)" if args.quick else "random-init 46M Llama, GPT-2 tokenizer"
-    text = (f"### Reference pass ({time.strftime('%Y-%m-%d')})\n\n{model}; {info['pairs']} PKU pairs, batch "
-            f"{args.batch_size} pairs, max length {args.max_length}, fp32, CPU; {versions()}.\n"
-            f"Command: `python scripts/bench_build.py{' --quick' if args.quick else ''}`\n\n" + "\n".join(lines) + "\n\n"
-            "bso-cache-build: scoring time of the build (tokenizing, scoring, writing shards; not the model load). "
-            "plain-forward: a no-grad forward over the same length-sorted token batches with full logits and a "
-            "float32 log-softmax. trl-precompute: TRL 1.16's DPOTrainer constructor with precompute_ref_log_probs=True "
-            "(tokenizing + reference pass, fresh datasets cache); its tokens are those of its own padded batches."
-            "")
     mem_text = (f"### Memory against cache size ({time.strftime('%Y-%m-%d')})\n\ntinystories-260k, the PKU sample "
                 f"repeated 1x and 10x, build with --rows-per-shard {args.rows_per_shard} --max-length 512; train: sba, "
                 f"batch 8, shuffle buffer 256, 40 steps. Each in its own process.\n"
                 f"Command: `python scripts/bench_build.py --only-memory --rows-per-shard {args.rows_per_shard}`\n\n"
                 + "\n".join(mem))
-    print(text if rows else "", mem_text)
+    print(mem_text)
     if rows:
-        write_section(Path(args.doc), f"bench-build{'-quick' if args.quick else ''}", text)
+        _write_build_section(args, info, lines)
     write_section(Path(args.doc), "bench-memory", mem_text)
+
+
+def _write_build_section(args, info: dict, lines: list[str]) -> None:
+    model = "tiny Llama (quick)" if args.quick else "random-init 46M Llama, GPT-2 tokenizer"
+    cmd = "python scripts/bench_build.py " + " ".join(sys.argv[1:])
+    text = (f"### Reference pass, {args.data.upper()} ({time.strftime('%Y-%m-%d')})\n\n{model}; {info['pairs']} "
+            f"{args.data.upper()} pairs, batch {args.batch_size} pairs, max length {args.max_length}, fp32, CPU; "
+            f"{versions()}.\nCommand: `{cmd.strip()}`\n\n" + "\n".join(lines) + "\n\n"
+            "bso-cache-build-*: scoring time of the build (tokenizing, scoring, writing shards; not the model load), "
+            "each prompt once (shared; shared-packed: several pairs a row) or twice (unshared). plain-forward: a no-grad "
+            "forward over the same length-sorted unshared token batches with full logits and a float32 log-softmax. "
+            "trl-precompute: TRL's DPOTrainer constructor with precompute_ref_log_probs=True (tokenizing + reference "
+            "pass, fresh datasets cache); its tokens are those of its own padded batches.")
+    print(text)
+    write_section(Path(args.doc), f"bench-build-{args.data}{'-quick' if args.quick else ''}", text)
 
 
 if __name__ == "__main__":

@@ -2,19 +2,24 @@
 """Training-step benchmark: bso-cache train vs TRL DPOTrainer vs the policy-only limit.
 
 Same model, same pairs, same batch size and length, measured side by side in one run:
-- bso-cache train (policy alone, reference log-probs from the cache; DPO loss: logistic, C=0)
+- bso-cache train (policy alone, reference log-probs from the cache; DPO loss: logistic, C=0),
+  with each prompt scored once (bso-cache-shared, --prefix-sharing on) and twice
+  (bso-cache-unshared, --prefix-sharing off)
 - TRL DPOTrainer, reference model online (precompute_ref_log_probs=False)
 - TRL DPOTrainer, precompute_ref_log_probs=True
 - the policy-only limit: a plain forward + backward with labels on the same token batches + AdamW
 
 Each (system, steps) runs in its own process. Per-step time = (T(long) - T(short)) / (long - short),
 so start-up, model loading and TRL's reference pre-pass cancel; peak memory is the process's
-max RSS (CPU) or torch.cuda.max_memory_allocated (GPU) in the long run; tokens/s counts the
-non-padding tokens each system feeds its policy per step.
+max RSS (CPU) or torch.cuda.max_memory_allocated (GPU) in the long run. tokens/s is the same
+measure of work for every system: the pairs' tokens as two sequences each ((prompt + chosen) +
+(prompt + rejected), no padding) times the pairs per step, over the time per step; a system that
+shares the prompt feeds fewer tokens for the same pairs.
 
 Usage (needs ../shared for the PKU sample and the GPT-2 tokenizer, and `pip install trl`):
-    python scripts/bench_train.py                       # the issue's setup: 46M Llama, 64 pairs, batch 4
-    python scripts/bench_train.py --quick               # a tiny model, for a smoke test
+    python scripts/bench_train.py                          # 46M Llama, 64 PKU pairs, batch 4, length 256
+    python scripts/bench_train.py --data hh --max-length 512   # 64 HH-RLHF pairs (multi-turn prompts)
+    python scripts/bench_train.py --quick                  # a tiny model, for a smoke test
 Writes the table to stdout and into docs/PERFORMANCE.md (between markers).
 """
 
@@ -35,8 +40,9 @@ SHARED = Path(os.environ.get("BSO_SHARED", ROOT.parent / "shared"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SYSTEMS = ("bso-cache", "trl", "trl-precompute", "policy-only")
-EXTRA_SYSTEMS = ("bso-cache-ckpt",)  # bso-cache with --gradient-checkpointing
+SYSTEMS = ("bso-cache-shared", "bso-cache-unshared", "trl", "trl-precompute")
+EXTRA_SYSTEMS = ("policy-only", "bso-cache-ckpt")  # the plain limit; bso-cache with --gradient-checkpointing
+DATASETS = {"pku": ("PKU-Alignment_PKU-SafeRLHF_sample.jsonl", "pku"), "hh": ("harmless_train_sample.jsonl", "hh")}
 
 
 def peak_rss_mib() -> float:
@@ -44,8 +50,8 @@ def peak_rss_mib() -> float:
 
 
 # ----------------------------------------------------------------------------------- setup
-def setup(work: Path, n_pairs: int, max_length: int, quick: bool) -> dict:
-    """Model (random init, GPT-2 tokenizer), the pairs (PKU, nothing truncated), the cache."""
+def setup(work: Path, n_pairs: int, max_length: int, quick: bool, data: str = "pku") -> dict:
+    """Model (random init, GPT-2 tokenizer), the pairs (PKU or HH, nothing truncated), the cache."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -64,11 +70,11 @@ def setup(work: Path, n_pairs: int, max_length: int, quick: bool) -> dict:
                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         LlamaForCausalLM(cfg).save_pretrained(str(model_dir))
         tok.save_pretrained(str(model_dir))
-    pku = SHARED / "data" / "PKU-Alignment_PKU-SafeRLHF_sample.jsonl"
+    filename, fmt = DATASETS[data]
     ptok = PairTokenizer(tok)
-    norm = Normaliser("pku")
-    rows, trl_rows = [], []
-    for i, raw in enumerate(open_source(str(pku)).rows()):
+    norm = Normaliser(fmt)
+    rows, trl_rows, pair_tokens, shared_tokens = [], [], [], []
+    for i, raw in enumerate(open_source(str(SHARED / "data" / filename)).rows()):
         pair = norm(raw, i)
         enc = ptok.encode_many([pair])[0]
         if enc.length > max_length:
@@ -76,20 +82,26 @@ def setup(work: Path, n_pairs: int, max_length: int, quick: bool) -> dict:
         prompt, chosen, rejected = ptok.render(pair)
         rows.append(raw.data)
         trl_rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        pair_tokens.append(2 * len(enc.prompt_ids) + len(enc.chosen_ids) + len(enc.rejected_ids))
+        shared_tokens.append(len(enc.prompt_ids) + len(enc.chosen_ids) + len(enc.rejected_ids))
         if len(rows) == n_pairs:
             break
-    data = work / f"pairs-{n_pairs}.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    trl_data = work / f"pairs-{n_pairs}-trl.jsonl"
+    tag = f"{data}-{n_pairs}-{max_length}"
+    data_file = work / f"pairs-{tag}.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trl_data = work / f"pairs-{tag}-trl.jsonl"
     trl_data.write_text("".join(json.dumps(r) + "\n" for r in trl_rows))
-    cache = work / f"cache-{model_dir.name}-{n_pairs}"
+    cache = work / f"cache-{model_dir.name}-{tag}"
     from bso_cache.build import build_cache
     from bso_cache.config import BuildConfig
 
-    build_cache(BuildConfig(model=str(model_dir), data=str(data), out=str(cache), max_length=max_length,
-                            batch_size=8, progress=False), log=lambda s: None)
-    return {"model": str(model_dir), "data": str(data), "trl_data": str(trl_data), "cache": str(cache),
-            "pairs": len(rows)}
+    if not (cache / "manifest.json").exists():
+        build_cache(BuildConfig(model=str(model_dir), data=str(data_file), out=str(cache), max_length=max_length,
+                                batch_size=8, progress=False, overwrite=True), log=lambda s: None)
+    return {"model": str(model_dir), "data": str(data_file), "trl_data": str(trl_data), "cache": str(cache),
+            "pairs": len(rows), "dataset": data, "format": fmt,
+            "pair_tokens_mean": sum(pair_tokens) / len(pair_tokens),
+            "shared_tokens_mean": sum(shared_tokens) / len(shared_tokens)}
 
 
 # ---------------------------------------------------------------------------------- workers
@@ -98,16 +110,17 @@ def worker(system: str, steps: int, info: dict, batch_size: int, max_length: int
 
     t0 = time.perf_counter()
     tokens = 0
-    if system in ("bso-cache", "bso-cache-ckpt"):
+    if system.startswith("bso-cache"):
         from bso_cache.config import TrainConfig
         from bso_cache.train import train
 
-        out = Path(info["cache"]).parent / f"run-bso-{steps}"
+        out = Path(info["cache"]).parent / f"run-{system}-{steps}"
         train(TrainConfig(cache=info["cache"], out=str(out), generator="logistic", safety_penalty=0.0,
                                     pairs="none", optimizer="adamw", lr=1e-6, lr_schedule="constant",
                                     warmup_ratio=0.0, grad_clip=0.0, batch_size=batch_size, max_steps=steps,
                                     epochs=100, device=device, progress=False, overwrite=True,
-                                    gradient_checkpointing=system == "bso-cache-ckpt", log_every=1),
+                                    gradient_checkpointing=system == "bso-cache-ckpt", log_every=1,
+                                    prefix_sharing="off" if system == "bso-cache-unshared" else "on"),
               log=lambda s: None)
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         tokens = sum(r["tokens_per_s"] * r["step_seconds"] for r in rows) / len(rows)
@@ -209,6 +222,7 @@ def main() -> None:
     ap.add_argument("--info")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--pairs", type=int, default=64)
+    ap.add_argument("--data", default="pku", choices=sorted(DATASETS), help="the shared sample to take pairs from")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--long", type=int, default=10)
@@ -223,7 +237,7 @@ def main() -> None:
         res = worker(args.worker, args.steps, json.loads(args.info), args.batch_size, args.max_length, args.device)
         print(json.dumps(res))
         return
-    info = setup(Path(args.work), args.pairs, args.max_length, args.quick)
+    info = setup(Path(args.work), args.pairs, args.max_length, args.quick, args.data)
     systems = [s for s in args.systems.split(",") if s]
     results = {}
     for s in systems:
@@ -234,23 +248,33 @@ def main() -> None:
                       "short_s": short["seconds"], "long_s": long["seconds"]}
         print(f"{s}: {per_step:.2f} s/step, peak {long['peak_mib']:.0f} MiB", flush=True)
     ref = results.get("trl")
+    unshared = results.get("bso-cache-unshared")
     mem = "peak RSS (MiB)" if args.device == "cpu" else "peak GPU memory (MiB)"
-    lines = [f"| system | s/step | vs TRL (ref online) | {mem} | vs TRL | tokens/s |", "|---|---|---|---|---|---|"]
+    lines = [f"| system | s/step | vs TRL (ref online) | vs unshared | {mem} | vs TRL | vs unshared | tokens/s |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def ratio(a, b):
+        return f"{a / b:.2f}x" if b else "-"
+
+    work_per_step = args.batch_size * info["pair_tokens_mean"]
     for s, r in results.items():
-        rt = f"{r['per_step'] / ref['per_step']:.2f}x" if ref else "-"
-        rm = f"{r['peak_mib'] / ref['peak_mib']:.2f}x" if ref else "-"
-        tps = r["tokens_per_step"] / r["per_step"] if r["per_step"] > 0 else float("nan")
-        lines.append(f"| {s} | {r['per_step']:.2f} | {rt} | {r['peak_mib']:,.0f} | {rm} | {tps:,.0f} |")
+        tps = work_per_step / r["per_step"] if r["per_step"] > 0 else float("nan")
+        lines.append(f"| {s} | {r['per_step']:.2f} | {ratio(r['per_step'], ref and ref['per_step'])} | "
+                     f"{ratio(r['per_step'], unshared and unshared['per_step'])} | {r['peak_mib']:,.0f} | "
+                     f"{ratio(r['peak_mib'], ref and ref['peak_mib'])} | "
+                     f"{ratio(r['peak_mib'], unshared and unshared['peak_mib'])} | {tps:,.0f} |")
     cmd = "python scripts/bench_train.py " + " ".join(a for a in sys.argv[1:])
     model = "tiny Llama (quick)" if args.quick else "random-init 46M Llama (hidden 512, 6 layers, intermediate 1536, tied) with the GPT-2 tokenizer"
-    text = (f"### Training step ({time.strftime('%Y-%m-%d')})\n\n"
-            f"{model}; {info['pairs']} PKU pairs (nothing truncated), batch {args.batch_size}, max length "
+    text = (f"### Training step, {args.data.upper()} ({time.strftime('%Y-%m-%d')})\n\n"
+            f"{model}; {info['pairs']} {args.data.upper()} pairs (nothing truncated; mean {info['pair_tokens_mean']:.0f} "
+            f"tokens a pair as two sequences, {info['shared_tokens_mean']:.0f} with the prompt once), batch "
+            f"{args.batch_size}, max length "
             f"{args.max_length}, AdamW lr 1e-6, fp32, device {args.device}; per-step time from a {args.long}-step "
             f"minus a {args.short}-step run, each in its own process.\n\n"
             f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; {versions()}.\n"
             f"Command: `{cmd.strip()}`\n\n" + "\n".join(lines))
     print(text)
-    marker = f"bench-train-{args.device}{'-quick' if args.quick else ''}"
+    marker = f"bench-train-{args.data}-{args.device}{'-quick' if args.quick else ''}"
     if set(systems) != set(SYSTEMS):
         marker += "-" + "-".join(systems)
     write_section(Path(args.doc), marker, text)

@@ -4,11 +4,13 @@
 For one GPU machine with torch, transformers, pyarrow, typer and safetensors (no polars, no
 datasets, no network). A random-init ~0.5B Llama (Qwen2.5-0.5B-sized) and synthetic token
 batches, bf16:
-- build: bso-cache's reference pass (scoring.py: target-only chunked log-softmax) vs a plain
+- build: bso-cache's reference pass (scoring.py: target-only chunked log-softmax) with each
+  prompt scored once (prefix sharing), with sharing and packing, and without sharing, vs a plain
   no-grad forward that materialises full logits + float32 log-softmax;
-- train, per step and peak memory: bso-cache train (policy alone, from a cache) vs a
-  reference-online DPO step (policy + frozen reference in memory, full logits, as the usual
-  trainers do) vs the policy-only limit (plain forward + backward with labels).
+- train, per step and peak memory: bso-cache train (policy alone, from a cache) with and
+  without prefix sharing vs a reference-online DPO step (policy + frozen reference in memory,
+  full logits, as the usual trainers do) vs the policy-only limit (plain forward + backward
+  with labels).
 Writes gpu_check.md / gpu_check.json into $OUT, or the folder given as argument.
 
     python scripts/gpu_check.py [OUT_DIR]          # on the GPU machine
@@ -172,7 +174,6 @@ def main() -> None:
     import torch
     from transformers import LlamaForCausalLM
 
-    from bso_cache.build import score_pairs
     from bso_cache.config import TrainConfig
     from bso_cache.scoring import make_token_batch
     from bso_cache.train import Trainer
@@ -203,18 +204,24 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
                "params": n_params, "pairs": n_pairs, "batch_size": bs, "steps": steps, "torch": torch.__version__}
 
-    # ---- build: bso-cache reference pass vs plain forward with full logits
+    # ---- build: bso-cache reference pass (shared, shared + packed, unshared) vs plain forward with full logits
+    from bso_cache.scoring import PairScorer
+
     ref = model.to(device=device, dtype=torch.bfloat16).eval()
-    reset_peak(device)
-    score_pairs(ref, pairs[:bs], batch_size=bs, device=device, pad_id=0)  # warm-up
-    sync(device)
-    t0 = time.perf_counter()
-    chosen, rejected, stats = score_pairs(ref, pairs, batch_size=bs, device=device, pad_id=0)
-    sync(device)
-    t_build = time.perf_counter() - t0
-    results["build"] = {"seconds": t_build, "tokens_per_s": stats["tokens"] / t_build,
-                        "pairs_per_s": n_pairs / t_build, "padding_share": 1 - stats["tokens"] / stats["padded_tokens"],
-                        "peak_mib": peak_mib(device)}
+    P, C, R = ([e.prompt_ids for e in pairs], [e.chosen_ids for e in pairs], [e.rejected_ids for e in pairs])
+    for key, mode, pack in (("build", "off", False), ("build_shared", "on", False), ("build_shared_packed", "on", True)):
+        scorer = PairScorer(ref, prefix_sharing=mode, device=device, pad_id=0, pack=pack)
+        reset_peak(device)
+        scorer.score_all(P[:bs], C[:bs], R[:bs], batch_size=bs)  # warm-up (and the sharing probe)
+        sync(device)
+        t0 = time.perf_counter()
+        chosen, rejected, stats = scorer.score_all(P, C, R, batch_size=bs)
+        sync(device)
+        seconds = time.perf_counter() - t0
+        results[key] = {"seconds": seconds, "tokens_per_s": stats["tokens"] / seconds,
+                        "pairs_per_s": n_pairs / seconds, "padding_share": 1 - stats["tokens"] / stats["padded_tokens"],
+                        "peak_mib": peak_mib(device), "prefix_sharing": scorer.sharing, "probe": scorer.probe}
+    stats = {"tokens": sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(P, C, R))}  # the unshared rows
     reset_peak(device)
     order = sorted(range(n_pairs), key=lambda i: pairs[i].length, reverse=True)
     t0 = time.perf_counter()
@@ -229,25 +236,27 @@ def main() -> None:
     sync(device)
     t_plain = time.perf_counter() - t0
     results["build_plain_forward"] = {"seconds": t_plain, "tokens_per_s": stats["tokens"] / t_plain,
-                                      "peak_mib": peak_mib(device)}
+                                      "pairs_per_s": n_pairs / t_plain, "peak_mib": peak_mib(device)}
     cache_dir = work / "cache"
     cache_dir.mkdir()
     write_cache(cache_dir, pairs, chosen, rejected, tok)
     del ref, model
     reset_peak(device)
 
-    # ---- train: bso-cache (policy alone, fp32 master weights + bf16 autocast)
-    trainer = Trainer(TrainConfig(cache=str(cache_dir), out=str(work / "run"), policy=str(model_dir),
-                                  generator="sba", optimizer="adamw", lr=1e-6, batch_size=bs, max_steps=warm + steps,
-                                  epochs=100, autocast="bf16", device=device, progress=False, overwrite=True,
-                                  step0_tolerance=1e9), log=lambda s: None)
-    trainer.run()
-    rows = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()][warm:]
-    results["train_bso_cache"] = {"step_seconds": sum(r["step_seconds"] for r in rows) / len(rows),
-                                  "tokens_per_s": sum(r["tokens_per_s"] for r in rows) / len(rows),
-                                  "peak_mib": peak_mib(device)}
-    del trainer
-    reset_peak(device)
+    # ---- train: bso-cache (policy alone, fp32 master weights + bf16 autocast), unshared and shared
+    for key, mode in (("train_bso_cache", "off"), ("train_bso_cache_shared", "on")):
+        trainer = Trainer(TrainConfig(cache=str(cache_dir), out=str(work / f"run-{mode}"), policy=str(model_dir),
+                                      generator="sba", optimizer="adamw", lr=1e-6, batch_size=bs,
+                                      max_steps=warm + steps, epochs=100, autocast="bf16", device=device,
+                                      prefix_sharing=mode, progress=False, overwrite=True, step0_tolerance=1e9),
+                          log=lambda s: None)
+        trainer.run()
+        rows = [json.loads(x) for x in (work / f"run-{mode}" / "metrics.jsonl").read_text().splitlines()][warm:]
+        results[key] = {"step_seconds": sum(r["step_seconds"] for r in rows) / len(rows),
+                        "tokens_per_s": sum(r["tokens_per_s"] for r in rows) / len(rows),
+                        "peak_mib": peak_mib(device), "prefix_sharing": trainer.pair_scorer.sharing}
+        del trainer
+        reset_peak(device)
 
     # ---- the alternatives, on the same token batches
     batches = []
@@ -281,17 +290,24 @@ def main() -> None:
         reset_peak(device)
 
     base = results["train_reference_online"]
+    unshared = results["build"]
     lines = [f"GPU check: {results['device']}, torch {results['torch']}, {n_params / 1e6:.0f}M-parameter random "
-             f"Llama, {n_pairs} synthetic pairs, batch {bs} pairs, bf16 autocast",
-             "",
-             f"build: bso-cache {results['build']['tokens_per_s']:,.0f} tokens/s ({results['build']['pairs_per_s']:.1f} pairs/s, "
-             f"padding {100 * results['build']['padding_share']:.1f}%, peak {results['build']['peak_mib']:,.0f} MiB) vs plain "
-             f"forward with full logits {results['build_plain_forward']['tokens_per_s']:,.0f} tokens/s "
-             f"(peak {results['build_plain_forward']['peak_mib']:,.0f} MiB)",
-             "",
-             "| train | s/step | vs reference-online | peak MiB | vs reference-online | tokens/s |",
+             f"Llama, {n_pairs} synthetic pairs, batch {bs} pairs, bf16", "",
+             "| build (reference pass) | pairs/s | tokens/s | vs unshared (time) | padding | peak MiB |",
              "|---|---|---|---|---|---|"]
-    for key, label in (("train_bso_cache", "bso-cache train"), ("train_reference_online", "reference online (DPO)"),
+    for key, label in (("build", "bso-cache, unshared"), ("build_shared", "bso-cache, prefix sharing"),
+                       ("build_shared_packed", "bso-cache, prefix sharing + packing"),
+                       ("build_plain_forward", "plain forward, full logits")):
+        r = results[key]
+        pad = f"{100 * r['padding_share']:.1f}%" if "padding_share" in r else "-"
+        used = " (sharing fell back to off)" if key.startswith("build_shared") and not r["prefix_sharing"] else ""
+        lines.append(f"| {label}{used} | {r['pairs_per_s']:.1f} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['seconds'] / unshared['seconds']:.2f}x | {pad} | {r['peak_mib']:,.0f} |")
+    lines += ["", "| train | s/step | vs reference-online | peak MiB | vs reference-online | tokens/s |",
+              "|---|---|---|---|---|---|"]
+    for key, label in (("train_bso_cache", "bso-cache train, unshared"),
+                       ("train_bso_cache_shared", "bso-cache train, prefix sharing"),
+                       ("train_reference_online", "reference online (DPO)"),
                        ("train_policy_only", "policy only (limit)")):
         r = results[key]
         lines.append(f"| {label} | {r['step_seconds']:.3f} | {r['step_seconds'] / base['step_seconds']:.2f}x | "

@@ -34,9 +34,14 @@ def test_gpu_check_runs_tiny_on_cpu_from_a_bare_checkout(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "gpu_check.json").read_text())
-    for key in ("build", "build_plain_forward", "train_bso_cache", "train_reference_online", "train_policy_only"):
+    for key in ("build", "build_shared", "build_shared_packed", "build_plain_forward", "train_bso_cache",
+                "train_bso_cache_shared", "train_reference_online", "train_policy_only"):
         assert res[key]["tokens_per_s"] > 0
-    assert "| bso-cache train |" in (tmp_path / "gpu_check.md").read_text()
+    # the shared runs really shared (the probe agreed), the unshared ones did not
+    assert res["build_shared"]["prefix_sharing"] and res["train_bso_cache_shared"]["prefix_sharing"]
+    assert res["build"]["prefix_sharing"] is False and res["train_bso_cache"]["prefix_sharing"] is False
+    text = (tmp_path / "gpu_check.md").read_text()
+    assert "| bso-cache train, prefix sharing |" in text and "| bso-cache, prefix sharing + packing |" in text
 
 
 @pytest.mark.gpu

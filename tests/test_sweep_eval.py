@@ -79,7 +79,7 @@ def test_sweep_on_pku_then_eval_matches_independent_computation(pku_cache, tmp_p
               log=lambda s: None, plots=False)
     assert len(models.LOAD_LOG) == before
     # eval of one run's model equals the definitions computed independently
-    from bso_cache.evaluate import evaluate_cache
+    from bso_cache.metrics import evaluate_cache
     from bso_cache.models import load_model
 
     res = evaluate_cache(load_model(str(out / "generator-sba")), Cache.open(pku_cache), batch_size=8)
@@ -105,8 +105,10 @@ def test_eval_cli_json_and_generation_with_tiny_classifiers(demo_assets, demo_ca
                "--generate", "--cost-model", tmp_path / "cost", "--reward-model", tmp_path / "reward",
                "--max-prompts", 6, "--max-new-tokens", 8)
     res = json.loads(proc.stdout)
-    # the reference itself: every margin is 0 up to float noise of batching, and ties count as wrong
-    assert res["preference_accuracy"] < 0.05 and abs(res["mean_margin"]) < 1e-3
+    # the reference itself: every margin is 0 up to the float32 noise of batching (which the float64
+    # sums keep, so the sign of each margin, and the accuracy, is noise too)
+    assert abs(res["mean_margin"]) < 1e-3
+    assert all(abs(t["mean_margin"]) < 1e-3 for t in res["by_pair_type"].values())
     assert "safety_accuracy" in res and json.loads(out.read_text())["pairs"] == res["pairs"]
     gen = res["generation"]
     assert gen["prompts"] == 6 and 0.0 <= gen["harmless_rate"] <= 1.0 and math.isfinite(gen["mean_reward"])

@@ -1,0 +1,159 @@
+"""Metrics: evaluation from cached reference log-probs (no reference model loaded), and the
+training window of per-pair diagnostics between two logged steps.
+
+Evaluation runs over the pairs as oriented in the cache (chosen = the cached chosen response):
+- preference_accuracy: share of pairs whose implicit reward r = log pi(y) - log pi_ref(y) is
+  higher for chosen than for rejected (ties count as wrong);
+- safety_accuracy: over pairs whose responses differ in safety, the share where the safe
+  response has the higher implicit reward;
+- mean implicit rewards and margins per pair type (chosen/rejected safety).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from .cache import Cache
+from .losses import PAIR_TYPES, pair_diagnostics
+from .pairs import epoch_batches
+from .scoring import PairScorer
+
+
+def _type_name(sw: float, sl: float) -> str:
+    """The PAIR_TYPES name of a pair's (chosen, rejected) safety labels (1 unsafe, 0 safe, NaN unknown)."""
+    if np.isnan(sw) or np.isnan(sl):
+        return PAIR_TYPES[4]
+    return PAIR_TYPES[int(sw) * 2 + int(sl)]
+
+
+def evaluate_cache(model, cache: Cache, *, batch_size: int = 16, device: str = "cpu",
+                   pad_id: int = 0, max_pairs: int | None = None, autocast: str = "none",
+                   prefix_sharing: str = "auto") -> dict:
+    """The metrics above, streamed over the cache in its stored order.
+
+    `model` is a causal LM or a `PairScorer` (which then brings its device, padding, autocast
+    and prefix-sharing decision)."""
+    import torch
+
+    scorer = model if isinstance(model, PairScorer) else PairScorer(
+        model, prefix_sharing=prefix_sharing, device=device, pad_id=pad_id, autocast=autocast)
+    model = scorer.model
+    was_training = model.training
+    model.eval()
+    per_type = defaultdict(lambda: {"n": 0, "chosen_reward": 0.0, "rejected_reward": 0.0, "margin": 0.0,
+                                    "correct": 0})
+    n = correct = differs = safe_wins = 0
+    with torch.inference_mode():
+        for batch in epoch_batches(cache, mode="none", orientation="better", batch_size=batch_size,
+                                   seed=0, epoch=0, shuffle=False):
+            if max_pairs is not None and n >= max_pairs:
+                break
+            lp = scorer([it.prompt_ids for it in batch], [it.chosen_ids for it in batch],
+                        [it.rejected_ids for it in batch])
+            for it, c, r in zip(batch, lp.chosen.cpu().tolist(), lp.rejected.cpu().tolist()):
+                rc, rr = c - it.ref_chosen_logp, r - it.ref_rejected_logp
+                t = per_type[_type_name(it.chosen_unsafe, it.rejected_unsafe)]
+                t["n"] += 1
+                t["chosen_reward"] += rc
+                t["rejected_reward"] += rr
+                t["margin"] += rc - rr
+                t["correct"] += rc > rr
+                n += 1
+                correct += rc > rr
+                if not (np.isnan(it.chosen_unsafe) or np.isnan(it.rejected_unsafe)) \
+                        and it.chosen_unsafe != it.rejected_unsafe:
+                    differs += 1
+                    safe_is_chosen = it.chosen_unsafe == 0.0
+                    safe_wins += (rc > rr) if safe_is_chosen else (rr > rc)
+    if was_training:
+        model.train()
+    types = {name: {"pairs": t["n"], "mean_chosen_reward": t["chosen_reward"] / t["n"],
+                    "mean_rejected_reward": t["rejected_reward"] / t["n"],
+                    "mean_margin": t["margin"] / t["n"], "preference_accuracy": t["correct"] / t["n"]}
+             for name, t in sorted(per_type.items())}
+    return {
+        "pairs": n,
+        "preference_accuracy": correct / n if n else float("nan"),
+        "safety_accuracy": safe_wins / differs if differs else float("nan"),
+        "safety_pairs": differs,
+        "mean_margin": sum(t["margin"] for t in per_type.values()) / n if n else float("nan"),
+        "by_pair_type": types,
+    }
+
+
+class MetricsWindow:
+    """Sums of per-pair diagnostics between two logged steps."""
+
+    TYPES = PAIR_TYPES
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.s = {k: 0.0 for k in ("loss", "chosen_rewards", "rejected_rewards", "margin", "reward_margin",
+                                   "correct", "u", "clamped", "u_pos", "safety_pairs", "safe_wins")}
+        self.n = 0
+        self.by_type = {t: [0, 0.0] for t in self.TYPES}
+        self.seconds = self.tokens = self.steps = 0
+        self.grad_norm = self.lr = 0.0
+
+    def add(self, spec, losses, pc, pr, ref_c, ref_r, s_c, s_r):
+        d = pair_diagnostics(spec, pc, pr, ref_c, ref_r, s_c, s_r)
+        self.s["loss"] += float(losses.double().sum())
+        self.s["chosen_rewards"] += float(d["chosen_rewards"].sum())
+        self.s["rejected_rewards"] += float(d["rejected_rewards"].sum())
+        self.s["margin"] += float(d["margin"].sum())
+        self.s["reward_margin"] += float((d["chosen_rewards"] - d["rejected_rewards"]).sum())
+        self.s["correct"] += float((d["margin"] > 0).sum())
+        self.s["u"] += float(d["u"].sum())
+        self.s["clamped"] += float(d["clamped"].sum())
+        self.s["u_pos"] += float((d["u"] > 0).sum())
+        self.s["safety_pairs"] += float(d["safety_differs"].sum())
+        self.s["safe_wins"] += float(d["safe_wins"].sum())
+        self.n += len(losses)
+        for t, loss in zip(d["pair_type"].tolist(), losses.double().tolist()):
+            entry = self.by_type[self.TYPES[t]]
+            entry[0] += 1
+            entry[1] += loss
+
+    def tick(self, seconds, tokens, grad_norm, lr):
+        self.seconds += seconds
+        self.tokens += tokens
+        self.steps += 1
+        self.grad_norm = grad_norm
+        self.lr = lr
+
+    def _merge(self, dist) -> None:
+        """Sum the window over ranks, so the metrics cover every pair of the step."""
+        if dist is None or not dist.enabled:
+            return
+        parts = dist.all_gather_object((self.s, self.n, self.by_type, self.tokens))
+        self.s = {k: sum(p[0][k] for p in parts) for k in self.s}
+        self.n = sum(p[1] for p in parts)
+        self.by_type = {t: [sum(p[2][t][0] for p in parts), sum(p[2][t][1] for p in parts)] for t in self.TYPES}
+        self.tokens = sum(p[3] for p in parts)
+
+    def flush(self, step: int, epoch: int, dist=None) -> dict:
+        self._merge(dist)
+        n = max(self.n, 1)
+        s = self.s
+        row = {
+            "step": step, "epoch": epoch, "pairs": self.n,
+            "loss": s["loss"] / n,
+            "chosen_rewards": s["chosen_rewards"] / n, "rejected_rewards": s["rejected_rewards"] / n,
+            "margin": s["margin"] / n, "reward_margin": s["reward_margin"] / n,
+            "preference_accuracy": s["correct"] / n,
+            "safety_accuracy": s["safe_wins"] / s["safety_pairs"] if s["safety_pairs"] else None,
+            "u_mean": s["u"] / n, "clamped_fraction": s["clamped"] / n, "u_positive_fraction": s["u_pos"] / n,
+            "lr": self.lr, "grad_norm": self.grad_norm,
+            "step_seconds": self.seconds / max(self.steps, 1),
+            "tokens_per_s": self.tokens / self.seconds if self.seconds else 0.0,
+        }
+        for t, (count, loss) in self.by_type.items():
+            if count:
+                row[f"loss/{t}"] = loss / count
+                row[f"pairs/{t}"] = count
+        self.reset()
+        return row

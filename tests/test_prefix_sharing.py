@@ -1,0 +1,320 @@
+"""Prefix sharing: each prompt scored once, with exactly the numbers of scoring it twice.
+
+Shared vs unshared (fp32) per sequence within 2e-4 nats, the loss within 1e-6 relative and every
+parameter's gradient within 1e-4 relative; the cache against a float64 full-logit recomputation
+within 2e-4 nats; gradient checkpointing, LoRA and bf16 autocast; and the fallback of a model
+whose attention cannot take the block mask.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bso_cache import scoring
+from bso_cache.build import build_cache
+from bso_cache.cache import Cache
+from bso_cache.config import BuildConfig, TrainConfig
+from bso_cache.errors import ConfigError
+from bso_cache.losses import make_loss_spec, spec_loss
+from bso_cache.pairs import epoch_batches
+from bso_cache.scoring import PairScorer, score_pairs, shared_layout, unshared_layout
+
+from .conftest import read_jsonl
+
+SEQ_ATOL = 2e-4      # nats per sequence, shared vs unshared and cache vs float64
+# The loss, relative. The mechanism is exact (float64: 1e-6 holds with room, measured 0); in
+# float32 the unshared loss itself moves by ~1e-6 with the batch's shape and is ~3e-6 off its
+# float64 value on these pairs, so shared vs unshared is held to 1e-5 there.
+LOSS_RTOL = {torch.float64: 1e-6, torch.float32: 1e-5}
+GRAD_RTOL = 1e-4
+
+
+def cache_pairs(cache_dir, n=None):
+    items = [it for b in epoch_batches(Cache.open(cache_dir), mode="none", orientation="better", batch_size=64,
+                                       seed=0, epoch=0, shuffle=False) for it in b]
+    items = items[:n] if n else items
+    return ([it.prompt_ids for it in items], [it.chosen_ids for it in items], [it.rejected_ids for it in items],
+            items)
+
+
+def build(model, data, out, **kw):
+    cfg = dict(model=str(model), data=str(data), out=str(out), max_length=512, batch_size=8,
+               rows_per_shard=250, progress=False)
+    cfg.update(kw)
+    return build_cache(BuildConfig(**cfg), log=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory, chatml_tokenizer):
+    """A tiny random Llama with the ChatML GPT-2 tokenizer: a chat-template model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("chat-model")
+    cfg = LlamaConfig(vocab_size=len(chatml_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      eos_token_id=chatml_tokenizer.eos_token_id, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(str(d))
+    chatml_tokenizer.save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def shared_caches(tinystories, chat_model, pku_path, hh_path, tmp_path_factory):
+    """PKU and HH built with sharing on, with tinystories (plain) and the chat model (ChatML)."""
+    root = tmp_path_factory.mktemp("shared-caches")
+    out = {}
+    for mname, model in (("tinystories", tinystories), ("chat", chat_model)):
+        for dname, data in (("pku", pku_path), ("hh", hh_path)):
+            out[(mname, dname)] = root / f"{mname}-{dname}"
+            build(model, data, out[(mname, dname)], prefix_sharing="on")
+    return out
+
+
+def load(path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+
+
+def test_shared_layout_masks_each_response_to_the_prompt_and_itself():
+    layout = shared_layout([[1, 2]], [[3, 4, 5]], [[6, 7]], pad_id=0)
+    ids = layout.input_ids[0].tolist()
+    assert ids == [1, 2, 3, 4, 5, 6, 7]
+    assert layout.position_ids[0].tolist() == [0, 1, 2, 3, 4, 2, 3]    # rejected restarts after the prompt
+    m = layout.attention_mask[0, 0]
+    assert m[5].tolist() == [True, True, False, False, False, True, False]   # rejected 6 sees the prompt and itself
+    assert m[4].tolist() == [True, True, True, True, True, False, False]     # chosen 5 never sees rejected
+    # chosen tokens are predicted from the position before them; the first rejected one from the prompt's end
+    assert list(zip(layout.source.tolist(), layout.targets.tolist(), layout.sequence.tolist())) == \
+        [(1, 3, 0), (2, 4, 0), (3, 5, 0), (1, 6, 1), (5, 7, 1)]
+    assert layout.tokens == 7 and unshared_layout([[1, 2]], [[3, 4, 5]], [[6, 7]]).tokens == 9
+
+
+def test_packed_rows_hold_several_pairs_each_masked_to_itself():
+    prompts, chosen, rejected = [[1, 2, 3, 4], [5], [6]], [[7, 8], [9], [10]], [[11], [12], [13, 14]]
+    layout = shared_layout(prompts, chosen, rejected, pad_id=0, pack=True)
+    assert layout.input_ids.shape == (2, 7)              # the two short pairs share the second row
+    assert layout.input_ids[1].tolist() == [6, 10, 13, 14, 5, 9, 12]
+    m = layout.attention_mask[1, 0]
+    assert not m[4:, :4].any() and not m[:4, 4:].any()   # neither pair of the row sees the other
+    model = _tiny_model()
+    with torch.no_grad():
+        a = score_pairs(model, prompts, chosen, rejected, prefix_sharing=True, pack=True)
+        b = score_pairs(model, prompts, chosen, rejected, prefix_sharing=False)
+    assert torch.allclose(a.chosen, b.chosen, atol=1e-5) and torch.allclose(a.rejected, b.rejected, atol=1e-5)
+
+
+def _tiny_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("attn,dtype", [("sdpa", torch.float32), ("eager", torch.float32), ("sdpa", torch.float64)])
+@pytest.mark.parametrize("model_name,data", [("tinystories", "pku"), ("tinystories", "hh"), ("chat", "pku"),
+                                             ("chat", "hh")])
+def test_shared_equals_unshared_values_loss_and_gradients(shared_caches, tinystories, chat_model, model_name,
+                                                          data, attn, dtype):
+    """The DPO loss of 8 cached pairs at step 0 (policy = reference), shared vs unshared."""
+    from transformers import AutoModelForCausalLM
+
+    path = tinystories if model_name == "tinystories" else chat_model
+    model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation=attn, dtype=dtype)
+    P, C, R, items = cache_pairs(shared_caches[(model_name, data)], n=8)
+    spec = make_loss_spec("logistic", safety_penalty=0.0)
+    ref_c = torch.tensor([it.ref_chosen_logp for it in items], dtype=torch.float64)
+    ref_r = torch.tensor([it.ref_rejected_logp for it in items], dtype=torch.float64)
+    out = {}
+    for share in (False, True):
+        model.zero_grad()
+        lp = score_pairs(model, P, C, R, prefix_sharing=share)
+        loss = spec_loss(spec, lp.chosen, lp.rejected, ref_c, ref_r, None, None).mean()
+        loss.backward()
+        out[share] = (lp, float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()})
+    (a, la, ga), (b, lb, gb) = out[False], out[True]
+    assert b.tokens < a.tokens
+    seq = max(float((a.chosen - b.chosen).detach().abs().max()), float((a.rejected - b.rejected).detach().abs().max()))
+    assert seq <= (SEQ_ATOL if dtype == torch.float32 else 1e-9), seq
+    assert abs(la - lb) <= LOSS_RTOL[dtype] * abs(la), abs(la - lb) / abs(la)
+    for name, g in ga.items():
+        assert float((g - gb[name]).norm()) <= GRAD_RTOL * float(g.norm()) + 1e-12, name
+    # and both equal the cache (built shared, float32) within the same bound
+    assert float((b.chosen.detach() - ref_c).abs().max()) <= SEQ_ATOL
+
+
+def full_logit_float64(model, prompt, response) -> float:
+    ids = torch.tensor([list(prompt) + list(response)])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, :-1].double()            # (T-1, V) float64
+    lp = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None]).squeeze(1)
+    return float(lp[len(prompt) - 1:].sum())
+
+
+@pytest.mark.parametrize("model_name,data", [("tinystories", "pku"), ("tinystories", "hh"), ("chat", "pku"),
+                                             ("chat", "hh")])
+def test_cache_equals_a_float64_recomputation(shared_caches, tinystories, chat_model, model_name, data):
+    """The cached sums (built shared) against a plain full-logit float64 pass, one sequence at a
+    time, on the pairs with the longest responses (where a float32 sum drifts most)."""
+    path = tinystories if model_name == "tinystories" else chat_model
+    model = load(path, torch.float64)
+    P, C, R, items = cache_pairs(shared_caches[(model_name, data)])
+    longest = sorted(range(len(items)), key=lambda i: -max(len(C[i]), len(R[i])))[:6]
+    worst = 0.0
+    for i in longest:
+        worst = max(worst, abs(full_logit_float64(model, P[i], C[i]) - items[i].ref_chosen_logp),
+                    abs(full_logit_float64(model, P[i], R[i]) - items[i].ref_rejected_logp))
+    assert worst <= SEQ_ATOL, worst
+    assert max(len(C[i]) for i in longest) > 100
+
+
+def test_caches_built_either_way_are_interchangeable(shared_caches, tinystories, pku_path, tmp_path):
+    shared = shared_caches[("tinystories", "pku")]
+    plain = tmp_path / "plain"
+    manifest = build(tinystories, pku_path, plain, prefix_sharing="off")
+    assert manifest["stats"]["prefix_sharing"] is False
+    assert json.loads((shared / "manifest.json").read_text())["stats"]["prefix_sharing"] is True
+    a, b = cache_pairs(shared)[3], cache_pairs(plain)[3]
+    assert [x.prompt_ids for x in a] == [x.prompt_ids for x in b]
+    # each float32 build is within ~1e-4 of the float64 value (test above), on either side of it, so
+    # two builds can be up to twice that apart (measured: 2.2e-4 at most over these 614 sequences)
+    diffs = [abs(x.ref_chosen_logp - y.ref_chosen_logp) for x, y in zip(a, b)]
+    diffs += [abs(x.ref_rejected_logp - y.ref_rejected_logp) for x, y in zip(a, b)]
+    assert max(diffs) <= 1.5 * SEQ_ATOL and sum(diffs) / len(diffs) <= 0.25 * SEQ_ATOL
+    # the same build with the other setting is the same cache: nothing to do, not a refusal
+    logs = []
+    build_cache(BuildConfig(model=str(tinystories), data=str(pku_path), out=str(plain), max_length=512, batch_size=8,
+                            rows_per_shard=250, progress=False, prefix_sharing="on"), log=logs.append)
+    assert "nothing to do" in logs[-1]
+
+
+def one_step(cache, out, **kw):
+    from bso_cache.train import train
+
+    cfg = dict(cache=str(cache), out=str(out), generator="logistic", safety_penalty=5.0, optimizer="sgd", lr=1.0,
+               lr_schedule="constant", warmup_ratio=0.0, grad_clip=0.0, batch_size=8, max_steps=1, progress=False)
+    cfg.update(kw)
+    summary = train(TrainConfig(**cfg), log=lambda s: None)
+    from safetensors.torch import load_file
+
+    return summary, load_file(str(out / "model.safetensors"))
+
+
+@pytest.mark.parametrize("extra", [{}, {"gradient_checkpointing": True}])
+def test_one_training_step_shared_equals_unshared_weight_by_weight(shared_caches, tinystories, tmp_path, extra):
+    """SGD with lr 1 and no clipping: each weight moves by exactly its gradient."""
+    from safetensors.torch import load_file
+
+    cache = shared_caches[("tinystories", "hh")]
+    s_off, w_off = one_step(cache, tmp_path / "off", prefix_sharing="off", **extra)
+    s_on, w_on = one_step(cache, tmp_path / "on", prefix_sharing="on", **extra)
+    w0 = load_file(str(tinystories / "model.safetensors"))
+    assert abs(s_on["final"]["loss"] - s_off["final"]["loss"]) <= LOSS_RTOL[torch.float32] * abs(s_off["final"]["loss"])
+    moved = 0
+    for name in w_off:
+        g_off, g_on = w_off[name] - w0[name], w_on[name] - w0[name]
+        assert float((g_on - g_off).norm()) <= GRAD_RTOL * float(g_off.norm()) + 1e-9, name
+        moved += bool(g_off.abs().max() > 0)
+    assert moved == len(w_off)  # every parameter received gradient
+    used = {d: json.loads((tmp_path / d / "run_config.json").read_text())["prefix_sharing"]["used"]
+            for d in ("on", "off")}
+    assert used == {"on": True, "off": False}
+
+
+def test_lora_and_bf16_autocast_share_too(shared_caches, tinystories, tmp_path):
+    """LoRA: the same step (fp32). bf16 autocast: the same loss and update direction up to bf16's
+    own noise (two bf16 passes over differently shaped batches differ by ~1e-2 relative)."""
+    from safetensors.torch import load_file
+
+    pytest.importorskip("peft")
+    w0 = load_file(str(tinystories / "model.safetensors"))
+    cache = shared_caches[("tinystories", "pku")]
+    for name, extra, rtol in (("lora", dict(lora_r=4, lora_alpha=8), 1e-6),
+                              ("bf16", dict(autocast="bf16"), 2e-2)):
+        s_off, w_off = one_step(cache, tmp_path / f"{name}-off", prefix_sharing="off", **extra)
+        s_on, w_on = one_step(cache, tmp_path / f"{name}-on", prefix_sharing="on", **extra)
+        assert json.loads((tmp_path / f"{name}-on" / "run_config.json").read_text())["prefix_sharing"]["used"]
+        assert abs(s_on["final"]["loss"] - s_off["final"]["loss"]) <= rtol * abs(s_off["final"]["loss"]), name
+        for k in w_off:
+            if name == "lora":
+                diff, scale = float((w_on[k] - w_off[k]).norm()), float(w_off[k].norm())
+                assert diff <= 1e-5 * scale + 1e-9, (name, k)
+            else:
+                u_on, u_off = (w_on[k] - w0[k]).flatten(), (w_off[k] - w0[k]).flatten()
+                assert float(torch.nn.functional.cosine_similarity(u_on, u_off, dim=0)) > 0.99, (name, k)
+
+
+def _register_mask_ignoring_attention():
+    """An attention that, like flash kernels, takes no mask: causal over the whole row."""
+    from transformers import AttentionInterface
+
+    def causal_only(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("causal_only", causal_only)
+    return "causal_only"
+
+
+def test_unsupported_attention_falls_back_with_one_line(tinystories):
+    from transformers import AutoModelForCausalLM
+
+    impl = _register_mask_ignoring_attention()
+    model = AutoModelForCausalLM.from_pretrained(str(tinystories), attn_implementation=impl).eval()
+    logs = []
+    scorer = PairScorer(model, prefix_sharing="on", device="cpu", log=logs.append)
+    P, C, R = [[1, 5, 6]], [[7, 8, 9]], [[10, 11]]
+    lp = scorer(P, C, R)
+    assert scorer.sharing is False and len(logs) == 1 and "prefix sharing off" in logs[0] and impl in logs[0]
+    with torch.no_grad():
+        plain = score_pairs(load(tinystories), P, C, R, prefix_sharing=False)
+    assert torch.allclose(lp.chosen, plain.chosen, atol=1e-4)
+
+
+def test_probe_catches_an_attention_that_ignores_the_mask(tinystories, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    impl = _register_mask_ignoring_attention()
+    monkeypatch.setattr(scoring, "MASK_ATTENTION", scoring.MASK_ATTENTION + (impl,))  # claims it can
+    model = AutoModelForCausalLM.from_pretrained(str(tinystories), attn_implementation=impl).eval()
+    logs = []
+    scorer = PairScorer(model, prefix_sharing="on", device="cpu", log=logs.append)
+    scorer([[1, 5, 6], [1, 9]], [[7, 8, 9], [3]], [[10, 11], [4, 4, 4]])
+    assert scorer.sharing is False and scorer.probe["max_per_token"] > scorer.probe["tolerance"]
+    assert len(logs) == 1 and "does not honour the block mask" in logs[0]
+
+
+def test_training_a_fallback_model_passes_the_step0_check(shared_caches, tinystories, tmp_path, monkeypatch):
+    from bso_cache import train as train_mod
+    from bso_cache.models import load_model
+
+    impl = _register_mask_ignoring_attention()
+    monkeypatch.setattr(train_mod, "load_model", lambda *a, **k: load_model(*a, attn_implementation=impl, **k))
+    logs = []
+    summary = train_mod.train(TrainConfig(cache=str(shared_caches[("tinystories", "hh")]), out=str(tmp_path / "r"),
+                                          prefix_sharing="on", max_steps=2, batch_size=4, progress=False),
+                              log=logs.append)
+    assert summary["step0"]["max_per_token"] <= summary["step0"]["tolerance_per_token"]
+    assert sum(line.startswith("prefix sharing off:") for line in logs) == 1
+    assert any("prefix sharing: off (--prefix-sharing on)" in line for line in logs)
+    assert len(read_jsonl(tmp_path / "r" / "metrics.jsonl")) == 2
+
+
+def test_auto_follows_the_measured_device_table(tinystories):
+    model = load(tinystories)
+    assert scoring.AUTO_PREFIX_SHARING["cpu"] is True
+    assert PairScorer(model, prefix_sharing="auto", device="cpu").decide([[1, 2]], [[3]], [[4]]) is True
+    assert PairScorer(model, prefix_sharing="auto", device="cuda").decide([[1, 2]], [[3]], [[4]]) is False
+    assert PairScorer(model, prefix_sharing="off", device="cpu").decide([[1, 2]], [[3]], [[4]]) is False
+    with pytest.raises(ConfigError, match="--prefix-sharing"):
+        BuildConfig(model="m", data="d", out="o", prefix_sharing="always").validate()
+    with pytest.raises(ConfigError, match="--prefix-sharing"):
+        TrainConfig(cache="c", out="o", prefix_sharing="yes").validate()
