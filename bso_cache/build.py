@@ -14,37 +14,18 @@ import math
 import time
 from pathlib import Path
 
-from . import __version__
 from . import schemas as S
-from .cache import atomic_write_json, empty_columns, file_sha256, shard_name, write_shard
-from .config import BuildConfig, to_dict
-from .data import Normaliser, Pair, open_source
+from .cache import atomic_write_json, empty_columns, read_manifest, write_shard
+from .config import DEFAULT_MAX_LENGTH, DEFAULT_ROWS_PER_SHARD, BuildConfig
+from .formats import Normaliser, Pair
+from .sources import open_source
 from .dist import Dist
 from .errors import CacheError, ConfigError, DataError
+from .shards import sidecar, sidecar_done, write_manifest
 from .models import load_model, load_tokenizer, model_identity, resolve_device, weights_digest
-from .tokenize import Encoded, PairTokenizer, apply_length_policy, tokenizer_digest
+from .tokenize import PairTokens, PairTokenizer, apply_length_policy, tokenizer_digest
 
-BUILD_STATE = "build.json"
-DEFAULT_MAX_LENGTH = 2048
-DEFAULT_ROWS_PER_SHARD = 2000
-
-
-def _sidecar(out: Path, k: int) -> Path:
-    return out / shard_name(k).replace(".parquet", ".json")
-
-
-def _sidecar_done(out: Path, k: int) -> dict | None:
-    side = _sidecar(out, k)
-    if not side.exists():
-        return None
-    try:
-        info = json.loads(side.read_text())
-    except json.JSONDecodeError:
-        return None
-    shard = out / info["shard"]["file"]
-    if not shard.exists() or file_sha256(shard) != info["shard"]["sha256"]:
-        return None
-    return info
+BUILD_STATE = S.BUILD_STATE_NAME
 
 
 def _model_max_length(cfg: BuildConfig) -> int | None:
@@ -119,7 +100,7 @@ def _prepare_out(out: Path, identity: dict, overwrite: bool, dist: Dist) -> dict
                                  f"{', '.join(diff[:6])}); pass --overwrite to start again, or "
                                  f"another --out")
             if path == manifest_path:
-                return json.loads(manifest_path.read_text())
+                return read_manifest(out)
     ours = (BUILD_STATE, S.MANIFEST_NAME, BUILD_STATE + ".tmp", S.MANIFEST_NAME + ".tmp")
     stray = [p.name for p in out.iterdir() if not p.name.startswith("part-") and p.name not in ours]
     if stray and not state_path.exists():
@@ -140,7 +121,7 @@ def _write_state(out: Path, identity: dict, dist: Dist) -> None:
 def _validate_rows(source, fmt: str, skip_bad_rows: bool) -> tuple[int, str]:
     """A quick pass over the input (no tokenizing): counts the rows, detects the format from the
     first readable row, and stops at the first bad row unless they are to be skipped."""
-    from .data import detect_format
+    from .formats import detect_format
 
     normalise = Normaliser(fmt)
     n = 0
@@ -156,7 +137,7 @@ def _validate_rows(source, fmt: str, skip_bad_rows: bool) -> tuple[int, str]:
     return n, normalise.format
 
 
-def _pair_columns(pairs: list[Pair], encoded: list[Encoded], chosen: list[float],
+def _pair_columns(pairs: list[Pair], encoded: list[PairTokens], chosen: list[float],
                   rejected: list[float]) -> dict[str, list]:
     cols = empty_columns()
     for p, e, c, r in zip(pairs, encoded, chosen, rejected):
@@ -176,69 +157,38 @@ def _pair_columns(pairs: list[Pair], encoded: list[Encoded], chosen: list[float]
     return cols
 
 
-def _write_manifest(out: Path, identity: dict, cfg: BuildConfig, n_input: int, n_blocks: int,
-                    ref_info: dict | None) -> dict:
-    sides = []
-    for k in range(n_blocks):
-        info = _sidecar_done(out, k)
-        if info is None:
-            raise CacheError(f"{_sidecar(out, k)}: shard {k} is not finished; re-run the build to resume")
-        sides.append(info)
-    dropped: dict[str, int] = {}
-    notes: dict[str, int] = {}
-    for info in sides:
-        for reason, n in info["dropped"].items():
-            dropped[reason] = dropped.get(reason, 0) + n
-        for key, n in info.get("notes", {}).items():
-            notes[key] = notes.get(key, 0) + n
-    written = sum(info["shard"]["rows"] for info in sides)
-    if written + sum(dropped.values()) != n_input:
-        raise CacheError(f"{out}: accounting failed: {written} written + {sum(dropped.values())} "
-                         f"dropped != {n_input} input rows; rebuild with --overwrite")
-    seconds = sum(i["stats"]["seconds"] for i in sides)
-    tokens = sum(i["stats"]["tokens"] for i in sides)
-    padded = sum(i["stats"]["padded_tokens"] for i in sides)
-    reference = dict(identity["reference"])
-    if ref_info:
-        reference.update(ref_info)
-    else:  # every shard was already done (a resume after the last shard): read the sidecars' copy
-        reference.update(next((i["reference"] for i in sides if i.get("reference")), {}))
-    manifest = {
-        "format": S.FORMAT_NAME,
-        "schema_version": S.SCHEMA_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "bso_cache_version": __version__,
-        **identity,
-        "reference": reference,
-        "rows": {"input": n_input, "written": written, "dropped": dict(sorted(dropped.items()))},
-        "notes": notes,
-        "columns": list(S.COLUMNS),
-        "shards": [{**i["shard"], "input_rows": i["input_rows"]} for i in sides],
-        "stats": {"score_seconds": round(seconds, 3),
-                  "pairs_per_s": round(written / seconds, 2) if seconds else None,
-                  "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
-                  "tokens": tokens, "padding_share": round(1 - tokens / padded, 4) if padded else 0.0,
-                  "batch_size": cfg.batch_size, "prefix_sharing": _sharing_summary(sides)},
-        "build_config": to_dict(cfg),
-    }
-    atomic_write_json(out / S.MANIFEST_NAME, manifest)
-    for k in range(n_blocks):
-        _sidecar(out, k).unlink(missing_ok=True)
-    (out / BUILD_STATE).unlink(missing_ok=True)
-    return manifest
-
-
 def _on_off(value) -> str:
     return {True: "on", False: "off"}.get(value, str(value))
 
 
-def _sharing_summary(sides: list[dict]):
-    """true / false when every shard was scored the same way, "mixed" when a resume changed it."""
-    used = {i["stats"].get("prefix_sharing") for i in sides if i["shard"]["rows"]}
-    return used.pop() if len(used) == 1 else ("mixed" if used else None)
+def _pair_tokenizer(cfg: BuildConfig, tokenizer) -> PairTokenizer:
+    chat_template = None
+    if cfg.chat_template:
+        try:
+            chat_template = Path(cfg.chat_template).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"--chat-template {cfg.chat_template}: {e.strerror}") from None
+    return PairTokenizer(tokenizer, template=cfg.template, chat_template=chat_template,
+                         system_prompt=cfg.system_prompt)
 
 
-def build_cache(cfg: BuildConfig, *, log=print) -> dict:
+def _max_length(cfg: BuildConfig) -> int:
+    """--max-length, or min(DEFAULT_MAX_LENGTH, the model's positions); never past the model's."""
+    model_max = _model_max_length(cfg)
+    max_length = cfg.max_length or min(DEFAULT_MAX_LENGTH, model_max or DEFAULT_MAX_LENGTH)
+    if model_max and max_length > model_max:
+        raise ConfigError(f"--max-length {max_length} exceeds the model's {model_max} positions")
+    return max_length
+
+
+def _reference_scorer(cfg: BuildConfig, model, tokenizer, device: str, log):
+    from .scoring import PairScorer
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return PairScorer(model, prefix_sharing=cfg.prefix_sharing, device=device, pad_id=pad_id, log=log)
+
+
+def build_cache(cfg: BuildConfig, *, log=print) -> S.Manifest:
     """Run a build (or resume one) and return the manifest."""
     cfg.validate()
     device = resolve_device(cfg.device)
@@ -248,30 +198,20 @@ def build_cache(cfg: BuildConfig, *, log=print) -> dict:
     out = Path(cfg.out)
     source = open_source(cfg.data, split=cfg.split, hf_config=cfg.hf_config)
     tokenizer = load_tokenizer(cfg.model, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code)
-    chat_template = None
-    if cfg.chat_template:
-        try:
-            chat_template = Path(cfg.chat_template).read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"--chat-template {cfg.chat_template}: {e.strerror}") from None
-    ptok = PairTokenizer(tokenizer, template=cfg.template, chat_template=chat_template,
-                         system_prompt=cfg.system_prompt)
-    model_max = _model_max_length(cfg)
-    max_length = cfg.max_length or min(DEFAULT_MAX_LENGTH, model_max or DEFAULT_MAX_LENGTH)
-    if model_max and max_length > model_max:
-        raise ConfigError(f"--max-length {max_length} exceeds the model's {model_max} positions")
+    ptok = _pair_tokenizer(cfg, tokenizer)
+    max_length = _max_length(cfg)
     n_input, fmt = _validate_rows(source, cfg.format, cfg.skip_bad_rows)
     R = cfg.rows_per_shard or min(DEFAULT_ROWS_PER_SHARD, math.ceil(n_input / dist.world))
     identity = _identity(cfg, source, ptok, max_length, device, R)
     done = _prepare_out(out, identity, cfg.overwrite, dist)
     if done is not None:
-        log(f"{out}: this cache is already complete ({done['rows']['written']} pairs); nothing to do")
+        log(f"{out}: this cache is already complete ({done.written} pairs); nothing to do")
         dist.close()
         return done
     _write_state(out, identity, dist)
     n_blocks = math.ceil(n_input / R)
     mine = [k for k in range(n_blocks) if k % dist.world == dist.rank]
-    todo = [k for k in mine if _sidecar_done(out, k) is None]
+    todo = [k for k in mine if sidecar_done(out, k) is None]
     if dist.is_main:
         log(f"input: {n_input} rows from {cfg.data} ({n_blocks} shards of {R} input rows; "
             f"{len(mine) - len(todo)} already done); template: {ptok.mode}; max length {max_length}")
@@ -280,28 +220,24 @@ def build_cache(cfg: BuildConfig, *, log=print) -> dict:
         model = load_model(cfg.model, dtype=cfg.dtype, device=device, gguf_file=cfg.gguf_file,
                            trust_remote_code=cfg.trust_remote_code)
         model.eval()
-        ref_info = {k: v for k, v in model_identity(cfg.model, cfg.gguf_file, model).items()
+        ref_info = {k: v for k, v in model_identity(cfg.model, cfg.gguf_file, model,
+                                                    identity["reference"]["weights_digest"]).items()
                     if k not in identity["reference"]}
-        from .scoring import PairScorer
-
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        scorer = PairScorer(model, prefix_sharing=cfg.prefix_sharing, device=device, pad_id=pad_id,
-                            log=log if dist.is_main else (lambda s: None))
+        scorer = _reference_scorer(cfg, model, tokenizer, device, log if dist.is_main else (lambda s: None))
         _score_blocks(cfg, source, fmt, ptok, scorer, todo, R, n_input, out, max_length, dist, ref_info)
         del model, scorer
     dist.barrier()
     manifest = None
     if dist.is_main:
-        manifest = _write_manifest(out, identity, cfg, n_input, n_blocks, ref_info)
-        r = manifest["rows"]
-        log(f"wrote {out}: {r['written']} pairs in {len(manifest['shards'])} shards; dropped "
+        manifest = write_manifest(out, identity, cfg, n_input, n_blocks, ref_info)
+        r, stats = manifest.rows, manifest.stats
+        log(f"wrote {out}: {r['written']} pairs in {len(manifest.shards)} shards; dropped "
             f"{sum(r['dropped'].values())} {r['dropped'] or ''}; "
-            f"{manifest['stats']['pairs_per_s']} pairs/s, {manifest['stats']['tokens_per_s']} tokens/s, "
-            f"padding {100 * manifest['stats']['padding_share']:.1f}%, prefix sharing "
-            f"{_on_off(manifest['stats']['prefix_sharing'])}")
+            f"{stats['pairs_per_s']} pairs/s, {stats['tokens_per_s']} tokens/s, "
+            f"padding {100 * stats['padding_share']:.1f}%, prefix sharing {_on_off(stats['prefix_sharing'])}")
     dist.barrier()
     if not dist.is_main:
-        manifest = json.loads((out / S.MANIFEST_NAME).read_text())
+        manifest = read_manifest(out)
     dist.close()
     return manifest
 
@@ -372,7 +308,7 @@ def _score_block(cfg: BuildConfig, normalise: Normaliser, ptok: PairTokenizer, s
     shard = write_shard(out, k, _pair_columns(kept_pairs, kept_enc, chosen, rejected))
     notes = {key: n - notes_before.get(key, 0) for key, n in normalise.notes.items()
              if n - notes_before.get(key, 0)}
-    atomic_write_json(_sidecar(out, k), {
+    atomic_write_json(sidecar(out, k), {
         "shard": shard, "input_rows": [block[0][0], block[-1][0] + 1], "dropped": dropped,
         "notes": notes, "reference": ref_info,
         "stats": {"seconds": time.perf_counter() - t0, **stats},
@@ -380,7 +316,7 @@ def _score_block(cfg: BuildConfig, normalise: Normaliser, ptok: PairTokenizer, s
 
 
 def _encode(ptok: PairTokenizer, pairs: list[Pair], skip_bad_rows: bool,
-            dropped: dict[str, int]) -> list[tuple[Pair, Encoded]]:
+            dropped: dict[str, int]) -> list[tuple[Pair, PairTokens]]:
     """Encode pairs in one batched call; on a template error fall back to row by row."""
     try:
         return list(zip(pairs, ptok.encode_many(pairs)))

@@ -9,19 +9,17 @@ only complete shards behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from . import schemas as S
 from .errors import CacheError
+from .hashing import file_sha256
 
 ROW_GROUP_ROWS = 512
-_SHARD_RE = re.compile(r"^part-\d{5}\.parquet$")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -35,14 +33,6 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
 
 
 def shard_name(index: int) -> str:
@@ -72,7 +62,7 @@ def empty_columns() -> dict[str, list]:
 
 # --- manifest ------------------------------------------------------------------------------------
 
-def read_manifest(cache_dir: Path) -> dict:
+def read_manifest(cache_dir: Path) -> S.Manifest:
     """Read and check a finished cache's manifest; errors name the file and the field."""
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
@@ -80,66 +70,70 @@ def read_manifest(cache_dir: Path) -> dict:
     path = cache_dir / S.MANIFEST_NAME
     if not path.exists():
         hint = (" (an unfinished build: re-run the same build command to resume it)"
-                if (cache_dir / "build.json").exists() else "")
+                if (cache_dir / S.BUILD_STATE_NAME).exists() else "")
         raise CacheError(f"{path}: missing; this folder is not a finished bso-cache cache{hint}")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CacheError(f"{path}: not valid JSON ({e}); the manifest is damaged, rebuild the cache") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != S.FORMAT_NAME:
-        raise CacheError(f"{path}: field 'format' is not '{S.FORMAT_NAME}'; not a bso-cache manifest")
-    version = manifest.get("schema_version")
-    if version != S.SCHEMA_VERSION:
-        raise CacheError(
-            f"{path}: field 'schema_version' is {version!r}, this bso-cache reads version "
-            f"{S.SCHEMA_VERSION}; rebuild the cache with this version (bso-cache build ... --overwrite) "
-            f"or use the bso-cache release that wrote it")
-    for key in S.MANIFEST_REQUIRED:
-        if key not in manifest:
-            raise CacheError(f"{path}: field '{key}' is missing; the manifest is damaged, rebuild the cache")
-    for i, shard in enumerate(manifest["shards"]):
-        name = shard.get("file") if isinstance(shard, dict) else None
-        if not isinstance(name, str) or not _SHARD_RE.match(name):
-            raise CacheError(f"{path}: field 'shards[{i}].file' = {name!r} is not a shard name "
-                             f"like part-00000.parquet; refusing a path outside the cache")
-        for key in ("rows", "sha256"):
-            if key not in shard:
-                raise CacheError(f"{path}: field 'shards[{i}].{key}' is missing")
-    rows = manifest["rows"]
-    if rows.get("written", -1) + sum(rows.get("dropped", {}).values()) != rows.get("input"):
-        raise CacheError(f"{path}: field 'rows' does not add up (written + dropped != input)")
-    return manifest
+    try:
+        return S.Manifest.from_json(obj)
+    except S.ManifestError as e:
+        if "schema_version" in str(e) and isinstance(obj, dict) and obj.get("format") == S.FORMAT_NAME:
+            raise CacheError(f"{path}: {e}; rebuild the cache with this version (bso-cache build ... --overwrite) "
+                             f"or use the bso-cache release that wrote it") from None
+        raise CacheError(f"{path}: {e}; the manifest is damaged or not a bso-cache manifest, rebuild the "
+                         f"cache") from None
 
 
-def check_tokenizer(cache_dir, manifest: dict, tokenizer, name: str) -> None:
+def check_tokenizer(cache_dir, manifest: S.Manifest, tokenizer, name: str) -> None:
     """Refuse a tokenizer other than the one the cache's token ids were made with."""
     from .errors import MismatchError
     from .tokenize import tokenizer_digest
 
-    if tokenizer_digest(tokenizer, None) != manifest["tokenizer"].get("vocab_digest"):
+    if tokenizer_digest(tokenizer, None) != manifest.vocab_digest:
         raise MismatchError(
             f"the tokenizer of {name} ({type(tokenizer).__name__}, {len(tokenizer)} tokens) is not the "
-            f"tokenizer the cache {cache_dir} was built with ({manifest['tokenizer'].get('name_or_path')}); "
+            f"tokenizer the cache {cache_dir} was built with ({manifest.tokenizer.get('name_or_path')}); "
             f"the cached token ids would mean other text. Use a model that shares the reference's "
             f"tokenizer, or build a cache with this model")
 
 
-def shard_paths(cache_dir: Path, manifest: dict) -> list[Path]:
-    return [Path(cache_dir) / s["file"] for s in manifest["shards"]]
+def shard_paths(cache_dir: Path, manifest: S.Manifest) -> list[Path]:
+    return [Path(cache_dir) / s.file for s in manifest.shards]
 
 
-def verify_shards(cache_dir: Path, manifest: dict, *, checksums: bool = True) -> None:
+def _schema_difference(schema, expected) -> str | None:
+    """What differs between a shard's Arrow schema and the contract (names, order, types, nullability)."""
+    got = [(f.name, f.type, f.nullable) for f in schema]
+    want = [(f.name, f.type, f.nullable) for f in expected]
+    if got == want:
+        return None
+    missing = [n for n, _, _ in want if n not in schema.names]
+    if missing:
+        return f"columns {missing} are missing"
+    for (gn, gt, gnull), (wn, wt, wnull) in zip(got, want):
+        if gn != wn:
+            return f"column {gn!r} stands where {wn!r} should"
+        if gt != wt:
+            return f"column {gn!r} is {gt}, the contract says {wt}"
+        if gnull != wnull:
+            return f"column {gn!r} is {'nullable' if gnull else 'not nullable'}, the contract says the opposite"
+    return f"extra columns {[n for n, _, _ in got[len(want):]]}"
+
+
+def verify_shards(cache_dir: Path, manifest: S.Manifest, *, checksums: bool = True) -> None:
     """Refuse a missing, truncated, damaged or foreign shard, naming it."""
     import pyarrow.parquet as pq
 
     expected = S.shard_schema()
-    for shard, path in zip(manifest["shards"], shard_paths(cache_dir, manifest)):
+    for shard, path in zip(manifest.shards, shard_paths(cache_dir, manifest)):
         if not path.is_file():
             raise CacheError(f"{path}: shard listed in the manifest is missing; rebuild the cache")
-        if path.stat().st_size != shard.get("bytes", path.stat().st_size):
+        if path.stat().st_size != shard.bytes:
             raise CacheError(f"{path}: size {path.stat().st_size} differs from the manifest's "
-                             f"{shard['bytes']}; the shard is damaged or foreign, rebuild the cache")
-        if checksums and file_sha256(path) != shard["sha256"]:
+                             f"{shard.bytes}; the shard is damaged or foreign, rebuild the cache")
+        if checksums and file_sha256(path) != shard.sha256:
             raise CacheError(f"{path}: checksum differs from the manifest; the shard is damaged "
                              f"or foreign, rebuild the cache")
         try:
@@ -147,11 +141,12 @@ def verify_shards(cache_dir: Path, manifest: dict, *, checksums: bool = True) ->
             schema = meta.schema.to_arrow_schema()
         except Exception as e:  # noqa: BLE001
             raise CacheError(f"{path}: not a readable Parquet file ({e}); rebuild the cache") from None
-        if meta.num_rows != shard["rows"]:
-            raise CacheError(f"{path}: has {meta.num_rows} rows, the manifest says {shard['rows']}")
-        missing = [f.name for f in expected if f.name not in schema.names]
-        if missing:
-            raise CacheError(f"{path}: columns {missing} are missing; not a shard of this schema")
+        if meta.num_rows != shard.rows:
+            raise CacheError(f"{path}: has {meta.num_rows} rows, the manifest says {shard.rows}")
+        problem = _schema_difference(schema, expected)
+        if problem:
+            raise CacheError(f"{path}: {problem}; not a shard of this schema (version {S.SCHEMA_VERSION}), "
+                             f"rebuild the cache")
 
 
 @dataclass
@@ -159,7 +154,7 @@ class Cache:
     """A finished cache: its folder and manifest. Use `Cache.open(path)`."""
 
     path: Path
-    manifest: dict
+    manifest: S.Manifest
 
     @classmethod
     def open(cls, path, *, verify: bool = True) -> "Cache":
@@ -175,7 +170,7 @@ class Cache:
 
     @property
     def num_pairs(self) -> int:
-        return int(self.manifest["rows"]["written"])
+        return self.manifest.written
 
     def iter_batches(self, columns: Iterable[str] = S.TRAIN_COLUMNS, *,
                      shard_order: Iterable[int] | None = None,
@@ -192,14 +187,3 @@ class Cache:
                 yield from pf.iter_batches(batch_size=batch_rows, columns=columns)
             except OSError as e:
                 raise CacheError(f"{path}: cannot be read ({e}); run `bso-cache verify {self.path}`") from None
-
-    def read_columns(self, columns: Iterable[str]) -> dict:
-        """Small columns (labels, lengths) of the whole cache as numpy arrays."""
-        import numpy as np
-
-        columns = list(columns)
-        parts: dict[str, list] = {c: [] for c in columns}
-        for batch in self.iter_batches(columns):
-            for c in columns:
-                parts[c].append(batch.column(c).to_numpy(zero_copy_only=False))
-        return {c: (np.concatenate(v) if v else np.array([])) for c, v in parts.items()}

@@ -16,7 +16,8 @@ ORIENTATIONS = ("better", "safer")
 OPTIMIZERS = ("adamw", "rmsprop", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
 AUTOCAST = ("none", "bf16", "fp16")
-PREFIX_SHARING = ("auto", "on", "off")   # bso_cache.scoring.PREFIX_SHARING_MODES
+PREFIX_SHARING = ("auto", "on", "off")
+DEFAULT_CLAMP = 30.0    # kappa: u in [-30, 30], the upper bound raised for C > 30 (losses.default_upper_clamp)   # see bso_cache.scoring.PairScorer
 
 
 def _check_prefix_sharing(value: str) -> None:
@@ -26,6 +27,10 @@ def _check_prefix_sharing(value: str) -> None:
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+DEFAULT_MAX_LENGTH = 2048        # --max-length when not given: min(this, the model's positions)
+DEFAULT_ROWS_PER_SHARD = 2000    # --rows-per-shard when not given (fewer so that every torchrun rank has one)
 
 
 @dataclass(frozen=True)
@@ -40,10 +45,10 @@ class BuildConfig:
     template: str = "auto"              # auto | chat | plain
     chat_template: str | None = None    # path to a Jinja template file overriding the tokenizer's
     system_prompt: str | None = None
-    max_length: int | None = None       # None: min(2048, the model's max positions)
+    max_length: int | None = None       # None: min(DEFAULT_MAX_LENGTH, the model's max positions)
     overlong: str = "drop"              # drop | truncate
     batch_size: int = 8                 # pairs per forward (2x sequences)
-    rows_per_shard: int | None = None   # input rows per shard; None: 2000, or fewer so every rank has one
+    rows_per_shard: int | None = None   # input rows per shard; None: DEFAULT_ROWS_PER_SHARD
     dtype: str = "float32"
     device: str = "auto"
     prefix_sharing: str = "auto"        # score each prompt once (auto: where it measured faster)
@@ -53,7 +58,7 @@ class BuildConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        from .data import FORMATS
+        from .formats import FORMATS
         from .models import DTYPES
         from .tokenize import TEMPLATE_MODES
 
@@ -126,7 +131,7 @@ class TrainConfig:
     eval_cache: str | None = None
     eval_every: int = 0
     tensorboard: bool = False
-    step0_tolerance: float | None = None  # None: by dtype (see train.step0_tolerance)
+    step0_tolerance: float | None = None  # None: by dtype (see metrics.step0_tolerance)
     trust_remote_code: bool = False
     progress: bool = True
     overwrite: bool = False
@@ -177,3 +182,15 @@ class TrainConfig:
     @property
     def micro_batch(self) -> int:
         return self.batch_size // self.grad_accum
+
+
+# The baselines people compare against (shared BSO.md), one table for `sweep --baselines`, the
+# demo and the reproduction script: TrainConfig overrides, the rest at their defaults.
+BASELINES = {
+    "dpo-helpful": dict(generator="logistic", safety_penalty=0.0, pairs="none", orientation="better"),
+    "dpo-harmless": dict(generator="logistic", safety_penalty=0.0, pairs="none", orientation="safer"),
+    "safedpo": dict(generator="logistic", safety_penalty=10.0, pairs="safedpo", orientation="better"),
+    # the authors' recipe: TrainConfig's loss defaults, held fixed when a sweep varies them
+    "bso": {**{k: getattr(TrainConfig, k) for k in ("generator", "lam", "scale", "beta", "safety_penalty", "clamp")},
+            "pairs": "safedpo", "orientation": "better"},
+}

@@ -139,7 +139,7 @@ def run_demo(out: Path, *, steps: int = 60, log=print) -> dict:
     """Build one cache, train DPO-helpful and BSO from it, evaluate both on held-out pairs."""
     from .build import build_cache
     from .cache import Cache
-    from .config import BuildConfig, TrainConfig
+    from .config import BASELINES, BuildConfig, TrainConfig
     from .metrics import evaluate_cache
     from .models import load_model, quiet_transformers
     from .train import train
@@ -153,11 +153,8 @@ def run_demo(out: Path, *, steps: int = 60, log=print) -> dict:
     build_cache(BuildConfig(data=str(paths["train"]), out=str(out / "cache-train"), **common), log=log)
     build_cache(BuildConfig(data=str(paths["eval"]), out=str(out / "cache-eval"), **common), log=log)
     log("[2/4] built the train and held-out caches (reference log-probs scored once)")
-    runs = {
-        "DPO-helpful": dict(generator="logistic", safety_penalty=0.0, pairs="none"),
-        "SafeDPO": dict(generator="logistic", safety_penalty=10.0, pairs="safedpo"),
-        "BSO (sba, C=30)": dict(generator="sba", safety_penalty=30.0, pairs="safedpo"),
-    }
+    runs = {"DPO-helpful": BASELINES["dpo-helpful"], "SafeDPO": BASELINES["safedpo"],
+            "BSO (sba, C=30)": BASELINES["bso"]}
     results = {}
     for name, loss in runs.items():
         run_dir = out / "runs" / name.split(" ")[0].lower()

@@ -55,15 +55,6 @@ class Dist:
         td.all_gather_object(out, obj)
         return out
 
-    def broadcast_object(self, obj, src: int = 0):
-        if not self.enabled:
-            return obj
-        import torch.distributed as td
-
-        box = [obj]
-        td.broadcast_object_list(box, src=src)
-        return box[0]
-
     def close(self) -> None:
         if self.enabled:
             import torch.distributed as td

@@ -26,13 +26,8 @@ def inspect_cache(path: str | Path, *, verify: bool = False) -> dict:
         pl.col(S.TRUNCATED).sum().alias("truncated"),
     ).collect().to_dicts()[0]
 
-    def label(c: str) -> pl.Expr:
-        return pl.when(pl.col(c).is_null()).then(pl.lit("?")).when(pl.col(c)).then(
-            pl.lit("unsafe")).otherwise(pl.lit("safe"))
-
-    mix = (lf.select(pl.concat_str([label(S.CHOSEN_UNSAFE), label(S.REJECTED_UNSAFE)], separator="/")
-                     .alias("pair_type"))
-           .group_by("pair_type").len().sort("pair_type").collect())
+    index = 2 * pl.col(S.CHOSEN_UNSAFE).cast(pl.Int8) + pl.col(S.REJECTED_UNSAFE).cast(pl.Int8)
+    mix = (lf.select(index.fill_null(S.UNLABELLED).alias("index")).group_by("index").len().sort("index").collect())
     logps = lf.select(
         pl.col(S.REF_CHOSEN_LOGP).mean().alias("chosen_mean"),
         pl.col(S.REF_REJECTED_LOGP).mean().alias("rejected_mean"),
@@ -46,17 +41,17 @@ def inspect_cache(path: str | Path, *, verify: bool = False) -> dict:
     m = cache.manifest
     return {
         "cache": str(cache.path),
-        "rows": m["rows"],
-        "notes": m.get("notes", {}),
-        "shards": len(m["shards"]),
-        "bytes": sum(s["bytes"] for s in m["shards"]),
-        "reference": {k: m["reference"].get(k) for k in ("name_or_path", "weights_digest", "model_type")},
-        "tokenization": m["tokenization"],
-        "reference_pass": m["reference_pass"],
+        "rows": m.rows,
+        "notes": m.notes,
+        "shards": len(m.shards),
+        "bytes": sum(s.bytes for s in m.shards),
+        "reference": {k: m.reference.get(k) for k in ("name_or_path", "weights_digest", "model_type")},
+        "tokenization": m.tokenization,
+        "reference_pass": m.reference_pass,
         "lengths": lengths,
-        "pair_types": dict(zip(mix["pair_type"].to_list(), mix["len"].to_list())),
+        "pair_types": {S.PAIR_TYPES[i]: n for i, n in zip(mix["index"].to_list(), mix["len"].to_list())},
         "safer_is_chosen": {str(r[S.SAFER_IS_CHOSEN]): r["count"]
                             for r in safer.to_series().to_list()},
         "ref_logps": logps,
-        "stats": m.get("stats", {}),
+        "stats": m.stats,
     }

@@ -29,7 +29,9 @@ from typing import Callable
 
 import torch
 
+from .config import DEFAULT_CLAMP, TrainConfig as _D
 from .errors import ConfigError
+from .schemas import UNLABELLED
 
 Tensor = torch.Tensor
 
@@ -106,19 +108,20 @@ def check_overflow(generator: str, lam: float, lower: float, upper: float,
 
 @dataclass(frozen=True)
 class LossSpec:
-    """A validated loss configuration. Build it with `make_loss_spec` so that typos fail early."""
+    """A validated loss configuration. Build it with `make_loss_spec` so that typos fail early.
+    The defaults are TrainConfig's (the BSO authors' recipe)."""
 
-    generator: str = "sba"
-    beta: float = 0.1
-    safety_penalty: float = 30.0
-    clamp_lower: float = -30.0
-    clamp_upper: float = 30.0
-    lam: float = 0.2
-    scale: float = 4.0
-    label_smoothing: float = 0.0
+    generator: str = _D.generator
+    beta: float = _D.beta
+    safety_penalty: float = _D.safety_penalty
+    clamp_lower: float = -DEFAULT_CLAMP
+    clamp_upper: float = DEFAULT_CLAMP
+    lam: float = _D.lam
+    scale: float = _D.scale
+    label_smoothing: float = _D.label_smoothing
 
 
-def default_upper_clamp(safety_penalty: float, lam: float, base: float = 30.0) -> float:
+def default_upper_clamp(safety_penalty: float, lam: float, base: float = DEFAULT_CLAMP) -> float:
     """The authors' rule: with C above the bound, raise it to min(C + 10, floor(85 / (1 + lambda)))."""
     if safety_penalty <= base:
         return base
@@ -138,10 +141,10 @@ def resolve_generator(generator: str, lam: float, scale: float, mu: float | None
     return generator, lam, scale
 
 
-def make_loss_spec(generator: str = "sba", *, beta: float = 0.1, safety_penalty: float = 30.0,
-                   clamp: float | None = None, clamp_lower: float | None = None,
-                   clamp_upper: float | None = None, lam: float = 0.2, scale: float = 4.0,
-                   mu: float | None = None, label_smoothing: float = 0.0,
+def make_loss_spec(generator: str = _D.generator, *, beta: float = _D.beta, safety_penalty: float = _D.safety_penalty,
+                   clamp: float | None = _D.clamp, clamp_lower: float | None = _D.clamp_lower,
+                   clamp_upper: float | None = _D.clamp_upper, lam: float = _D.lam, scale: float = _D.scale,
+                   mu: float | None = _D.mu, label_smoothing: float = _D.label_smoothing,
                    dtype: torch.dtype = torch.float32) -> LossSpec:
     """Validate every loss parameter and resolve the clamp bounds.
 
@@ -159,7 +162,7 @@ def make_loss_spec(generator: str = "sba", *, beta: float = 0.1, safety_penalty:
         raise ConfigError(f"--scale must be > 0, got {scale}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ConfigError(f"--label-smoothing must be in [0, 0.5), got {label_smoothing}")
-    base = 30.0 if clamp is None else float(clamp)
+    base = DEFAULT_CLAMP if clamp is None else float(clamp)
     if base <= 0:
         raise ConfigError(f"--clamp must be > 0, got {clamp}")
     lower = -base if clamp_lower is None else float(clamp_lower)
@@ -167,9 +170,7 @@ def make_loss_spec(generator: str = "sba", *, beta: float = 0.1, safety_penalty:
         if clamp_upper is None else float(clamp_upper)
     if not lower < 0 < upper:
         raise ConfigError(f"clamp bounds must satisfy lower < 0 < upper, got [{lower}, {upper}]")
-    check_overflow(generator, lam, lower, upper, dtype)
-    if label_smoothing > 0:  # l(-u) reaches the mirrored bounds
-        check_overflow(generator, lam, -upper, -lower, dtype)
+    check_overflow(generator, lam, lower, upper, dtype)  # the smoothed term's u_swap stays in the bounds too
     return LossSpec(generator, float(beta), float(safety_penalty), lower, upper, float(lam),
                     float(scale), float(label_smoothing))
 
@@ -195,7 +196,7 @@ def log_ratio(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     return m, u
 
 
-def loss_of_u(u: Tensor, generator: str, lam: float = 0.2, scale: float = 4.0) -> Tensor:
+def loss_of_u(u: Tensor, generator: str, lam: float = _D.lam, scale: float = _D.scale) -> Tensor:
     """l_h(u) for an already clamped u (float64 recommended)."""
     try:
         fn = _LOSS_OF_U[generator]
@@ -210,39 +211,42 @@ def bso_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
              ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
              chosen_unsafe: Tensor | None, rejected_unsafe: Tensor | None, *,
              generator: str, beta: float, safety_penalty: float,
-             clamp: float | tuple[float, float] = 30.0, lam: float = 0.2, scale: float = 4.0,
+             clamp: float | tuple[float, float] = DEFAULT_CLAMP, lam: float = _D.lam, scale: float = _D.scale,
              label_smoothing: float = 0.0) -> Tensor:
-    """Per-pair BSO losses, shape (B,), in the dtype of `policy_chosen_logps`.
+    """Per-pair BSO losses, shape (B,), in the dtype of `policy_chosen_logps` (the public entry point).
 
     Safety labels are 1 = unsafe, 0 = safe, NaN (or None for the whole batch) = unknown.
-    `clamp` is a symmetric bound kappa or a (lower, upper) pair.
+    `clamp` is a symmetric bound kappa or a (lower, upper) pair. The parameters are validated
+    (including overflow for the input dtype) on every call; a training loop validates once with
+    `make_loss_spec` and calls `spec_loss`.
     """
-    if generator not in _LOSS_OF_U:
-        generator, lam, scale = resolve_generator(generator, lam, scale)
     lower, upper = (-float(clamp), float(clamp)) if not isinstance(clamp, tuple) else map(float, clamp)
-    check_overflow(generator, lam, lower, upper, policy_chosen_logps.dtype)
-    _, u = log_ratio(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                     ref_rejected_logps, chosen_unsafe, rejected_unsafe,
-                     beta=beta, safety_penalty=safety_penalty)
-    u = torch.clamp(u, lower, upper)
-    losses = loss_of_u(u, generator, lam, scale)
-    if label_smoothing:
-        losses = (1.0 - label_smoothing) * losses + label_smoothing * loss_of_u(-u, generator, lam, scale)
-    return losses.to(policy_chosen_logps.dtype)
+    generator, lam, scale = resolve_generator(generator, lam, scale)
+    spec = make_loss_spec(generator, beta=beta, safety_penalty=safety_penalty, clamp_lower=lower,
+                          clamp_upper=upper, lam=lam, scale=scale, label_smoothing=label_smoothing,
+                          dtype=policy_chosen_logps.dtype)
+    return spec_loss(spec, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                     chosen_unsafe, rejected_unsafe).to(policy_chosen_logps.dtype)
 
 
 def spec_loss(spec: LossSpec, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
               ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
               chosen_unsafe: Tensor | None, rejected_unsafe: Tensor | None) -> Tensor:
-    """`bso_loss` with a validated `LossSpec`."""
-    return bso_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                    ref_rejected_logps, chosen_unsafe, rejected_unsafe,
-                    generator=spec.generator, beta=spec.beta, safety_penalty=spec.safety_penalty,
-                    clamp=(spec.clamp_lower, spec.clamp_upper), lam=spec.lam, scale=spec.scale,
-                    label_smoothing=spec.label_smoothing)
+    """Per-pair losses (B,) in float64 for an already validated `LossSpec`: nothing is re-checked.
 
-
-PAIR_TYPES = ("safe/safe", "safe/unsafe", "unsafe/safe", "unsafe/unsafe", "unlabelled")
+        u = clamp(u_raw, lower, upper);  loss = l_h(u)
+        with label smoothing e (BSO.md): (1 - e) l_h(u) + e l_h(u_swap), u_swap = clamp(-u_raw, lower, upper),
+        the swapped pair's own clamped log-ratio (equal to -u only when the bounds are symmetric).
+    """
+    _, u_raw = log_ratio(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                         ref_rejected_logps, chosen_unsafe, rejected_unsafe,
+                         beta=spec.beta, safety_penalty=spec.safety_penalty)
+    fn = _LOSS_OF_U[spec.generator]
+    losses = fn(torch.clamp(u_raw, spec.clamp_lower, spec.clamp_upper), spec.lam, spec.scale)
+    if spec.label_smoothing:
+        swapped = fn(torch.clamp(-u_raw, spec.clamp_lower, spec.clamp_upper), spec.lam, spec.scale)
+        losses = (1.0 - spec.label_smoothing) * losses + spec.label_smoothing * swapped
+    return losses
 
 
 @torch.no_grad()
@@ -251,7 +255,7 @@ def pair_diagnostics(spec: LossSpec, policy_chosen_logps: Tensor, policy_rejecte
                      chosen_unsafe: Tensor | None, rejected_unsafe: Tensor | None) -> dict[str, Tensor]:
     """Detached per-pair diagnostics, each (B,): rewards, margin, u, clamped, pair type.
 
-    rewards r = beta (log pi - log pi_ref); `pair_type` indexes PAIR_TYPES.
+    rewards r = beta (log pi - log pi_ref); `pair_type` indexes schemas.PAIR_TYPES.
     """
     m, u = log_ratio(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                      ref_rejected_logps, chosen_unsafe, rejected_unsafe,
@@ -259,7 +263,7 @@ def pair_diagnostics(spec: LossSpec, policy_chosen_logps: Tensor, policy_rejecte
     sw = _as_label(chosen_unsafe, m)
     sl = _as_label(rejected_unsafe, m)
     labelled = ~(torch.isnan(sw) | torch.isnan(sl))
-    pair_type = torch.full_like(m, 4, dtype=torch.long)
+    pair_type = torch.full_like(m, UNLABELLED, dtype=torch.long)
     pair_type[labelled] = (sw[labelled] * 2 + sl[labelled]).long()
     chosen_rewards = spec.beta * (policy_chosen_logps.double() - ref_chosen_logps.double())
     rejected_rewards = spec.beta * (policy_rejected_logps.double() - ref_rejected_logps.double())

@@ -13,19 +13,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import numpy as np
-
 from .cache import Cache
-from .losses import PAIR_TYPES, pair_diagnostics
-from .pairs import epoch_batches
+from .errors import MismatchError
+from .losses import pair_diagnostics
+from .schemas import PAIR_TYPES, pair_type
+from .pairs import PairBatch, epoch_batches
 from .scoring import PairScorer
-
-
-def _type_name(sw: float, sl: float) -> str:
-    """The PAIR_TYPES name of a pair's (chosen, rejected) safety labels (1 unsafe, 0 safe, NaN unknown)."""
-    if np.isnan(sw) or np.isnan(sl):
-        return PAIR_TYPES[4]
-    return PAIR_TYPES[int(sw) * 2 + int(sl)]
 
 
 def evaluate_cache(model, cache: Cache, *, batch_size: int = 16, device: str = "cpu",
@@ -50,11 +43,11 @@ def evaluate_cache(model, cache: Cache, *, batch_size: int = 16, device: str = "
                                    seed=0, epoch=0, shuffle=False):
             if max_pairs is not None and n >= max_pairs:
                 break
-            lp = scorer([it.prompt_ids for it in batch], [it.chosen_ids for it in batch],
-                        [it.rejected_ids for it in batch])
+            lp = scorer(*PairBatch.of(batch, "cpu").token_ids)
             for it, c, r in zip(batch, lp.chosen.cpu().tolist(), lp.rejected.cpu().tolist()):
                 rc, rr = c - it.ref_chosen_logp, r - it.ref_rejected_logp
-                t = per_type[_type_name(it.chosen_unsafe, it.rejected_unsafe)]
+                kind = pair_type(it.chosen_unsafe, it.rejected_unsafe)
+                t = per_type[kind]
                 t["n"] += 1
                 t["chosen_reward"] += rc
                 t["rejected_reward"] += rr
@@ -62,11 +55,9 @@ def evaluate_cache(model, cache: Cache, *, batch_size: int = 16, device: str = "
                 t["correct"] += rc > rr
                 n += 1
                 correct += rc > rr
-                if not (np.isnan(it.chosen_unsafe) or np.isnan(it.rejected_unsafe)) \
-                        and it.chosen_unsafe != it.rejected_unsafe:
+                if kind in ("safe/unsafe", "unsafe/safe"):  # the responses differ in safety
                     differs += 1
-                    safe_is_chosen = it.chosen_unsafe == 0.0
-                    safe_wins += (rc > rr) if safe_is_chosen else (rr > rc)
+                    safe_wins += (rc > rr) if kind == "safe/unsafe" else (rr > rc)
     if was_training:
         model.train()
     types = {name: {"pairs": t["n"], "mean_chosen_reward": t["chosen_reward"] / t["n"],
@@ -99,8 +90,10 @@ class MetricsWindow:
         self.seconds = self.tokens = self.steps = 0
         self.grad_norm = self.lr = 0.0
 
-    def add(self, spec, losses, pc, pr, ref_c, ref_r, s_c, s_r):
-        d = pair_diagnostics(spec, pc, pr, ref_c, ref_r, s_c, s_r)
+    def add(self, spec, losses, policy_chosen_logps, policy_rejected_logps, batch) -> None:
+        """Add one micro-batch: its per-pair losses, the policy's log-probs and its `PairBatch`."""
+        d = pair_diagnostics(spec, policy_chosen_logps, policy_rejected_logps, batch.ref_chosen_logps,
+                             batch.ref_rejected_logps, batch.chosen_unsafe, batch.rejected_unsafe)
         self.s["loss"] += float(losses.double().sum())
         self.s["chosen_rewards"] += float(d["chosen_rewards"].sum())
         self.s["rejected_rewards"] += float(d["rejected_rewards"].sum())
@@ -157,3 +150,48 @@ class MetricsWindow:
                 row[f"pairs/{t}"] = count
         self.reset()
         return row
+
+
+# --- the step-0 check -----------------------------------------------------------------------
+
+def step0_tolerance(cfg, manifest: dict) -> float:
+    """Largest |log pi - log pi_ref| per response token (nats) still counted as agreement.
+
+    float32 on both sides differs by ~1e-6 per token (batching, padding); bf16/fp16 on either
+    side by up to a few 1e-2. A cache of other weights, tokenizer or template is off by ~0.1 to
+    several nats per token.
+    """
+    if cfg.step0_tolerance is not None:
+        return cfg.step0_tolerance
+    exact = cfg.dtype == "float32" and cfg.autocast == "none" \
+        and manifest.reference_dtype == "float32"
+    return 1e-3 if exact else 0.05
+
+
+def step0_check(batch, lp, *, tolerance: float, policy_is_reference: bool, log=print, hint: str = "") -> dict:
+    """Compare the policy's first log-probs (`lp`, a scoring.PairLogps) with the cached ones of
+    `batch` (a pairs.PairBatch), per response token; refuse a disagreement when the policy is the
+    reference itself (that is a wrong cache, not a different policy)."""
+    import torch
+
+    diff = torch.cat([lp.chosen.detach() - batch.ref_chosen_logps,
+                      lp.rejected.detach() - batch.ref_rejected_logps]).abs().cpu()
+    _, chosen, rejected = batch.token_ids
+    tokens = torch.tensor([len(c) for c in chosen] + [len(r) for r in rejected], dtype=torch.float64)
+    per_token = diff / tokens
+    figure = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+              "max_per_token": float(per_token.max()), "sequences": int(diff.numel()),
+              "tolerance_per_token": tolerance, "policy_is_reference": policy_is_reference}
+    ok = figure["max_per_token"] <= tolerance
+    log(f"step-0 check: max |log pi - log pi_ref| = {figure['max_abs_diff']:.3g} nats per sequence "
+        f"({figure['max_per_token']:.2g} per token; mean {figure['mean_abs_diff']:.3g}) over "
+        f"{figure['sequences']} sequences: {'agree' if ok else 'DISAGREE'} (tolerance {tolerance:g} nats per "
+        f"token; policy {'is' if policy_is_reference else 'is not'} the reference weights)")
+    if policy_is_reference and not ok:
+        raise MismatchError(
+            f"step-0 check failed: the policy starts from the cache's reference weights, yet its "
+            f"log-probs differ from the cached ones by up to {figure['max_abs_diff']:.3g} nats "
+            f"({figure['max_per_token']:.2g} per token, tolerance {tolerance:g}). Usual causes: the cache was "
+            f"built from other weights or another tokenizer/template, or in another dtype ({hint}). Rebuild "
+            f"the cache, or raise --step0-tolerance if the difference is intended")
+    return figure

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from .errors import ConfigError
+from .hashing import sha256_files
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 LOAD_LOG: list[str] = []
@@ -69,13 +70,7 @@ def weights_digest(name_or_path: str, gguf_file: str | None = None) -> str:
         hint = (f" (found {', '.join(legacy)}: pickled weights are not loaded; convert them to "
                 f"safetensors)") if legacy else ""
         raise ConfigError(f"model '{name_or_path}': no .safetensors weights in {folder}{hint}")
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                h.update(block)
-    return "sha256:" + h.hexdigest()
+    return sha256_files(files)
 
 
 def quiet_transformers() -> None:
@@ -158,8 +153,8 @@ def load_classifier(name_or_path: str, *, device: str = "cpu", trust_remote_code
     return model.to(device).eval(), tok
 
 
-def model_identity(name_or_path: str, gguf_file: str | None, model) -> dict:
-    """What the manifest records about a model."""
+def model_identity(name_or_path: str, gguf_file: str | None, model, weights: str) -> dict:
+    """What the manifest records about a model (`weights`: its weights_digest, computed once)."""
     folder = resolve_dir(name_or_path)
     config = model.config.to_dict()
     config.pop("transformers_version", None)
@@ -168,18 +163,10 @@ def model_identity(name_or_path: str, gguf_file: str | None, model) -> dict:
         "name_or_path": str(name_or_path),
         "resolved_path": str(folder.resolve()) if folder else None,
         "gguf_file": gguf_file,
-        "weights_digest": weights_digest(name_or_path, gguf_file),
+        "weights_digest": weights,
         "config_digest": "sha256:" + hashlib.sha256(
             json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
         "model_type": getattr(model.config, "model_type", None),
         "vocab_size": getattr(model.config, "vocab_size", None),
         "num_parameters": sum(p.numel() for p in model.parameters()),
     }
-
-
-def max_positions(model) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(model.config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import schemas as S
 from .cache import Cache
+from .tokenize import pair_length
 
 
 def _labels(batch, column: str) -> np.ndarray:
@@ -75,7 +76,7 @@ def plan_pairs(safer_is_chosen: np.ndarray, chosen_unsafe: np.ndarray, rejected_
 
 
 @dataclass
-class PairItem:
+class CachedPair:
     """One oriented pair ready for a batch. Labels: 1.0 unsafe, 0.0 safe, NaN unknown."""
 
     source_index: int
@@ -89,10 +90,11 @@ class PairItem:
 
     @property
     def length(self) -> int:
-        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+        """The width it pads a batch to (what length bucketing sorts by)."""
+        return pair_length(self.prompt_ids, self.chosen_ids, self.rejected_ids, shared=False)
 
 
-def iter_items(cache: Cache, mode: str, orientation: str, shard_order=None) -> Iterator[PairItem]:
+def iter_items(cache: Cache, mode: str, orientation: str, shard_order=None) -> Iterator[CachedPair]:
     for batch in cache.iter_batches(S.TRAIN_COLUMNS, shard_order=shard_order):
         c_uns, r_uns = _labels(batch, S.CHOSEN_UNSAFE), _labels(batch, S.REJECTED_UNSAFE)
         keep, swap, _ = plan_pairs(_labels(batch, S.SAFER_IS_CHOSEN), c_uns, r_uns, mode, orientation)
@@ -103,7 +105,7 @@ def iter_items(cache: Cache, mode: str, orientation: str, shard_order=None) -> I
             a, b = (S.REJECTED_IDS, S.CHOSEN_IDS) if swap[i] else (S.CHOSEN_IDS, S.REJECTED_IDS)
             la, lb = (S.REF_REJECTED_LOGP, S.REF_CHOSEN_LOGP) if swap[i] else (S.REF_CHOSEN_LOGP, S.REF_REJECTED_LOGP)
             ua, ub = (r_uns[i], c_uns[i]) if swap[i] else (c_uns[i], r_uns[i])
-            yield PairItem(cols[S.SOURCE_INDEX][i], cols[S.PROMPT_IDS][i], cols[a][i], cols[b][i],
+            yield CachedPair(cols[S.SOURCE_INDEX][i], cols[S.PROMPT_IDS][i], cols[a][i], cols[b][i],
                            cols[la][i], cols[lb][i], float(ua), float(ub))
 
 
@@ -119,7 +121,7 @@ def count_pairs(cache: Cache, mode: str, orientation: str) -> PairCounts:
 
 def epoch_batches(cache: Cache, *, mode: str, orientation: str, batch_size: int, seed: int,
                   epoch: int, shuffle_buffer: int = 4096, bucket_batches: int = 16,
-                  shuffle: bool = True) -> Iterator[list[PairItem]]:
+                  shuffle: bool = True) -> Iterator[list[CachedPair]]:
     """One epoch of micro-batches: every kept pair exactly once, order fixed by (seed, epoch).
 
     Shards are visited in a seeded order; pairs pass through a bounded shuffle buffer; windows
@@ -128,7 +130,7 @@ def epoch_batches(cache: Cache, *, mode: str, orientation: str, batch_size: int,
     """
     if not shuffle:
         items = iter_items(cache, mode, orientation)
-        batch: list[PairItem] = []
+        batch: list[CachedPair] = []
         for item in items:
             batch.append(item)
             if len(batch) == batch_size:
@@ -140,9 +142,9 @@ def epoch_batches(cache: Cache, *, mode: str, orientation: str, batch_size: int,
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(cache.shards)).tolist()
     window = batch_size * bucket_batches
-    buffer: list[PairItem] = []
+    buffer: list[CachedPair] = []
 
-    def emit(take: int) -> Iterator[list[PairItem]]:
+    def emit(take: int) -> Iterator[list[CachedPair]]:
         picks = rng.choice(len(buffer), size=take, replace=False)
         chosen = [buffer[i] for i in picks]
         for i in sorted(picks.tolist(), reverse=True):  # remove picked items (swap with last)
@@ -160,3 +162,79 @@ def epoch_batches(cache: Cache, *, mode: str, orientation: str, batch_size: int,
             yield from emit(window)
     while buffer:
         yield from emit(min(window, len(buffer)))
+
+
+def prefetch(iterator, depth: int = 2):
+    """Iterate in a background thread, `depth` items ahead, so that reading shards and building
+    batches overlaps the model's work. Exceptions are re-raised in the consumer."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in iterator:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=produce, daemon=True, name="bso-cache-prefetch")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # let it leave any native call (Parquet reads) before we go on
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)
+
+
+@dataclass
+class PairBatch:
+    """A micro-batch of cached pairs as scoring and the loss read them: the token ids of each
+    pair and (B,) float64 tensors of the reference log-probs and safety labels (NaN = unknown)."""
+
+    items: list[CachedPair]
+    ref_chosen_logps: "object"
+    ref_rejected_logps: "object"
+    chosen_unsafe: "object"
+    rejected_unsafe: "object"
+
+    @classmethod
+    def of(cls, items: list[CachedPair], device) -> "PairBatch":
+        import torch
+
+        def column(name: str):
+            return torch.tensor([getattr(it, name) for it in items], dtype=torch.float64, device=device)
+
+        return cls(items, column("ref_chosen_logp"), column("ref_rejected_logp"), column("chosen_unsafe"),
+                   column("rejected_unsafe"))
+
+    @property
+    def token_ids(self) -> tuple[list, list, list]:
+        """(prompts, chosen responses, rejected responses)."""
+        return ([it.prompt_ids for it in self.items], [it.chosen_ids for it in self.items],
+                [it.rejected_ids for it in self.items])
+
+    def __len__(self) -> int:
+        return len(self.items)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .errors import ConfigError
+from .schemas import PAIR_TYPES, RunLayout, SweepLayout
 
 RUN_PANELS = [
     ("loss", ["loss"]),
@@ -13,7 +14,7 @@ RUN_PANELS = [
     ("margins", ["margin", "reward_margin"]),
     ("accuracies", ["preference_accuracy", "safety_accuracy"]),
     ("u", ["u_mean", "clamped_fraction", "u_positive_fraction"]),
-    ("loss by pair type", ["loss/safe/safe", "loss/safe/unsafe", "loss/unsafe/safe", "loss/unlabelled"]),
+    ("loss by pair type", [f"loss/{t}" for t in PAIR_TYPES]),
 ]
 
 
@@ -29,7 +30,7 @@ def _plt():
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunLayout(run_dir).metrics
     if not path.exists():
         raise ConfigError(f"{path}: missing; is {run_dir} a bso-cache training run?")
     rows = []
@@ -47,7 +48,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     plt = _plt()
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
-    out = Path(out) if out else run_dir / "plots"
+    out = Path(out) if out else RunLayout(run_dir).plots
     out.mkdir(parents=True, exist_ok=True)
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
@@ -88,7 +89,7 @@ def plot_sweep(runs: dict[str, list[dict]], points: dict[str, tuple[float, float
     ax.legend(fontsize=7, loc="best")
     ax.set_title("loss curves")
     fig.tight_layout()
-    losses = out / "loss_curves.png"
+    losses = out / SweepLayout.LOSS_CURVES
     fig.savefig(losses, dpi=100)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 6))
@@ -102,7 +103,7 @@ def plot_sweep(runs: dict[str, list[dict]], points: dict[str, tuple[float, float
     ax.grid(alpha=0.3)
     ax.set_title("safety-helpfulness trade-off (one point per run)")
     fig.tight_layout()
-    trade = out / "tradeoff.png"
+    trade = out / SweepLayout.TRADEOFF
     fig.savefig(trade, dpi=100)
     plt.close(fig)
     return [losses, trade]

@@ -16,16 +16,10 @@ import json
 import re
 from pathlib import Path
 
-from .config import TrainConfig
+from . import schemas as S
+from .config import BASELINES, TrainConfig
 from .errors import ConfigError
 
-BASELINES = {
-    "dpo-helpful": dict(generator="logistic", safety_penalty=0.0, pairs="none", orientation="better"),
-    "dpo-harmless": dict(generator="logistic", safety_penalty=0.0, pairs="none", orientation="safer"),
-    "safedpo": dict(generator="logistic", safety_penalty=10.0, pairs="safedpo", orientation="better"),
-    "bso": dict(generator="sba", lam=0.2, scale=4.0, beta=0.1, safety_penalty=30.0, clamp=None,
-                pairs="safedpo", orientation="better"),
-}
 SWEEPABLE = ("generator", "beta", "safety_penalty", "lam", "scale", "mu", "clamp", "clamp_lower", "clamp_upper",
              "label_smoothing", "pairs", "orientation", "optimizer", "lr", "lr_schedule", "warmup_ratio",
              "weight_decay", "grad_clip", "batch_size", "grad_accum", "epochs", "max_steps", "seed")
@@ -100,8 +94,9 @@ def plan_runs(grid: dict[str, list], baselines: list[str]) -> list[tuple[str, di
 
 def run_sweep(cache: str, out: str, grid: dict[str, list], baselines: list[str], base: dict,
               eval_cache: str | None = None, log=print, plots: bool = True) -> list[dict]:
+    from .checkpoint import list_checkpoints
     from .models import LOAD_LOG
-    from .train import _checkpoints, train
+    from .train import train
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -118,11 +113,11 @@ def run_sweep(cache: str, out: str, grid: dict[str, list], baselines: list[str],
     curves: dict[str, list[dict]] = {}
     for i, (name, settings, cfg) in enumerate(configs, start=1):
         run_dir = Path(cfg.out)
-        summary_path = run_dir / "summary.json"
+        summary_path = S.RunLayout(run_dir).summary
         if summary_path.exists():
             log(f"[{i}/{len(configs)}] {name}: finished earlier, skipped")
         else:
-            resume = run_dir.exists() and bool(_checkpoints(run_dir))
+            resume = run_dir.exists() and bool(list_checkpoints(S.RunLayout(run_dir)))
             cfg = dataclasses.replace(cfg, resume=resume, overwrite=not resume)
             loads = len(LOAD_LOG)
             log(f"[{i}/{len(configs)}] {name}: training{' (resuming)' if resume else ''}")
@@ -153,7 +148,7 @@ def run_sweep(cache: str, out: str, grid: dict[str, list], baselines: list[str],
         points = {r["run"]: point(r) for r in summaries if all(v is not None for v in point(r))}
         files = plot_sweep(curves, points, out_dir)
         log("plots: " + ", ".join(str(f) for f in files))
-    log(f"summary: {out_dir / 'summary.csv'}")
+    log(f"summary: {S.SweepLayout(out_dir).summary_csv}")
     return summaries
 
 
@@ -161,9 +156,10 @@ def _write_summary(out_dir: Path, rows: list[dict]) -> None:
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    with open(out_dir / "summary.csv", "w", newline="") as f:
+    layout = S.SweepLayout(out_dir)
+    with open(layout.summary_csv, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         for r in rows:
             w.writerow(r)
-    (out_dir / "summary.json").write_text(json.dumps(rows, indent=2))
+    layout.summary_json.write_text(json.dumps(rows, indent=2))

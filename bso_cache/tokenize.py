@@ -23,15 +23,25 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from .data import Pair
+from .formats import Pair
 from .errors import ConfigError, DataError
 
 PLAIN_ROLES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 TEMPLATE_MODES = ("auto", "chat", "plain")
 
 
+def pair_length(prompt, chosen, rejected, shared: bool) -> int:
+    """Tokens one pair occupies in a row: prompt + chosen + rejected when the prompt is shared,
+    else the longer of its two sequences (the width it pads its batch to)."""
+    if shared:
+        return len(prompt) + len(chosen) + len(rejected)
+    return len(prompt) + max(len(chosen), len(rejected))
+
+
 @dataclass
-class Encoded:
+class PairTokens:
+    """A pair's token ids exactly as they are scored and cached."""
+
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
@@ -39,8 +49,8 @@ class Encoded:
 
     @property
     def length(self) -> int:
-        """Tokens of the longer of the two scored sequences."""
-        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+        """Tokens of the longer of the two scored sequences (what --max-length bounds)."""
+        return pair_length(self.prompt_ids, self.chosen_ids, self.rejected_ids, shared=False)
 
 
 def tokenizer_digest(tokenizer, chat_template: str | None) -> str:
@@ -117,7 +127,7 @@ class PairTokenizer:
                             reason="template_error", row=pair.source_index) from None
         return prompt, rendered[0], rendered[1]
 
-    def encode_many(self, pairs: list[Pair]) -> list[Encoded]:
+    def encode_many(self, pairs: list[Pair]) -> list[PairTokens]:
         """Encode a list of pairs with batched tokenizer calls."""
         texts = [self.render(p) for p in pairs]
         prompts = self.tok([t[0] for t in texts], add_special_tokens=not self.use_chat)["input_ids"]
@@ -128,11 +138,11 @@ class PairTokenizer:
             if not self.use_chat and self.eos_id is not None:
                 chosen.append(self.eos_id)
                 rejected.append(self.eos_id)
-            out.append(Encoded(list(prompt_ids), chosen, rejected))
+            out.append(PairTokens(list(prompt_ids), chosen, rejected))
         return out
 
 
-def apply_length_policy(enc: Encoded, max_length: int, overlong: str) -> tuple[Encoded | None, str | None]:
+def apply_length_policy(enc: PairTokens, max_length: int, overlong: str) -> tuple[PairTokens | None, str | None]:
     """Keep, truncate or drop a pair; returns (encoded or None, drop reason or None)."""
     if enc.length <= max_length:
         return enc, None
@@ -141,4 +151,4 @@ def apply_length_policy(enc: Encoded, max_length: int, overlong: str) -> tuple[E
     room = max_length - len(enc.prompt_ids)
     if room < 1:
         return None, "prompt_too_long"
-    return Encoded(enc.prompt_ids, enc.chosen_ids[:room], enc.rejected_ids[:room], truncated=True), None
+    return PairTokens(enc.prompt_ids, enc.chosen_ids[:room], enc.rejected_ids[:room], truncated=True), None

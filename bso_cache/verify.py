@@ -13,17 +13,16 @@ def verify_cache(path, *, model: str | None = None, sample: int = 0, seed: int =
     manifest = read_manifest(path)
     verify_shards(path, manifest)
     cache = Cache(path, manifest)
-    log(f"{path}: {len(manifest['shards'])} shards, {cache.num_pairs} pairs: checksums, sizes, row counts "
+    log(f"{path}: {len(manifest.shards)} shards, {cache.num_pairs} pairs: checksums, sizes, row counts "
         f"and schema OK")
-    result = {"shards": len(manifest["shards"]), "pairs": cache.num_pairs, "checked": 0, "max_abs_diff": None}
+    result = {"shards": len(manifest.shards), "pairs": cache.num_pairs, "checked": 0, "max_abs_diff": None}
     if not sample:
         return result
     from .models import load_model, load_tokenizer, resolve_device
     from .scoring import PairScorer
 
-    ref = manifest["reference"]
-    name = model or ref["name_or_path"]
-    gguf = None if model else ref.get("gguf_file")
+    name = model or manifest.reference_name
+    gguf = None if model else manifest.reference_gguf
     tok = load_tokenizer(name, gguf_file=gguf)
     check_tokenizer(path, manifest, tok, name)
     rng = random.Random(seed)
@@ -36,7 +35,7 @@ def verify_cache(path, *, model: str | None = None, sample: int = 0, seed: int =
                 rows.append(r)
             i += 1
     dev = resolve_device(device)
-    lm = load_model(name, dtype=manifest["reference_pass"]["dtype"], device=dev, gguf_file=gguf).eval()
+    lm = load_model(name, dtype=manifest.reference_dtype, device=dev, gguf_file=gguf).eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     scorer = PairScorer(lm, prefix_sharing=prefix_sharing, device=dev, pad_id=pad, log=log)
     chosen, rejected, _ = scorer.score_all([r[S.PROMPT_IDS] for r in rows], [r[S.CHOSEN_IDS] for r in rows],

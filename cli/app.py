@@ -13,6 +13,9 @@ from typing import Callable, Optional
 
 import typer
 
+from bso_cache.config import DEFAULT_MAX_LENGTH as _DEFAULT_MAX_LENGTH, DEFAULT_ROWS_PER_SHARD as _DEFAULT_ROWS_PER_SHARD
+from bso_cache.config import BuildConfig as _B, TrainConfig as _T  # the one source of every default
+
 app = typer.Typer(
     name="bso-cache",
     help="Train LMs to be helpful and safe with BSO (DPO, SafeDPO, ...) from an offline "
@@ -54,24 +57,24 @@ def build(
     model: str = typer.Option(..., "--model", "-m", help="Reference model: local folder or hub id (in the local HF cache)."),
     data: str = typer.Option(..., "--data", "-d", help="Input: JSONL/JSON/Parquet/CSV file or folder, a save_to_disk folder, or a HF dataset name."),
     out: Path = typer.Option(..., "--out", "-o", help="Cache folder to write (resumed if unfinished)."),
-    split: str = typer.Option("train", help="Split of a Hugging Face dataset."),
-    hf_config: Optional[str] = typer.Option(None, "--hf-config", help="Configuration name of a HF dataset."),
-    format: str = typer.Option("auto", "--format", help="Input format: auto | pku | hh | generic (auto: from the columns)."),
-    gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="Load the model from this GGUF file inside --model."),
-    template: str = typer.Option("auto", help="Prompt rendering: auto (chat template if the tokenizer has one) | chat | plain ('Human: ...\\n\\nAssistant:')."),
-    chat_template: Optional[Path] = typer.Option(None, "--chat-template", help="Jinja chat template file overriding the tokenizer's."),
-    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="System message prepended to every conversation."),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Max tokens of prompt + the longer response [default: min(2048, model positions)]."),
-    overlong: str = typer.Option("drop", help="Pairs over --max-length: drop (counted) | truncate (responses cut)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Pairs per reference forward (length-bucketed)."),
-    rows_per_shard: Optional[int] = typer.Option(None, "--rows-per-shard", help="Input rows per Parquet shard, the unit of resume and of torchrun ranks [default: 2000, or fewer so that every torchrun rank gets a shard; build memory is bounded by it]."),
-    dtype: str = typer.Option("float32", help="Reference dtype: float32 | bfloat16 | float16 (log-softmax is float32 regardless)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda[:N]."),
-    prefix_sharing: str = typer.Option("auto", "--prefix-sharing", help=PREFIX_SHARING_HELP),
-    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Count malformed rows as dropped (with the reason) instead of stopping."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing cache in --out made with other settings."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    split: str = typer.Option(_B.split, help="Split of a Hugging Face dataset."),
+    hf_config: Optional[str] = typer.Option(_B.hf_config, "--hf-config", help="Configuration name of a HF dataset."),
+    format: str = typer.Option(_B.format, "--format", help="Input format: auto | pku | hh | generic (auto: from the columns)."),
+    gguf_file: Optional[str] = typer.Option(_B.gguf_file, "--gguf-file", help="Load the model from this GGUF file inside --model."),
+    template: str = typer.Option(_B.template, help="Prompt rendering: auto (chat template if the tokenizer has one) | chat | plain ('Human: ...\\n\\nAssistant:')."),
+    chat_template: Optional[Path] = typer.Option(_B.chat_template, "--chat-template", help="Jinja chat template file overriding the tokenizer's."),
+    system_prompt: Optional[str] = typer.Option(_B.system_prompt, "--system-prompt", help="System message prepended to every conversation."),
+    max_length: Optional[int] = typer.Option(_B.max_length, "--max-length", help=f"Max tokens of prompt + the longer response [default: min({_DEFAULT_MAX_LENGTH}, model positions)]."),
+    overlong: str = typer.Option(_B.overlong, help="Pairs over --max-length: drop (counted) | truncate (responses cut)."),
+    batch_size: int = typer.Option(_B.batch_size, "--batch-size", help="Pairs per reference forward (length-bucketed)."),
+    rows_per_shard: Optional[int] = typer.Option(_B.rows_per_shard, "--rows-per-shard", help=f"Input rows per Parquet shard, the unit of resume and of torchrun ranks [default: {_DEFAULT_ROWS_PER_SHARD}, or fewer so that every torchrun rank gets a shard; build memory is bounded by it]."),
+    dtype: str = typer.Option(_B.dtype, help="Reference dtype: float32 | bfloat16 | float16 (log-softmax is float32 regardless)."),
+    device: str = typer.Option(_B.device, help="auto | cpu | cuda[:N]."),
+    prefix_sharing: str = typer.Option(_B.prefix_sharing, "--prefix-sharing", help=PREFIX_SHARING_HELP),
+    skip_bad_rows: bool = typer.Option(_B.skip_bad_rows, "--skip-bad-rows", help="Count malformed rows as dropped (with the reason) instead of stopping."),
+    overwrite: bool = typer.Option(_B.overwrite, "--overwrite", help="Discard an existing cache in --out made with other settings."),
+    trust_remote_code: bool = typer.Option(_B.trust_remote_code, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
+    progress: bool = typer.Option(_B.progress, "--progress/--no-progress", help="Show a progress bar."),
 ):
     """Score preference pairs with the frozen reference model once; write Parquet shards + manifest.
 
@@ -114,7 +117,7 @@ def inspect(
     typer.echo(f"lengths    p50 {L['total_p50']:.0f}, p90 {L['total_p90']:.0f}, p99 {L['total_p99']:.0f}, "
                f"max {L['total_max']}; mean prompt {L['prompt_mean']:.1f}, chosen {L['chosen_mean']:.1f}, "
                f"rejected {L['rejected_mean']:.1f}; truncated {L['truncated']}")
-    typer.echo(f"pair types {info['pair_types']}   (chosen/rejected; ? = no label)")
+    typer.echo(f"pair types {info['pair_types']}   (chosen/rejected safety)")
     typer.echo(f"safer      safer_is_chosen {info['safer_is_chosen']}")
     lp = info["ref_logps"]
     typer.echo(f"ref logp   chosen mean {lp['chosen_mean']:.2f} ({lp['chosen_per_token_mean']:.3f}/token), "
@@ -135,53 +138,53 @@ def _train_config(**kw):
 def train(
     cache: Path = typer.Option(..., "--cache", "-c", help="Cache folder from `bso-cache build`."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: final model (from_pretrained format), metrics.jsonl, run_config.json, checkpoints/."),
-    policy: Optional[str] = typer.Option(None, "--policy", help="Policy to train [default: the reference recorded in the manifest]. Must share the cache's tokenizer."),
-    gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="GGUF file inside --policy."),
-    generator: str = typer.Option("sba", help="Generator h: logistic (DPO/SafeDPO) | kliep | lsif | ba | sba | phi (= sba with lambda=1-mu, s=1)."),
-    beta: float = typer.Option(0.1, help="Temperature beta > 0 (as in DPO)."),
-    safety_penalty: float = typer.Option(30.0, "--safety-penalty", help="C >= 0, the safety penalty (C=0: plain preference optimisation)."),
-    lam: float = typer.Option(0.2, help="lambda of ba/sba (> -1; 0 is the kliep limit)."),
-    scale: float = typer.Option(4.0, help="s of sba (4 makes its gradient at u=0 equal logistic's)."),
-    mu: Optional[float] = typer.Option(None, help="mu of the phi generator."),
-    clamp: Optional[float] = typer.Option(None, help="Symmetric bound kappa on u: [-kappa, kappa]; no gradient past a bound [default: [-30, 30], and for C > 30 the upper bound becomes min(C+10, floor(85/(1+lambda))) so safe-winner pairs (u = C at start) still learn]."),
-    clamp_lower: Optional[float] = typer.Option(None, "--clamp-lower", help="Lower bound on u (overrides --clamp's)."),
-    clamp_upper: Optional[float] = typer.Option(None, "--clamp-upper", help="Upper bound on u (overrides --clamp's and the automatic raise)."),
-    label_smoothing: float = typer.Option(0.0, "--label-smoothing", help="Conservative epsilon in [0, 0.5): (1-e) l(u) + e l(-u)."),
-    pairs: str = typer.Option("safedpo", help="Pair handling: none | safedpo (swap unsafe-chosen/safe-rejected, drop both-unsafe) | drop-both-unsafe."),
-    orientation: str = typer.Option("better", help="better (chosen = more helpful) | safer (chosen = safer response, PKU-style data)."),
-    optimizer: str = typer.Option("rmsprop", help="adamw | rmsprop | sgd."),
-    lr: float = typer.Option(1e-6, help="Peak learning rate."),
-    lr_schedule: str = typer.Option("cosine", "--lr-schedule", help="cosine | linear | constant (after warmup)."),
-    warmup_ratio: float = typer.Option(0.05, "--warmup-ratio", help="Share of steps of linear warmup."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay"),
-    grad_clip: float = typer.Option(10.0, "--grad-clip", help="Max gradient norm (0: no clipping)."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Pairs per optimizer step, in total over --grad-accum micro-batches and torchrun processes (the same run whatever their number)."),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per step and process (less memory, same result)."),
-    epochs: int = typer.Option(3, help="Passes over the cache."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
-    seed: int = typer.Option(0, help="Seed of shard order, shuffle buffer and init."),
-    shuffle_buffer: int = typer.Option(4096, "--shuffle-buffer", help="Pairs held for shuffling (bounds memory)."),
-    dtype: str = typer.Option("float32", help="Policy weights dtype: float32 | bfloat16 | float16."),
-    autocast: str = typer.Option("none", help="Mixed precision: none | bf16 | fp16 (weights stay in --dtype)."),
-    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute activations in backward (less memory)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda[:N]."),
-    prefix_sharing: str = typer.Option("auto", "--prefix-sharing", help=PREFIX_SHARING_HELP),
-    fsdp: bool = typer.Option(False, "--fsdp", help="Under torchrun: shard parameters, gradients and optimizer state over the processes (FSDP2) instead of DDP."),
-    lora_r: int = typer.Option(0, "--lora-r", help="LoRA rank (0: full fine-tuning). Needs peft."),
-    lora_alpha: float = typer.Option(16.0, "--lora-alpha"),
-    lora_dropout: float = typer.Option(0.0, "--lora-dropout"),
-    lora_target: str = typer.Option("all-linear", "--lora-target", help="Comma-separated module names, or all-linear."),
-    save_every: int = typer.Option(0, "--save-every", help="Checkpoint every N steps (0: only the final model)."),
-    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="Checkpoints kept."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
-    log_every: int = typer.Option(1, "--log-every", help="Write metrics every N steps."),
-    eval_cache: Optional[Path] = typer.Option(None, "--eval-cache", help="A held-out cache to evaluate on."),
-    eval_every: int = typer.Option(0, "--eval-every", help="Evaluate on --eval-cache every N steps."),
-    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also log to OUT/tensorboard."),
-    step0_tolerance: Optional[float] = typer.Option(None, "--step0-tolerance", help="Max |log pi - log pi_ref| per response token at step 0 when the policy is the reference [default: 0.001 nats with float32 on both sides, 0.05 otherwise]."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    policy: Optional[str] = typer.Option(_T.policy, "--policy", help="Policy to train [default: the reference recorded in the manifest]. Must share the cache's tokenizer."),
+    gguf_file: Optional[str] = typer.Option(_T.gguf_file, "--gguf-file", help="GGUF file inside --policy."),
+    generator: str = typer.Option(_T.generator, help="Generator h: logistic (DPO/SafeDPO) | kliep | lsif | ba | sba | phi (= sba with lambda=1-mu, s=1)."),
+    beta: float = typer.Option(_T.beta, help="Temperature beta > 0 (as in DPO)."),
+    safety_penalty: float = typer.Option(_T.safety_penalty, "--safety-penalty", help="C >= 0, the safety penalty (C=0: plain preference optimisation)."),
+    lam: float = typer.Option(_T.lam, help="lambda of ba/sba (> -1; 0 is the kliep limit)."),
+    scale: float = typer.Option(_T.scale, help="s of sba (4 makes its gradient at u=0 equal logistic's)."),
+    mu: Optional[float] = typer.Option(_T.mu, help="mu of the phi generator."),
+    clamp: Optional[float] = typer.Option(_T.clamp, help="Symmetric bound kappa on u: [-kappa, kappa]; no gradient past a bound [default: [-30, 30], and for C > 30 the upper bound becomes min(C+10, floor(85/(1+lambda))) so safe-winner pairs (u = C at start) still learn]."),
+    clamp_lower: Optional[float] = typer.Option(_T.clamp_lower, "--clamp-lower", help="Lower bound on u (overrides --clamp's)."),
+    clamp_upper: Optional[float] = typer.Option(_T.clamp_upper, "--clamp-upper", help="Upper bound on u (overrides --clamp's and the automatic raise)."),
+    label_smoothing: float = typer.Option(_T.label_smoothing, "--label-smoothing", help="Conservative epsilon in [0, 0.5): (1-e) l(u) + e l(-u)."),
+    pairs: str = typer.Option(_T.pairs, help="Pair handling: none | safedpo (swap unsafe-chosen/safe-rejected, drop both-unsafe) | drop-both-unsafe."),
+    orientation: str = typer.Option(_T.orientation, help="better (chosen = more helpful) | safer (chosen = safer response, PKU-style data)."),
+    optimizer: str = typer.Option(_T.optimizer, help="adamw | rmsprop | sgd."),
+    lr: float = typer.Option(_T.lr, help="Peak learning rate."),
+    lr_schedule: str = typer.Option(_T.lr_schedule, "--lr-schedule", help="cosine | linear | constant (after warmup)."),
+    warmup_ratio: float = typer.Option(_T.warmup_ratio, "--warmup-ratio", help="Share of steps of linear warmup."),
+    weight_decay: float = typer.Option(_T.weight_decay, "--weight-decay"),
+    grad_clip: float = typer.Option(_T.grad_clip, "--grad-clip", help="Max gradient norm (0: no clipping)."),
+    batch_size: int = typer.Option(_T.batch_size, "--batch-size", help="Pairs per optimizer step, in total over --grad-accum micro-batches and torchrun processes (the same run whatever their number)."),
+    grad_accum: int = typer.Option(_T.grad_accum, "--grad-accum", help="Micro-batches per step and process (less memory, same result)."),
+    epochs: int = typer.Option(_T.epochs, help="Passes over the cache."),
+    max_steps: Optional[int] = typer.Option(_T.max_steps, "--max-steps", help="Stop after this many optimizer steps."),
+    seed: int = typer.Option(_T.seed, help="Seed of shard order, shuffle buffer and init."),
+    shuffle_buffer: int = typer.Option(_T.shuffle_buffer, "--shuffle-buffer", help="Pairs held for shuffling (bounds memory)."),
+    dtype: str = typer.Option(_T.dtype, help="Policy weights dtype: float32 | bfloat16 | float16."),
+    autocast: str = typer.Option(_T.autocast, help="Mixed precision: none | bf16 | fp16 (weights stay in --dtype)."),
+    gradient_checkpointing: bool = typer.Option(_T.gradient_checkpointing, "--gradient-checkpointing", help="Recompute activations in backward (less memory)."),
+    device: str = typer.Option(_T.device, help="auto | cpu | cuda[:N]."),
+    prefix_sharing: str = typer.Option(_T.prefix_sharing, "--prefix-sharing", help=PREFIX_SHARING_HELP),
+    fsdp: bool = typer.Option(_T.fsdp, "--fsdp", help="Under torchrun: shard parameters, gradients and optimizer state over the processes (FSDP2) instead of DDP."),
+    lora_r: int = typer.Option(_T.lora_r, "--lora-r", help="LoRA rank (0: full fine-tuning). Needs peft."),
+    lora_alpha: float = typer.Option(_T.lora_alpha, "--lora-alpha"),
+    lora_dropout: float = typer.Option(_T.lora_dropout, "--lora-dropout"),
+    lora_target: str = typer.Option(_T.lora_target, "--lora-target", help="Comma-separated module names, or all-linear."),
+    save_every: int = typer.Option(_T.save_every, "--save-every", help="Checkpoint every N steps (0: only the final model)."),
+    keep_checkpoints: int = typer.Option(_T.keep_checkpoints, "--keep-checkpoints", help="Checkpoints kept."),
+    resume: bool = typer.Option(_T.resume, "--resume", help="Continue from the newest checkpoint in --out."),
+    overwrite: bool = typer.Option(_T.overwrite, "--overwrite", help="Replace a non-empty --out."),
+    log_every: int = typer.Option(_T.log_every, "--log-every", help="Write metrics every N steps."),
+    eval_cache: Optional[Path] = typer.Option(_T.eval_cache, "--eval-cache", help="A held-out cache to evaluate on."),
+    eval_every: int = typer.Option(_T.eval_every, "--eval-every", help="Evaluate on --eval-cache every N steps."),
+    tensorboard: bool = typer.Option(_T.tensorboard, "--tensorboard", help="Also log to OUT/tensorboard."),
+    step0_tolerance: Optional[float] = typer.Option(_T.step0_tolerance, "--step0-tolerance", help="Max |log pi - log pi_ref| per response token at step 0 when the policy is the reference [default: 0.001 nats with float32 on both sides, 0.05 otherwise]."),
+    trust_remote_code: bool = typer.Option(_T.trust_remote_code, "--trust-remote-code"),
+    progress: bool = typer.Option(_T.progress, "--progress/--no-progress"),
 ):
     """Train the policy alone on a cache with a BSO loss (defaults: the BSO authors' recipe).
 
@@ -223,7 +226,7 @@ def verify(
     seed: int = typer.Option(0, help="Seed of the sample."),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N]."),
     tolerance: float = typer.Option(1e-3, help="Fail if a re-scored log-prob differs by more (nats)."),
-    prefix_sharing: str = typer.Option("auto", "--prefix-sharing", help=PREFIX_SHARING_HELP),
+    prefix_sharing: str = typer.Option(_T.prefix_sharing, "--prefix-sharing", help=PREFIX_SHARING_HELP),
 ):
     """Check every shard (checksum, size, rows, schema); optionally re-score a sample of pairs."""
     from bso_cache.verify import verify_cache
@@ -256,11 +259,11 @@ def eval_cmd(
     top_p: float = typer.Option(0.9, "--top-p"),
     generations: Optional[Path] = typer.Option(None, "--generations", help="Save generations here as JSONL [default: next to --out]."),
     seed: int = typer.Option(0),
-    prefix_sharing: str = typer.Option("auto", "--prefix-sharing", help=PREFIX_SHARING_HELP),
+    prefix_sharing: str = typer.Option(_T.prefix_sharing, "--prefix-sharing", help=PREFIX_SHARING_HELP),
 ):
     """Preference and safety accuracy from cached reference log-probs (no reference loaded);
     with --generate, harmless rate and mean reward of sampled responses."""
-    from bso_cache.cli.commands import run_eval
+    from bso_cache.evaluate import run_eval
 
     res = _run(run_eval, model=model, cache=cache, out=out, batch_size=batch_size, max_pairs=max_pairs,
                device=device, dtype=dtype, generate=generate, cost_model=cost_model, reward_model=reward_model,
@@ -306,7 +309,7 @@ def sweep(
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("float32"),
     log_every: int = typer.Option(1, "--log-every"),
-    prefix_sharing: str = typer.Option("auto", "--prefix-sharing", help=PREFIX_SHARING_HELP),
+    prefix_sharing: str = typer.Option(_T.prefix_sharing, "--prefix-sharing", help=PREFIX_SHARING_HELP),
 ):
     """Many runs from one cache: a grid of comma-separated train options and/or named baselines.
 

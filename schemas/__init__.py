@@ -9,9 +9,12 @@ A cache is a directory holding `manifest.json` (written last, atomically) and Pa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-PROGRESS_NAME = "progress.json"
+BUILD_STATE_NAME = "build.json"        # an unfinished build's identity (folded into the manifest at the end)
 SHARD_PATTERN = "part-{:05d}.parquet"
 FORMAT_NAME = "bso-cache"
 
@@ -68,12 +71,261 @@ def shard_schema():
     )
 
 
-# --- manifest keys ---------------------------------------------------------------------------
-# The manifest is JSON; `bso_cache.cache.manifest` reads and checks it. These are its top-level
-# keys; `MANIFEST_REQUIRED` must be present in every finished cache.
+# --- what the safety columns mean for a pair ------------------------------------------------
+# A pair's type is (chosen safety)/(rejected safety); index 2 * chosen_unsafe + rejected_unsafe,
+# and UNLABELLED when either label is null. One taxonomy for the loss diagnostics, evaluation,
+# inspect and the plots.
+PAIR_TYPES = ("safe/safe", "safe/unsafe", "unsafe/safe", "unsafe/unsafe", "unlabelled")
+UNLABELLED = 4
+
+
+def pair_type(chosen_unsafe, rejected_unsafe) -> str:
+    """The PAIR_TYPES name of one pair's labels (True/1 = unsafe, False/0 = safe, None/NaN = unknown)."""
+    if chosen_unsafe is None or rejected_unsafe is None or chosen_unsafe != chosen_unsafe \
+            or rejected_unsafe != rejected_unsafe:  # x != x: NaN
+        return PAIR_TYPES[UNLABELLED]
+    return PAIR_TYPES[2 * int(chosen_unsafe) + int(rejected_unsafe)]
+
+
+# --- the manifest ------------------------------------------------------------------------------
+# `manifest.json` is JSON; `Manifest.from_json` reads it strictly (every required field, of its
+# type) and `to_json` writes it. `MANIFEST_REQUIRED` are its required top-level keys.
 MANIFEST_REQUIRED = (
     "format", "schema_version", "created", "bso_cache_version", "reference", "tokenizer",
     "input", "tokenization", "reference_pass", "rows", "shards", "columns",
 )
 # Settings that must match for a resumed build to continue an unfinished one.
 BUILD_IDENTITY_KEYS = ("reference", "tokenizer", "input", "tokenization", "reference_pass", "layout")
+# Required fields of the sections the library reads (section -> key -> type).
+_SECTION_FIELDS = {
+    "reference": {"name_or_path": str, "weights_digest": str},
+    "tokenizer": {"vocab_digest": str},
+    "reference_pass": {"dtype": str},
+    "rows": {"input": int, "written": int, "dropped": dict},
+}
+_TOP_TYPES = {"format": str, "schema_version": int, "created": str, "bso_cache_version": str, "shards": list,
+              "columns": list}
+SHARD_FILE_RE = r"^part-\d{5}\.parquet$"
+
+
+class ManifestError(ValueError):
+    """A manifest that does not follow the contract; the message names the field."""
+
+
+def _field(obj: dict, key: str, kind, where: str):
+    if key not in obj:
+        raise ManifestError(f"field '{where}{key}' is missing")
+    value = obj[key]
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise ManifestError(f"field '{where}{key}' is {type(value).__name__}, expected {kind.__name__}")
+    return value
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard of a cache as the manifest lists it."""
+
+    file: str
+    rows: int
+    bytes: int
+    sha256: str
+    input_rows: tuple[int, int]
+
+    @classmethod
+    def from_json(cls, obj, where: str = "shards[0].") -> "ShardInfo":
+        import re
+
+        if not isinstance(obj, dict):
+            raise ManifestError(f"field '{where.rstrip('.')}' is not an object")
+        name = obj.get("file")
+        if not isinstance(name, str) or not re.match(SHARD_FILE_RE, name):
+            raise ManifestError(f"field '{where}file' = {name!r} is not a shard name like part-00000.parquet; "
+                                f"refusing a path outside the cache")
+        span = _field(obj, "input_rows", list, where)
+        if len(span) != 2 or not all(isinstance(x, int) for x in span):
+            raise ManifestError(f"field '{where}input_rows' is not [first, end]")
+        return cls(name, _field(obj, "rows", int, where), _field(obj, "bytes", int, where),
+                   _field(obj, "sha256", str, where), (span[0], span[1]))
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256,
+                "input_rows": list(self.input_rows)}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A finished cache's manifest: what makes its numbers what they are, and its shards.
+
+    The sections (`reference`, `tokenizer`, `input`, `tokenization`, `reference_pass`, `rows`,
+    `stats`, ...) are kept as the JSON objects they are; the fields the library relies on are
+    checked by `from_json` and exposed as properties.
+    """
+
+    format: str
+    schema_version: int
+    created: str
+    bso_cache_version: str
+    reference: dict
+    tokenizer: dict
+    input: dict
+    tokenization: dict
+    reference_pass: dict
+    rows: dict
+    shards: tuple[ShardInfo, ...]
+    columns: tuple[str, ...]
+    notes: dict
+    stats: dict
+    layout: dict
+    build_config: dict
+
+    @classmethod
+    def from_json(cls, obj) -> "Manifest":
+        """Strict: raises ManifestError naming the first field that is missing or of the wrong type."""
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
+            raise ManifestError(f"field 'format' is not '{FORMAT_NAME}'; not a bso-cache manifest")
+        version = obj.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ManifestError(f"field 'schema_version' is {version!r}, this bso-cache reads version {SCHEMA_VERSION}")
+        for key in MANIFEST_REQUIRED:
+            _field(obj, key, _TOP_TYPES.get(key, dict), "")
+        for section, fields in _SECTION_FIELDS.items():
+            for key, kind in fields.items():
+                _field(obj[section], key, kind, f"{section}.")
+        shards = tuple(ShardInfo.from_json(sh, f"shards[{i}].") for i, sh in enumerate(obj["shards"]))
+        rows = obj["rows"]
+        if rows["written"] + sum(rows["dropped"].values()) != rows["input"]:
+            raise ManifestError("field 'rows' does not add up (written + dropped != input)")
+        if sum(sh.rows for sh in shards) != rows["written"]:
+            raise ManifestError("field 'shards' does not add up to rows.written")
+        optional = {k: obj.get(k) or {} for k in ("notes", "stats", "layout", "build_config")}
+        for key, value in optional.items():
+            if not isinstance(value, dict):
+                raise ManifestError(f"field '{key}' is {type(value).__name__}, expected dict")
+        return cls(obj["format"], version, obj["created"], obj["bso_cache_version"], obj["reference"],
+                   obj["tokenizer"], obj["input"], obj["tokenization"], obj["reference_pass"], rows, shards,
+                   tuple(obj["columns"]), **optional)
+
+    def to_json(self) -> dict:
+        return {"format": self.format, "schema_version": self.schema_version, "created": self.created,
+                "bso_cache_version": self.bso_cache_version, "reference": self.reference,
+                "tokenizer": self.tokenizer, "input": self.input, "tokenization": self.tokenization,
+                "reference_pass": self.reference_pass, "layout": self.layout, "rows": self.rows,
+                "notes": self.notes, "columns": list(self.columns), "shards": [s.to_json() for s in self.shards],
+                "stats": self.stats, "build_config": self.build_config}
+
+    @property
+    def written(self) -> int:
+        return self.rows["written"]
+
+    @property
+    def reference_name(self) -> str:
+        return self.reference["name_or_path"]
+
+    @property
+    def reference_gguf(self) -> str | None:
+        return self.reference.get("gguf_file")
+
+    @property
+    def weights_digest(self) -> str:
+        return self.reference["weights_digest"]
+
+    @property
+    def reference_dtype(self) -> str:
+        return self.reference_pass["dtype"]
+
+    @property
+    def vocab_digest(self) -> str:
+        return self.tokenizer["vocab_digest"]
+
+    def identity(self) -> dict:
+        """The sections that identify the build (compared when a build is resumed)."""
+        return {k: getattr(self, k) for k in BUILD_IDENTITY_KEYS}
+
+
+# --- run folders (`bso-cache train --out`) ---------------------------------------------------
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where a training run writes what: every file name of a run folder, spelled once.
+
+    Besides these, the final model and tokenizer are written by `save_pretrained`; the run lists
+    those files in `summary.json` ("files"), so that `--overwrite` removes exactly what a run wrote.
+    """
+
+    root: Path
+
+    RUN_CONFIG = "run_config.json"
+    METRICS = "metrics.jsonl"
+    SUMMARY = "summary.json"
+    CHECKPOINTS = "checkpoints"
+    TENSORBOARD = "tensorboard"
+    ADAPTER = "adapter"
+    PLOTS = "plots"
+    CHECKPOINT_STATE = "state.json"          # inside checkpoints/step-N/
+    CHECKPOINT_WEIGHTS = "model.safetensors"
+    TRAINER_STATE = "trainer_state.pt"       # optimizer, scheduler, RNG (torch.load with weights_only=True)
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def run_config(self) -> Path:
+        return self.root / self.RUN_CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / self.METRICS
+
+    @property
+    def summary(self) -> Path:
+        return self.root / self.SUMMARY
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / self.CHECKPOINTS
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / self.TENSORBOARD
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / self.ADAPTER
+
+    @property
+    def plots(self) -> Path:
+        return self.root / self.PLOTS
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:08d}"
+
+    @classmethod
+    def own_names(cls) -> frozenset[str]:
+        """The entries of a run folder that a run writes under fixed names."""
+        return frozenset({cls.RUN_CONFIG, cls.METRICS, cls.SUMMARY, cls.CHECKPOINTS, cls.TENSORBOARD,
+                          cls.ADAPTER, cls.PLOTS, cls.RUN_CONFIG + ".tmp", cls.SUMMARY + ".tmp"})
+
+
+@dataclass(frozen=True)
+class SweepLayout:
+    """A sweep folder (`bso-cache sweep --out`): one run folder per configuration, and the summary."""
+
+    root: Path
+
+    SUMMARY_CSV = "summary.csv"
+    LOSS_CURVES = "loss_curves.png"
+    TRADEOFF = "tradeoff.png"
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    def run(self, name: str) -> RunLayout:
+        return RunLayout(self.root / name)
+
+    @property
+    def summary_csv(self) -> Path:
+        return self.root / self.SUMMARY_CSV
+
+    @property
+    def summary_json(self) -> Path:
+        return self.root / RunLayout.SUMMARY

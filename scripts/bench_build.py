@@ -47,14 +47,14 @@ def worker(kind: str, info: dict, batch_size: int, max_length: int, out: str) ->
         m = build_cache(BuildConfig(model=info["model"], data=info["data"], out=out, max_length=max_length,
                                     batch_size=batch_size, rows_per_shard=info.get("rows_per_shard"),
                                     prefix_sharing=sharing, progress=False, overwrite=True), log=lambda s: None)
-        pairs, tokens, padding = m["rows"]["written"], m["stats"]["tokens"], m["stats"]["padding_share"]
-        seconds = m["stats"]["score_seconds"]
+        pairs, tokens, padding = m.written, m.stats["tokens"], m.stats["padding_share"]
+        seconds = m.stats["score_seconds"]
     elif kind == "plain-forward":
         from transformers import AutoModelForCausalLM
 
         from bso_cache.cache import Cache
         from bso_cache.pairs import epoch_batches
-        from bso_cache.scoring import make_token_batch
+        from bso_cache.layouts import make_token_batch
 
         model = AutoModelForCausalLM.from_pretrained(info["model"]).eval()
         cache = Cache.open(info["cache"])

@@ -55,7 +55,8 @@ def setup(work: Path, n_pairs: int, max_length: int, quick: bool, data: str = "p
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from bso_cache.data import Normaliser, open_source
+    from bso_cache.formats import Normaliser
+    from bso_cache.sources import open_source
     from bso_cache.tokenize import PairTokenizer
 
     work.mkdir(parents=True, exist_ok=True)
@@ -151,7 +152,7 @@ def worker(system: str, steps: int, info: dict, batch_size: int, max_length: int
 
         from bso_cache.cache import Cache
         from bso_cache.pairs import epoch_batches
-        from bso_cache.scoring import make_token_batch
+        from bso_cache.layouts import make_token_batch
 
         model = AutoModelForCausalLM.from_pretrained(info["model"]).to(device)
         model.train()

@@ -63,7 +63,7 @@ def model_config(tiny: bool):
 def synthetic_pairs(n: int, vocab: int, tiny: bool, seed: int = 0):
     import torch
 
-    from bso_cache.tokenize import Encoded
+    from bso_cache.tokenize import PairTokens
 
     g = torch.Generator().manual_seed(seed)
     lo_p, hi_p, lo_r, hi_r = (8, 32, 8, 48) if tiny else (64, 320, 64, 448)
@@ -73,7 +73,7 @@ def synthetic_pairs(n: int, vocab: int, tiny: bool, seed: int = 0):
         c = int(torch.randint(lo_r, hi_r, (1,), generator=g))
         r = int(torch.randint(lo_r, hi_r, (1,), generator=g))
         ids = torch.randint(3, vocab, (p + c + r,), generator=g).tolist()
-        out.append(Encoded(ids[:p], ids[p:p + c], ids[p + c:]))
+        out.append(PairTokens(ids[:p], ids[p:p + c], ids[p + c:]))
     return out
 
 
@@ -175,7 +175,7 @@ def main() -> None:
     from transformers import LlamaForCausalLM
 
     from bso_cache.config import TrainConfig
-    from bso_cache.scoring import make_token_batch
+    from bso_cache.layouts import make_token_batch
     from bso_cache.train import Trainer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -30,11 +30,10 @@ SHARED = Path(os.environ.get("BSO_SHARED", ROOT.parent / "shared"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-METHODS = {
-    "DPO-helpful": dict(generator="logistic", safety_penalty=0.0, pairs="none"),
-    "SafeDPO": dict(generator="logistic", safety_penalty=10.0, pairs="safedpo"),
-    "BSO (sba)": dict(generator="sba", safety_penalty=30.0, pairs="safedpo"),
-}
+def methods() -> dict:
+    from bso_cache.config import BASELINES
+
+    return {"DPO-helpful": BASELINES["dpo-helpful"], "SafeDPO": BASELINES["safedpo"], "BSO (sba)": BASELINES["bso"]}
 
 
 def model_source(name: str) -> tuple[str, str | None]:
@@ -88,8 +87,9 @@ def main() -> None:
         m = build_cache(BuildConfig(model=model, gguf_file=gguf, data=str(work / f"{split}.jsonl"),
                                     out=str(caches[split]), max_length=args.max_length, overlong="truncate",
                                     batch_size=8, progress=False), log=print)
-        print(split, m["rows"])
+        print(split, m.rows)
     build_s = time.time() - t0
+    METHODS = methods()
     results: dict[str, list[dict]] = {name: [] for name in METHODS}
     seeds = [int(s) for s in args.seeds.split(",")]
     t1 = time.time()

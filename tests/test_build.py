@@ -47,7 +47,7 @@ def test_shard_schema_is_pinned():
 def test_pku_build_contract_accounting_and_labels(pku_cache, pku_path, tinystories):
     from transformers import AutoTokenizer
 
-    manifest = read_manifest(pku_cache)
+    manifest = read_manifest(pku_cache).to_json()
     for key in S.MANIFEST_REQUIRED:
         assert key in manifest
     rows = manifest["rows"]
@@ -96,15 +96,15 @@ def test_hh_build_and_rerun_is_a_noop(hh_path, tinystories, tmp_path):
     cfg = BuildConfig(model=str(tinystories), data=str(hh_path), out=str(tmp_path / "c"), max_length=256,
                       overlong="truncate", rows_per_shard=250, progress=False)
     m1 = build_cache(cfg, log=lambda s: None)
-    assert m1["rows"]["input"] == 500
-    assert m1["rows"]["written"] + sum(m1["rows"]["dropped"].values()) == 500
-    assert m1["notes"] == {"hh_prompt_from_common_prefix": 1}
+    assert m1.rows["input"] == 500
+    assert m1.rows["written"] + sum(m1.rows["dropped"].values()) == 500
+    assert m1.notes == {"hh_prompt_from_common_prefix": 1}
     table = rows_of(tmp_path / "c")
     assert all(r[S.CHOSEN_UNSAFE] is None for r in table)
     assert any(r[S.TRUNCATED] for r in table)
     logs = []
     m2 = build_cache(cfg, log=logs.append)
-    assert m2["shards"] == m1["shards"] and "already complete" in logs[0]
+    assert m2.shards == m1.shards and "already complete" in logs[0]
 
 
 def test_other_settings_into_an_existing_cache_are_refused(demo_assets, demo_cache):
@@ -137,7 +137,7 @@ def test_unfinished_build_resumes_to_the_same_cache(demo_assets, demo_cache, tmp
     with pytest.raises(CacheError, match="unfinished build"):
         Cache.open(out)
     resumed = build_cache(cfg, log=lambda s: None)
-    assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in manifest["shards"]]
+    assert [s.sha256 for s in resumed.shards] == [s["sha256"] for s in manifest["shards"]]
     # and equals a build with another batch size, up to float noise in the log-probs
     for a, b in zip(rows_of(out), rows_of(demo_cache), strict=True):
         assert {k: a[k] for k in (S.PAIR_ID, S.PROMPT_IDS, S.CHOSEN_IDS, S.REJECTED_IDS)} == \
@@ -153,7 +153,7 @@ def test_bad_row_stops_the_build_or_is_counted(demo_assets, tmp_path):
     with pytest.raises(DataError, match=r"bad.jsonl, row 8: invalid JSON"):
         build_cache(BuildConfig(out=str(tmp_path / "c1"), **cfg), log=lambda s: None)
     m = build_cache(BuildConfig(out=str(tmp_path / "c2"), skip_bad_rows=True, **cfg), log=lambda s: None)
-    assert m["rows"] == {"input": 21, "written": 20, "dropped": {"invalid_json": 1}}
+    assert m.rows == {"input": 21, "written": 20, "dropped": {"invalid_json": 1}}
 
 
 def test_empty_input_is_refused(demo_assets, tmp_path):
@@ -186,10 +186,25 @@ def test_damaged_shard_is_refused_naming_it(demo_cache, tmp_path):
         Cache.open(copy)
 
 
-def test_inspect_reports_lazily(pku_cache):
+def test_inspect_reports_lazily(pku_cache, monkeypatch):
+    """inspect queries the shards through polars' lazy scan: no eager read of a whole table."""
+    import polars as pl
+    import pyarrow.parquet as pq
+
     from bso_cache.inspect_cache import inspect_cache
 
+    def eager(*a, **k):
+        raise AssertionError("inspect read a whole table eagerly")
+
+    scans = []
+    real_scan = pl.scan_parquet
+    monkeypatch.setattr(pl, "scan_parquet", lambda *a, **k: scans.append(a) or real_scan(*a, **k))
+    for name in ("read_parquet", "read_ipc", "read_csv"):
+        monkeypatch.setattr(pl, name, eager)
+    monkeypatch.setattr(pq, "read_table", eager)
+    monkeypatch.setattr(pq.ParquetFile, "read", eager)
     info = inspect_cache(pku_cache)
+    assert scans, "inspect did not use polars.scan_parquet"
     assert sum(info["pair_types"].values()) == info["rows"]["written"]
     assert info["lengths"]["total_max"] <= 512
     assert info["ref_logps"]["chosen_mean"] < 0

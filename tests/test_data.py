@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from bso_cache.data import Normaliser, open_source, parse_hh_dialogue, split_hh
+from bso_cache.formats import Normaliser, parse_hh_dialogue, split_hh
+from bso_cache.sources import open_source
 from bso_cache.errors import ConfigError, DataError
 
 from .conftest import read_jsonl

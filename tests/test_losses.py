@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bso_cache.errors import ConfigError
-from bso_cache.losses import bso_loss, default_upper_clamp, make_loss_spec, pair_diagnostics
+from bso_cache.losses import spec_loss, bso_loss, default_upper_clamp, make_loss_spec, pair_diagnostics
 
 F64 = torch.float64
 
@@ -176,6 +176,17 @@ def test_safe_winner_starts_at_u_equals_C_and_gets_gradient_with_default_bounds(
     spec80 = make_loss_spec("sba", safety_penalty=80.0, lam=0.2)
     assert spec80.clamp_upper == 70.0
     assert default_upper_clamp(10.0, 0.2) == 30.0
+    # the gradient itself: a safe-winner/unsafe-loser pair at step 0 (m = 0, so u = +C) is inside the
+    # automatically raised bound for C = 50 and learns; with the bound left at 30 it would get none
+    for s_spec, expect_grad in ((spec50, True), (make_loss_spec("sba", safety_penalty=50.0, clamp=30.0), False)):
+        pc = torch.zeros(1, dtype=F64, requires_grad=True)
+        losses = spec_loss(s_spec, pc, torch.zeros(1, dtype=F64), torch.zeros(1, dtype=F64),
+                           torch.zeros(1, dtype=F64), torch.tensor([0.0], dtype=F64), torch.tensor([1.0], dtype=F64))
+        assert torch.isfinite(losses).all()
+        losses.sum().backward()
+        assert (pc.grad.abs() > 0).all() == expect_grad
+        if expect_grad:  # dl/dm = -beta dl/du: pushes log pi(safe winner) up
+            assert pc.grad[0] < 0
 
 
 def test_unlabelled_pairs_have_no_safety_term():
@@ -238,3 +249,35 @@ def test_step0_logistic_is_log2_and_diagnostics():
     assert d["u"].tolist() == [0.0, 5.0, -5.0, 0.0]
     assert d["pair_type"].tolist() == [0, 1, 2, 4]
     assert d["safety_differs"].tolist() == [False, True, True, False]
+
+
+@pytest.mark.parametrize("bounds", [None, (-10.0, 30.0)])
+def test_label_smoothing_uses_the_swapped_pairs_own_clamped_ratio_with_asymmetric_bounds(bounds):
+    """BSO.md: (1 - e) l(clamp(u_raw, lo, hi)) + e l(clamp(-u_raw, lo, hi)). With C = 50 the upper
+    bound is raised to 60 while the lower stays -30; (-10, 30) are explicit asymmetric bounds.
+    u_raw lies on both sides of each bound, where u_swap differs from -u."""
+    lam, s, e = 0.2, 4.0, 0.1
+    if bounds is None:
+        spec = make_loss_spec("sba", safety_penalty=50.0, label_smoothing=e)
+        assert (spec.clamp_lower, spec.clamp_upper) == (-30.0, 60.0)
+        u_raw = [-70.0, -45.0, -20.0, 20.0, 45.0, 70.0]
+    else:
+        spec = make_loss_spec("sba", clamp_lower=bounds[0], clamp_upper=bounds[1], label_smoothing=e)
+        u_raw = [-40.0, -20.0, -5.0, 5.0, 20.0, 40.0]
+    lo, hi = spec.clamp_lower, spec.clamp_upper
+
+    def sba(u):  # the closed form of BSO.md, up to its additive constant (-1/(l s), as losses.py drops it)
+        return (math.exp((1 + lam) * u) / (1 + lam) - (math.exp(-lam * u) - 1) / lam) / s
+
+    def clamp(x):
+        return min(max(x, lo), hi)
+
+    # u_raw = -(beta m + C (s_w - s_l)); without safety labels m = -u_raw / beta
+    pc = torch.tensor([-u / spec.beta for u in u_raw], dtype=F64)
+    z = torch.zeros(len(u_raw), dtype=F64)
+    got = spec_loss(spec, pc, z, z, z, None, None).tolist()
+    for u, g in zip(u_raw, got):
+        assert g == pytest.approx((1 - e) * sba(clamp(u)) + e * sba(clamp(-u)), rel=1e-12), u
+    if bounds is not None:  # the old rule, l(-clamp(u)), is a different number wherever clamp(-u) != -clamp(u)
+        old = [(1 - e) * sba(clamp(u)) + e * sba(-clamp(u)) for u in u_raw]
+        assert [abs(a - b) > 1e-3 for a, b in zip(got, old)] == [True, True, False, False, True, True]

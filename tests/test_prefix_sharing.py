@@ -20,7 +20,8 @@ from bso_cache.config import BuildConfig, TrainConfig
 from bso_cache.errors import ConfigError
 from bso_cache.losses import make_loss_spec, spec_loss
 from bso_cache.pairs import epoch_batches
-from bso_cache.scoring import PairScorer, score_pairs, shared_layout, unshared_layout
+from bso_cache.layouts import shared_layout, unshared_layout
+from bso_cache.scoring import PairScorer, score_pairs
 
 from .conftest import read_jsonl
 
@@ -178,7 +179,7 @@ def test_caches_built_either_way_are_interchangeable(shared_caches, tinystories,
     shared = shared_caches[("tinystories", "pku")]
     plain = tmp_path / "plain"
     manifest = build(tinystories, pku_path, plain, prefix_sharing="off")
-    assert manifest["stats"]["prefix_sharing"] is False
+    assert manifest.stats["prefix_sharing"] is False
     assert json.loads((shared / "manifest.json").read_text())["stats"]["prefix_sharing"] is True
     a, b = cache_pairs(shared)[3], cache_pairs(plain)[3]
     assert [x.prompt_ids for x in a] == [x.prompt_ids for x in b]

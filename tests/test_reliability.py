@@ -186,7 +186,9 @@ def fake_cache(path: Path, lengths: list[int], rows_per_shard: int) -> Cache:
         info = write_shard(path, k, cols)
         shards.append({**info, "input_rows": [start_, start_ + info["rows"]]})
     manifest = {"format": S.FORMAT_NAME, "schema_version": S.SCHEMA_VERSION, "created": "", "bso_cache_version": "",
-                "reference": {}, "tokenizer": {}, "input": {}, "tokenization": {}, "reference_pass": {},
+                "reference": {"name_or_path": "none", "weights_digest": "sha256:0"},
+                "tokenizer": {"vocab_digest": "sha256:0"}, "input": {}, "tokenization": {},
+                "reference_pass": {"dtype": "float32"},
                 "rows": {"input": len(lengths), "written": len(lengths), "dropped": {}}, "shards": shards,
                 "columns": list(S.COLUMNS)}
     atomic_write_json(path / S.MANIFEST_NAME, manifest)
@@ -241,7 +243,8 @@ def test_generic_reader_round_trip(tmp_path_factory, rows, suffix):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from bso_cache.data import Normaliser, open_source
+    from bso_cache.formats import Normaliser
+    from bso_cache.sources import open_source
     from bso_cache.errors import DataError
 
     records = [{"prompt": p, "chosen": c, "rejected": r, "chosen_unsafe": cu, "rejected_unsafe": ru}
@@ -254,7 +257,9 @@ def test_generic_reader_round_trip(tmp_path_factory, rows, suffix):
     else:
         pq.write_table(pa.Table.from_pylist(records), path)
     norm = Normaliser()
-    for i, raw in enumerate(open_source(str(path)).rows()):
+    raws = list(open_source(str(path)).rows())
+    assert len(raws) == len(records)  # every row is read back, none lost or invented
+    for i, raw in enumerate(raws):
         rec = records[i]
         if rec["chosen"] == rec["rejected"]:
             with pytest.raises(DataError, match="identical"):

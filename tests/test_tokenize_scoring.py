@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bso_cache.data import Pair
-from bso_cache.scoring import TargetLogProbs, make_token_batch, sequence_logps
-from bso_cache.tokenize import PairTokenizer, apply_length_policy, Encoded
+from bso_cache.formats import Pair
+from bso_cache.layouts import make_token_batch
+from bso_cache.scoring import TargetLogProbs, sequence_logps
+from bso_cache.tokenize import PairTokenizer, apply_length_policy, PairTokens
 
 PAIR = Pair(0, (("user", "How do I bake bread?"), ("assistant", "With flour."), ("user", "And then?")),
             "Knead the dough, let it rise, and bake it for 30 minutes.", "No idea.")
@@ -77,7 +78,7 @@ def test_template_override_and_plain_forcing(chatml_tokenizer):
 
 
 def test_length_policy():
-    enc = Encoded([1, 2, 3], [4, 5, 6, 7], [8, 9])
+    enc = PairTokens([1, 2, 3], [4, 5, 6, 7], [8, 9])
     assert apply_length_policy(enc, 7, "drop") == (enc, None)
     assert apply_length_policy(enc, 6, "drop") == (None, "overlong")
     cut, reason = apply_length_policy(enc, 5, "truncate")

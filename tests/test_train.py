@@ -86,7 +86,7 @@ def test_step0_check_catches_a_wrong_cache(demo_cache, tmp_path):
     import pyarrow.parquet as pq
 
     from bso_cache import schemas as S
-    from bso_cache.cache import file_sha256
+    from bso_cache.hashing import file_sha256
 
     bad = tmp_path / "bad"
     shutil.copytree(demo_cache, bad)
@@ -95,7 +95,8 @@ def test_step0_check_catches_a_wrong_cache(demo_cache, tmp_path):
         path = bad / shard["file"]
         table = pq.read_table(path)
         col = table.schema.get_field_index(S.REF_CHOSEN_LOGP)
-        table = table.set_column(col, S.REF_CHOSEN_LOGP, pc.add(table[S.REF_CHOSEN_LOGP], 0.5))
+        # the same schema (non-nullable), other numbers
+        table = table.set_column(col, table.schema.field(col), pc.add(table[S.REF_CHOSEN_LOGP], 0.5))
         pq.write_table(table, path)
         shard["sha256"], shard["bytes"] = file_sha256(path), path.stat().st_size
     (bad / S.MANIFEST_NAME).write_text(json.dumps(manifest))
@@ -175,3 +176,27 @@ def test_divergence_stops_with_a_clear_error(demo_cache, tmp_path):
     with pytest.raises(TrainingError, match="not finite.*lower --lr"):
         run(demo_cache, tmp_path / "r", generator="kliep", optimizer="sgd", lr=1e6, grad_clip=0.0, max_steps=20,
             batch_size=8, lr_schedule="constant", warmup_ratio=0.0)
+
+
+def test_overwrite_removes_only_what_a_run_wrote(demo_cache, tmp_path):
+    """--overwrite replaces a run folder; a folder holding a file of the user's is refused, file kept."""
+    out = tmp_path / "r"
+    run(demo_cache, out, max_steps=1, batch_size=4)
+    summary = json.loads((out / "summary.json").read_text())
+    assert "model.safetensors" in summary["files"] and "config.json" in summary["files"]
+    run(demo_cache, out, max_steps=1, batch_size=4, overwrite=True)  # a run folder: replaced
+    assert (out / "model.safetensors").exists()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="notes.txt.*no training run wrote"):
+        run(demo_cache, out, max_steps=1, batch_size=4, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data.csv").write_text("a,b\n")
+    with pytest.raises(ConfigError, match="data.csv"):
+        run(demo_cache, other, max_steps=1, batch_size=4, overwrite=True)
+    assert (other / "data.csv").exists()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        run(demo_cache, afile, max_steps=1, batch_size=4)

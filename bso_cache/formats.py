@@ -1,8 +1,6 @@
-"""Input rows -> normalised preference pairs, streamed, every row accounted for.
+"""Input rows (sources.py) -> normalised preference pairs, every row accounted for.
 
-Sources: local JSONL / JSON / Parquet / CSV files or folders of them, a folder written by
-`datasets.Dataset.save_to_disk`, or a Hugging Face dataset name (`datasets.load_dataset`,
-streaming). Formats, detected from the columns of the first row (or forced):
+Formats, detected from the columns of the first row (or forced):
 
 - `pku`:     prompt, response_0, response_1, is_response_0_safe, is_response_1_safe,
              better_response_id, safer_response_id (+ *_severity_level). chosen = the better
@@ -21,14 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 from .errors import ConfigError, DataError
+from .sources import RawRow
 
 FORMATS = ("auto", "pku", "hh", "generic")
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".ndjson")
 
 Message = dict  # {"role": str, "content": str}
 
@@ -56,203 +53,6 @@ class Pair:
         payload = json.dumps([self.source_index, self.prompt, self.chosen, self.rejected],
                              ensure_ascii=False, separators=(",", ":"))
         return hashlib.blake2b(payload.encode("utf-8"), digest_size=12).hexdigest()
-
-
-@dataclass
-class RawRow:
-    """A row as read, or the error that reading it raised (kept so it can be counted)."""
-
-    source: str
-    row: int            # 1-based line number for JSONL, 0-based row number otherwise
-    data: dict | None
-    error: DataError | None = None
-
-
-@dataclass
-class InputSource:
-    """Where the rows come from, resolved once; `rows()` streams them."""
-
-    spec: str
-    files: list[Path] = field(default_factory=list)
-    hf_name: str | None = None
-    hf_config: str | None = None
-    split: str = "train"
-    from_disk: bool = False
-
-    def describe(self) -> dict:
-        return {"spec": self.spec, "files": [str(p) for p in self.files], "hf_name": self.hf_name,
-                "hf_config": self.hf_config, "split": self.split}
-
-    def digest(self) -> str:
-        """sha256 over the bytes of every input file (names included), or the HF identity."""
-        h = hashlib.sha256()
-        if self.files:
-            for p in self.files:
-                h.update(p.name.encode() + b"\0")
-                with open(p, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 22), b""):
-                        h.update(block)
-            return "sha256:" + h.hexdigest()
-        ds = self._load_hf()
-        fp = getattr(ds, "_fingerprint", None) or getattr(getattr(ds, "info", None), "version", None)
-        h.update(json.dumps([self.hf_name, self.hf_config, self.split, str(fp)]).encode())
-        return "hf:" + h.hexdigest()
-
-    def _load_hf(self):
-        try:
-            import datasets
-        except ImportError as e:  # pragma: no cover - datasets is a dependency
-            raise ConfigError("reading a Hugging Face dataset needs the `datasets` package") from e
-        try:
-            if self.from_disk:
-                ds = datasets.load_from_disk(self.hf_name)
-                if isinstance(ds, datasets.DatasetDict):
-                    if self.split not in ds:
-                        raise ConfigError(f"{self.hf_name}: no split '{self.split}'; splits: {list(ds)}")
-                    ds = ds[self.split]
-                return ds
-            return datasets.load_dataset(self.hf_name, self.hf_config, split=self.split, streaming=True)
-        except ConfigError:
-            raise
-        except Exception as e:  # noqa: BLE001 - datasets raises many types; report them as one line
-            raise ConfigError(
-                f"could not open '{self.spec}' as a local file or folder, nor as a Hugging Face "
-                f"dataset: {type(e).__name__}: {e}"
-            ) from None
-
-    def rows(self, start: int = 0) -> Iterator[RawRow]:
-        """Stream rows in a fixed order. `start` skips that many rows cheaply (resume)."""
-        seen = 0
-        if self.files:
-            for path in self.files:
-                for raw in _file_rows(path):
-                    if seen >= start:
-                        yield raw
-                    seen += 1
-            return
-        for i, record in enumerate(self._load_hf()):
-            if seen >= start:
-                yield RawRow(self.spec, i, dict(record))
-            seen += 1
-
-
-def open_source(spec: str, *, split: str = "train", hf_config: str | None = None) -> InputSource:
-    """Resolve `--data`: a file, a folder of files, a save_to_disk folder, or a dataset name."""
-    path = Path(spec)
-    if path.is_file():
-        if not spec.endswith(FILE_SUFFIXES):
-            raise ConfigError(f"{spec}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)}")
-        _check_readable(path)
-        return InputSource(spec, files=[path], split=split)
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() \
-                or (path / "state.json").exists():
-            return InputSource(spec, hf_name=str(path), split=split, from_disk=True)
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(FILE_SUFFIXES))
-        if not files:
-            raise ConfigError(f"{spec}: folder holds no {', '.join(FILE_SUFFIXES)} files")
-        for p in files:
-            _check_readable(p)
-        return InputSource(spec, files=files, split=split)
-    if spec.count("/") > 1 or spec.startswith((".", "/", "~")) or spec.endswith(FILE_SUFFIXES):
-        raise ConfigError(f"{spec}: no such file or folder")
-    return InputSource(spec, hf_name=spec, hf_config=hf_config, split=split)
-
-
-def _check_readable(path: Path) -> None:
-    try:
-        with open(path, "rb") as f:
-            f.read(1)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the file ({e.strerror})") from None
-
-
-def _file_rows(path: Path) -> Iterator[RawRow]:
-    name = str(path)
-    if name.endswith((".jsonl", ".ndjson")):
-        yield from _jsonl_rows(path)
-    elif name.endswith(".json"):
-        yield from _json_rows(path)
-    elif name.endswith(".parquet"):
-        yield from _parquet_rows(path)
-    elif name.endswith(".csv"):
-        yield from _csv_rows(path)
-
-
-def _jsonl_rows(path: Path) -> Iterator[RawRow]:
-    name = str(path)
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                msg = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
-                yield RawRow(name, lineno, None, DataError(
-                    f"invalid JSON ({msg}); fix the line or pass --skip-bad-rows",
-                    reason="invalid_json", source=name, row=lineno))
-                continue
-            if not isinstance(data, dict):
-                yield RawRow(name, lineno, None, DataError(
-                    f"expected a JSON object, got {type(data).__name__}", reason="invalid_json",
-                    source=name, row=lineno))
-                continue
-            yield RawRow(name, lineno, data)
-
-
-def _json_rows(path: Path) -> Iterator[RawRow]:
-    """A .json file: a JSON array of objects (streamed with ijson) or JSON lines."""
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
-    if not head.startswith(b"["):
-        yield from _jsonl_rows(path)
-        return
-    import ijson
-
-    name = str(path)
-    with open(path, "rb") as f:
-        try:
-            for i, data in enumerate(ijson.items(f, "item", use_float=True)):
-                if not isinstance(data, dict):
-                    yield RawRow(name, i, None, DataError(
-                        f"expected a JSON object, got {type(data).__name__}",
-                        reason="invalid_json", source=name, row=i))
-                    continue
-                yield RawRow(name, i, data)
-        except ijson.JSONError as e:
-            raise DataError(f"invalid JSON ({e}); the file cannot be read past this point",
-                            reason="invalid_json", source=name) from None
-
-
-def _parquet_rows(path: Path) -> Iterator[RawRow]:
-    import pyarrow.parquet as pq
-
-    name = str(path)
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid / OSError
-        raise DataError(f"not a readable Parquet file ({e})", reason="unreadable", source=name) from None
-    i = 0
-    for batch in pf.iter_batches(batch_size=1024):
-        for data in batch.to_pylist():
-            yield RawRow(name, i, data)
-            i += 1
-
-
-def _csv_rows(path: Path) -> Iterator[RawRow]:
-    import pyarrow.csv as pcsv
-
-    name = str(path)
-    try:
-        reader = pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=1 << 22))
-    except Exception as e:  # noqa: BLE001
-        raise DataError(f"not a readable CSV file ({e})", reason="unreadable", source=name) from None
-    i = 0
-    for batch in reader:
-        for data in batch.to_pylist():
-            yield RawRow(name, i, data)
-            i += 1
 
 
 # --- format detection and normalisation --------------------------------------------------------

@@ -1,20 +1,21 @@
-"""Glue for CLI commands that combine several library calls (kept out of app.py's option lists)."""
+"""`bso-cache eval`: a model on a cache's pairs from the cached reference log-probs (metrics.py),
+and optionally the generation-based evaluation (generation.py); results as JSON."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from .cache import Cache, atomic_write_json, check_tokenizer
+from .errors import ConfigError
+from .metrics import evaluate_cache
 
 
 def run_eval(*, model: str, cache: Path, out: Path | None, batch_size: int, max_pairs: int | None, device: str,
              dtype: str, generate: bool, cost_model: str | None, reward_model: str | None, max_prompts: int,
              max_new_tokens: int, temperature: float, top_p: float, generations: Path | None, seed: int,
              prefix_sharing: str = "auto") -> dict:
-    from bso_cache.cache import Cache, check_tokenizer
-    from bso_cache.errors import ConfigError
-    from bso_cache.generation import cache_prompts, generation_eval
-    from bso_cache.metrics import evaluate_cache
-    from bso_cache.models import load_model, load_tokenizer, resolve_device
+    from .generation import cache_prompts, generation_eval
+    from .models import load_model, load_tokenizer, resolve_device
 
     c = Cache.open(cache)
     tok = load_tokenizer(model)
@@ -35,5 +36,5 @@ def run_eval(*, model: str, cache: Path, out: Path | None, batch_size: int, max_
                                             seed=seed)
         res["generation"]["generations"] = str(generations)
     if out is not None:
-        Path(out).write_text(json.dumps(res, indent=2))
+        atomic_write_json(Path(out), res)
     return res

@@ -1,0 +1,160 @@
+"""Training checkpoints: written atomically, resumed exactly (weights, optimizer, scheduler, RNG,
+position in the stream), with and without FSDP.
+
+A checkpoint is `checkpoints/step-NNNNNNNN/` holding the weights (safetensors), the trainer state
+(`torch.load(weights_only=True)`: optimizer, scheduler, RNG states) and `state.json` (step,
+epoch, steps done in the epoch). It is written as `step-N.tmp` and renamed, so a killed run
+leaves only complete checkpoints. Under FSDP the full (gathered) state is saved, so the files
+are the same as without it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cache import atomic_write_json
+from .errors import ConfigError
+from .schemas import RunLayout
+
+
+@dataclass
+class Position:
+    """Where a run stands: optimizer steps done, the epoch, and steps done within it."""
+
+    step: int = 0
+    epoch: int = 0
+    steps_in_epoch: int = 0
+
+
+def list_checkpoints(layout: RunLayout) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    d = layout.checkpoints
+    if not d.is_dir():
+        return []
+    done = [p for p in d.iterdir() if p.name.startswith("step-") and not p.name.endswith(".tmp")
+            and (p / RunLayout.CHECKPOINT_STATE).exists()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    np_state = np.random.get_state()
+    return {"torch_rng": torch.get_rng_state(), "numpy_rng": torch.from_numpy(np_state[1].astype(np.int64)),
+            "numpy_rng_rest": list(np_state[2:]), "python_rng": json.dumps(random.getstate())}
+
+
+def _set_rng_state(blob: dict) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(blob["torch_rng"])
+    np.random.set_state(("MT19937", blob["numpy_rng"].numpy().astype(np.uint32), *blob["numpy_rng_rest"]))
+    py = json.loads(blob["python_rng"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def save_checkpoint(layout: RunLayout, position: Position, total_steps: int, *, model, optimizer, scheduler,
+                    fsdp: bool, full_model: dict | None, full_optim: dict | None, keep: int) -> Path:
+    """Write checkpoint `step-N` (the caller is rank 0; under FSDP it passes the gathered state)."""
+    import torch
+    from safetensors.torch import save_file, save_model
+
+    layout.checkpoints.mkdir(exist_ok=True)
+    final = layout.checkpoint(position.step)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    weights = tmp / RunLayout.CHECKPOINT_WEIGHTS
+    if full_model is not None:
+        save_file({k: v.detach().clone().contiguous() for k, v in full_model.items()}, str(weights))
+    else:
+        save_model(model, str(weights))
+    torch.save({"optimizer": full_optim if full_optim is not None else optimizer.state_dict(), "fsdp": fsdp,
+                "scheduler": scheduler.state_dict(), **_rng_state()}, tmp / RunLayout.TRAINER_STATE)
+    atomic_write_json(tmp / RunLayout.CHECKPOINT_STATE, {**position.__dict__, "total_steps": total_steps})
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in list_checkpoints(layout)[:-max(1, keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(checkpoint: Path, *, model, scorer, optimizer, scheduler, fsdp: bool, device: str) -> Position:
+    """Restore weights, optimizer, scheduler and RNG from `checkpoint`; returns its position.
+
+    Under FSDP every rank calls this (the state is scattered from the full copy on disk).
+    """
+    import torch
+    from safetensors.torch import load_file, load_model
+
+    state = json.loads((checkpoint / RunLayout.CHECKPOINT_STATE).read_text())
+    blob = torch.load(checkpoint / RunLayout.TRAINER_STATE, map_location="cpu", weights_only=True)
+    if bool(blob.get("fsdp", False)) != fsdp:
+        raise ConfigError(f"{checkpoint} was written {'with' if blob.get('fsdp') else 'without'} --fsdp; "
+                          f"resume it the same way")
+    weights = checkpoint / RunLayout.CHECKPOINT_WEIGHTS
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        full = {"lm." + k: v for k, v in load_file(str(weights)).items()}
+        set_state_dict(scorer, optimizer, model_state_dict=full, optim_state_dict=blob["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        load_model(model, str(weights), device=device)
+        optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    _set_rng_state(blob)
+    return Position(state["step"], state["epoch"], state["steps_in_epoch"])
+
+
+def truncate_metrics(layout: RunLayout, step: int) -> None:
+    """Drop the metrics lines logged after `step` (a resumed run logs them again)."""
+    path = layout.metrics
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+# What `save_pretrained` of a model and a tokenizer writes (for run folders whose summary predates
+# the list of files).
+_SAVE_PRETRAINED_FILES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+                          "tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
+                          "chat_template.jinja")
+
+
+def clear_run_folder(layout: RunLayout) -> None:
+    """`--overwrite`: remove what a training run wrote into its folder, and nothing else.
+
+    A run writes the names of `RunLayout.own_names()` and lists the final model's files in its
+    summary; anything else in the folder is the user's, so the folder is refused (and left as it
+    is) when it holds anything else.
+    """
+    import fnmatch
+
+    root = layout.root
+    owned = set(RunLayout.own_names())
+    listed = None
+    if layout.summary.exists():
+        try:
+            listed = json.loads(layout.summary.read_text()).get("files")
+        except (json.JSONDecodeError, AttributeError):
+            listed = None
+    if listed is not None:
+        owned |= set(listed)
+    patterns = () if listed is not None else _SAVE_PRETRAINED_FILES  # a run older than the "files" list
+    foreign = sorted(p.name for p in root.iterdir()
+                     if p.name not in owned and not any(fnmatch.fnmatch(p.name, pat) for pat in patterns))
+    if foreign:
+        raise ConfigError(f"{root} holds {foreign[0]}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}, "
+                          f"which no training run wrote; --overwrite removes only a run's own files. Choose "
+                          f"another --out, or move those files away")
+    for p in root.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()

@@ -1,0 +1,92 @@
+"""A build's finished shards on disk: each shard's sidecar (its checksum, drops, stats), and the
+manifest folded from them once every shard is done (then the sidecars and build.json go)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from . import __version__
+from . import schemas as S
+from .cache import atomic_write_json, shard_name
+from .config import BuildConfig, to_dict
+from .errors import CacheError
+from .hashing import file_sha256
+
+
+def sidecar(out: Path, k: int) -> Path:
+    return out / shard_name(k).replace(".parquet", ".json")
+
+
+def sidecar_done(out: Path, k: int) -> dict | None:
+    side = sidecar(out, k)
+    if not side.exists():
+        return None
+    try:
+        info = json.loads(side.read_text())
+    except json.JSONDecodeError:
+        return None
+    shard = out / info["shard"]["file"]
+    if not shard.exists() or file_sha256(shard) != info["shard"]["sha256"]:
+        return None
+    return info
+
+
+def write_manifest(out: Path, identity: dict, cfg: BuildConfig, n_input: int, n_blocks: int,
+                    ref_info: dict | None) -> S.Manifest:
+    sides = []
+    for k in range(n_blocks):
+        info = sidecar_done(out, k)
+        if info is None:
+            raise CacheError(f"{sidecar(out, k)}: shard {k} is not finished; re-run the build to resume")
+        sides.append(info)
+    dropped: dict[str, int] = {}
+    notes: dict[str, int] = {}
+    for info in sides:
+        for reason, n in info["dropped"].items():
+            dropped[reason] = dropped.get(reason, 0) + n
+        for key, n in info.get("notes", {}).items():
+            notes[key] = notes.get(key, 0) + n
+    written = sum(info["shard"]["rows"] for info in sides)
+    if written + sum(dropped.values()) != n_input:
+        raise CacheError(f"{out}: accounting failed: {written} written + {sum(dropped.values())} "
+                         f"dropped != {n_input} input rows; rebuild with --overwrite")
+    seconds = sum(i["stats"]["seconds"] for i in sides)
+    tokens = sum(i["stats"]["tokens"] for i in sides)
+    padded = sum(i["stats"]["padded_tokens"] for i in sides)
+    reference = dict(identity["reference"])
+    if ref_info:
+        reference.update(ref_info)
+    else:  # every shard was already done (a resume after the last shard): read the sidecars' copy
+        reference.update(next((i["reference"] for i in sides if i.get("reference")), {}))
+    manifest = {
+        "format": S.FORMAT_NAME,
+        "schema_version": S.SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "bso_cache_version": __version__,
+        **identity,
+        "reference": reference,
+        "rows": {"input": n_input, "written": written, "dropped": dict(sorted(dropped.items()))},
+        "notes": notes,
+        "columns": list(S.COLUMNS),
+        "shards": [{**i["shard"], "input_rows": i["input_rows"]} for i in sides],
+        "stats": {"score_seconds": round(seconds, 3),
+                  "pairs_per_s": round(written / seconds, 2) if seconds else None,
+                  "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+                  "tokens": tokens, "padding_share": round(1 - tokens / padded, 4) if padded else 0.0,
+                  "batch_size": cfg.batch_size, "prefix_sharing": _sharing_summary(sides)},
+        "build_config": to_dict(cfg),
+    }
+    manifest = S.Manifest.from_json(manifest)  # the contract, checked before it is written
+    atomic_write_json(out / S.MANIFEST_NAME, manifest.to_json())
+    for k in range(n_blocks):
+        sidecar(out, k).unlink(missing_ok=True)
+    (out / S.BUILD_STATE_NAME).unlink(missing_ok=True)
+    return manifest
+
+
+def _sharing_summary(sides: list[dict]):
+    """true / false when every shard was scored the same way, "mixed" when a resume changed it."""
+    used = {i["stats"].get("prefix_sharing") for i in sides if i["shard"]["rows"]}
+    return used.pop() if len(used) == 1 else ("mixed" if used else None)
