@@ -190,7 +190,6 @@ def _reference_scorer(cfg: BuildConfig, model, tokenizer, device: str, log):
 
 def build_cache(cfg: BuildConfig, *, log=print) -> S.Manifest:
     """Run a build (or resume one) and return the manifest."""
-    cfg.validate()
     device = resolve_device(cfg.device)
     dist = Dist.from_env(device)
     if dist.enabled and device.startswith("cuda"):

@@ -1,28 +1,41 @@
-"""Typed, frozen configurations holding every default in one place.
+"""Typed, frozen configurations holding every default and every allowed value in one place.
 
-The CLI maps its options onto these; the resolved configuration is saved next to every output.
-`validate()` fails on bad values before any model loads.
+The CLI reads its defaults from these and maps its options onto them; the resolved
+configuration is saved next to every output. A config is validated when it is made
+(`__post_init__`): no config exists with a bad value, and a bad value fails before any model loads.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from .errors import ConfigError
 
-PAIR_MODES = ("none", "safedpo", "drop-both-unsafe")
-ORIENTATIONS = ("better", "safer")
-OPTIMIZERS = ("adamw", "rmsprop", "sgd")
-SCHEDULES = ("cosine", "linear", "constant")
-AUTOCAST = ("none", "bf16", "fp16")
-PREFIX_SHARING = ("auto", "on", "off")
-DEFAULT_CLAMP = 30.0    # kappa: u in [-30, 30], the upper bound raised for C > 30 (losses.default_upper_clamp)   # see bso_cache.scoring.PairScorer
+# The allowed values, as types (the fields below use them) and as tuples (for checks and help).
+Format = Literal["auto", "pku", "hh", "generic"]
+TemplateMode = Literal["auto", "chat", "plain"]
+Overlong = Literal["drop", "truncate"]
+DType = Literal["float32", "bfloat16", "float16"]
+PairMode = Literal["none", "safedpo", "drop-both-unsafe"]
+Orientation = Literal["better", "safer"]
+OptimizerName = Literal["adamw", "rmsprop", "sgd"]
+Schedule = Literal["cosine", "linear", "constant"]
+Autocast = Literal["none", "bf16", "fp16"]
+PrefixSharing = Literal["auto", "on", "off"]   # see scoring.PairScorer
+
+FORMATS, TEMPLATE_MODES, OVERLONG, DTYPES = get_args(Format), get_args(TemplateMode), get_args(Overlong), get_args(DType)
+PAIR_MODES, ORIENTATIONS, OPTIMIZERS = get_args(PairMode), get_args(Orientation), get_args(OptimizerName)
+SCHEDULES, AUTOCAST, PREFIX_SHARING = get_args(Schedule), get_args(Autocast), get_args(PrefixSharing)
+DEFAULT_CLAMP = 30.0    # kappa: u in [-30, 30], the upper bound raised for C > 30 (losses.default_upper_clamp)
 
 
-def _check_prefix_sharing(value: str) -> None:
-    if value not in PREFIX_SHARING:
-        raise ConfigError(f"unknown --prefix-sharing '{value}'; valid: {', '.join(PREFIX_SHARING)}")
+def _check_choices(cfg, choices: dict[str, tuple]) -> None:
+    for name, allowed in choices.items():
+        value = getattr(cfg, name)
+        if value not in allowed:
+            raise ConfigError(f"unknown --{name.replace('_', '-')} '{value}'; valid: {', '.join(allowed)}")
 
 
 def to_dict(cfg) -> dict:
@@ -40,42 +53,34 @@ class BuildConfig:
     out: str
     split: str = "train"
     hf_config: str | None = None
-    format: str = "auto"
+    format: Format = "auto"
     gguf_file: str | None = None
-    template: str = "auto"              # auto | chat | plain
+    template: TemplateMode = "auto"     # chat template if the tokenizer has one
     chat_template: str | None = None    # path to a Jinja template file overriding the tokenizer's
     system_prompt: str | None = None
     max_length: int | None = None       # None: min(DEFAULT_MAX_LENGTH, the model's max positions)
-    overlong: str = "drop"              # drop | truncate
+    overlong: Overlong = "drop"
     batch_size: int = 8                 # pairs per forward (2x sequences)
     rows_per_shard: int | None = None   # input rows per shard; None: DEFAULT_ROWS_PER_SHARD
-    dtype: str = "float32"
+    dtype: DType = "float32"
     device: str = "auto"
-    prefix_sharing: str = "auto"        # score each prompt once (auto: where it measured faster)
+    prefix_sharing: PrefixSharing = "auto"  # score each prompt once (auto: where it measured faster)
     skip_bad_rows: bool = False
     overwrite: bool = False
     trust_remote_code: bool = False
     progress: bool = True
 
-    def validate(self) -> None:
-        from .formats import FORMATS
-        from .models import DTYPES
-        from .tokenize import TEMPLATE_MODES
+    def __post_init__(self) -> None:
+        self.validate()
 
-        if self.format not in FORMATS:
-            raise ConfigError(f"unknown --format '{self.format}'; valid: {', '.join(FORMATS)}")
-        if self.template not in TEMPLATE_MODES:
-            raise ConfigError(f"unknown --template '{self.template}'; valid: {', '.join(TEMPLATE_MODES)}")
-        if self.overlong not in ("drop", "truncate"):
-            raise ConfigError(f"unknown --overlong '{self.overlong}'; valid: drop, truncate")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"unknown --dtype '{self.dtype}'; valid: {', '.join(DTYPES)}")
+    def validate(self) -> None:
+        _check_choices(self, {"format": FORMATS, "template": TEMPLATE_MODES, "overlong": OVERLONG, "dtype": DTYPES,
+                              "prefix_sharing": PREFIX_SHARING})
         for name in ("batch_size", "rows_per_shard"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError("--max-length must be >= 2")
-        _check_prefix_sharing(self.prefix_sharing)
 
 
 @dataclass(frozen=True)
@@ -96,12 +101,12 @@ class TrainConfig:
     clamp_upper: float | None = None
     label_smoothing: float = 0.0
     # pairs
-    pairs: str = "safedpo"
-    orientation: str = "better"
+    pairs: PairMode = "safedpo"
+    orientation: Orientation = "better"
     # optimisation
-    optimizer: str = "rmsprop"
+    optimizer: OptimizerName = "rmsprop"
     lr: float = 1e-6
-    lr_schedule: str = "cosine"
+    lr_schedule: Schedule = "cosine"
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     grad_clip: float = 10.0
@@ -113,11 +118,11 @@ class TrainConfig:
     shuffle_buffer: int = 4096
     bucket_batches: int = 16            # batches sorted by length together
     # numerics / memory
-    dtype: str = "float32"
-    autocast: str = "none"
+    dtype: DType = "float32"
+    autocast: Autocast = "none"
     gradient_checkpointing: bool = False
     device: str = "auto"
-    prefix_sharing: str = "auto"        # score each prompt once (auto: where it measured faster)
+    prefix_sharing: PrefixSharing = "auto"  # score each prompt once (auto: where it measured faster)
     fsdp: bool = False                  # shard parameters, gradients and optimizer state (torchrun)
     lora_r: int = 0
     lora_alpha: float = 16.0
@@ -136,21 +141,13 @@ class TrainConfig:
     progress: bool = True
     overwrite: bool = False
 
-    def validate(self) -> None:
-        from .models import DTYPES
+    def __post_init__(self) -> None:
+        self.validate()
 
-        if self.pairs not in PAIR_MODES:
-            raise ConfigError(f"unknown --pairs '{self.pairs}'; valid: {', '.join(PAIR_MODES)}")
-        if self.orientation not in ORIENTATIONS:
-            raise ConfigError(f"unknown --orientation '{self.orientation}'; valid: {', '.join(ORIENTATIONS)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"unknown --optimizer '{self.optimizer}'; valid: {', '.join(OPTIMIZERS)}")
-        if self.lr_schedule not in SCHEDULES:
-            raise ConfigError(f"unknown --lr-schedule '{self.lr_schedule}'; valid: {', '.join(SCHEDULES)}")
-        if self.autocast not in AUTOCAST:
-            raise ConfigError(f"unknown --autocast '{self.autocast}'; valid: {', '.join(AUTOCAST)}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"unknown --dtype '{self.dtype}'; valid: {', '.join(DTYPES)}")
+    def validate(self) -> None:
+        _check_choices(self, {"pairs": PAIR_MODES, "orientation": ORIENTATIONS, "optimizer": OPTIMIZERS,
+                              "lr_schedule": SCHEDULES, "autocast": AUTOCAST, "dtype": DTYPES,
+                              "prefix_sharing": PREFIX_SHARING})
         if self.lr < 0:
             raise ConfigError("--lr must be >= 0")
         if not 0 <= self.warmup_ratio < 1:
@@ -166,7 +163,6 @@ class TrainConfig:
             raise ConfigError("--eval-every needs --eval-cache")
         if self.lora_r < 0:
             raise ConfigError("--lora-r must be >= 0")
-        _check_prefix_sharing(self.prefix_sharing)
         if self.fsdp and self.lora_r:
             raise ConfigError("--fsdp with --lora-r is not supported; LoRA adapters are small: use DDP")
         self.loss_spec()

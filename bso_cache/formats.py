@@ -22,10 +22,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from .config import FORMATS
 from .errors import ConfigError, DataError
 from .sources import RawRow
-
-FORMATS = ("auto", "pku", "hh", "generic")
 
 Message = dict  # {"role": str, "content": str}
 

@@ -11,12 +11,12 @@ import hashlib
 import json
 from pathlib import Path
 
+from .config import DTYPES
 from .errors import ConfigError
 from .hashing import sha256_files
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 LOAD_LOG: list[str] = []
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def torch_dtype(name: str):

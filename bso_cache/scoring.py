@@ -286,8 +286,11 @@ class PairScorer:
             self.log(f"prefix sharing off: {obstacle}; each prompt is scored twice instead")
             self.sharing = False
             return False
-        k = min(PROBE_PAIRS, len(prompts))
-        sample = (prompts[:k], chosen[:k], rejected[:k])
+        # the shortest pairs: a mask that is not honoured shows on any pair, and they cost least
+        picks = sorted(range(len(prompts)), key=lambda i: pair_length(prompts[i], chosen[i], rejected[i], True))
+        picks = picks[:PROBE_PAIRS]
+        k = len(picks)
+        sample = ([prompts[i] for i in picks], [chosen[i] for i in picks], [rejected[i] for i in picks])
         with torch.no_grad():
             shared = score_pairs(self.model, *sample, pad_id=self.pad_id, prefix_sharing=True, device=self.device,
                                  autocast=self.autocast)

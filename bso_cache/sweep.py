@@ -105,8 +105,7 @@ def run_sweep(cache: str, out: str, grid: dict[str, list], baselines: list[str],
     configs = []
     for name, settings in runs:
         cfg = TrainConfig(**{**base, **settings, "cache": cache, "out": str(out_dir / name),
-                             "eval_cache": eval_cache})
-        cfg.validate()
+                             "eval_cache": eval_cache})  # validated as it is made
         configs.append((name, settings, cfg))
     log(f"sweep: {len(configs)} runs -> {out_dir}")
     summaries = []

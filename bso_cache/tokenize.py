@@ -24,10 +24,10 @@ import json
 from dataclasses import dataclass
 
 from .formats import Pair
+from .config import TEMPLATE_MODES
 from .errors import ConfigError, DataError
 
 PLAIN_ROLES = {"user": "Human", "assistant": "Assistant", "system": "System"}
-TEMPLATE_MODES = ("auto", "chat", "plain")
 
 
 def pair_length(prompt, chosen, rejected, shared: bool) -> int:

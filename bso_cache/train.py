@@ -89,7 +89,6 @@ def _lora(cfg: TrainConfig, model):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, log=print):
-        cfg.validate()
         self.cfg = cfg
         self.log = log
         self.spec = cfg.loss_spec()
@@ -103,6 +102,7 @@ class Trainer:
         self.manifest = self.cache.manifest
         self.eval_cache = Cache.open(cfg.eval_cache) if cfg.eval_cache else None
         self.position = Position()
+        self._not_ours: set[str] = set()
 
     # ------------------------------------------------------------------ setup
     def _policy_source(self) -> tuple[str, str | None]:
@@ -121,8 +121,8 @@ class Trainer:
                                       f"there, --overwrite to replace it, or another --out")
                 clear_run_folder(self.layout)
             self.out.mkdir(parents=True, exist_ok=True)
-        # what the folder holds that this run did not write (a --resume'd folder's own files aside)
-        self._not_ours = {p.name for p in self.out.iterdir()} - S.RunLayout.own_names() - set(self._listed_files())
+            # what the folder holds that this run did not write (a --resume'd folder's own files aside)
+            self._not_ours = {p.name for p in self.out.iterdir()} - S.RunLayout.own_names() - set(self._listed_files())
         self.dist.barrier()
 
     def _listed_files(self) -> list[str]:

@@ -83,7 +83,7 @@ def build(
     from bso_cache.build import build_cache
     from bso_cache.config import BuildConfig
 
-    cfg = BuildConfig(model=model, data=data, out=str(out), split=split, hf_config=hf_config,
+    cfg = _run(BuildConfig, model=model, data=data, out=str(out), split=split, hf_config=hf_config,
                       format=format, gguf_file=gguf_file, template=template,
                       chat_template=str(chat_template) if chat_template else None,
                       system_prompt=system_prompt, max_length=max_length, overlong=overlong,
@@ -195,8 +195,8 @@ def train(
     """
     from bso_cache.train import train as run_train
 
-    cfg = _train_config(
-        cache=str(cache), out=str(out), policy=policy, gguf_file=gguf_file, generator=generator,
+    cfg = _run(
+        _train_config, cache=str(cache), out=str(out), policy=policy, gguf_file=gguf_file, generator=generator,
         beta=beta, safety_penalty=safety_penalty, lam=lam, scale=scale, mu=mu, clamp=clamp,
         clamp_lower=clamp_lower, clamp_upper=clamp_upper, label_smoothing=label_smoothing,
         pairs=pairs, orientation=orientation, optimizer=optimizer, lr=lr, lr_schedule=lr_schedule,
