@@ -5,4 +5,4 @@ Parquet shards + a manifest; `bso-cache train` streams them and trains the polic
 Heavy dependencies (torch, transformers, polars, datasets) are imported where used.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

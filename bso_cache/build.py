@@ -8,6 +8,7 @@ writes the manifest once every shard is done.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -21,7 +22,7 @@ from .formats import Normaliser, Pair
 from .sources import open_source
 from .dist import Dist
 from .errors import CacheError, ConfigError, DataError
-from .shards import sidecar, sidecar_done, write_manifest
+from .shards import EmptyBuild, build_lock, counts_text, remove_build_files, sidecar, sidecar_done, write_manifest
 from .models import load_model, load_tokenizer, model_identity, resolve_device, weights_digest
 from .tokenize import PairTokens, PairTokenizer, apply_length_policy, tokenizer_digest
 
@@ -63,11 +64,18 @@ def _identity(cfg: BuildConfig, source, ptok: PairTokenizer, max_length: int, de
     }
 
 
+# How the inputs were spelled, not what they are (their digests are compared): a build resumes
+# whether --model / --data are given relative, absolute or from another working directory.
+_SPELLING = {"input.spec", "input.files", "reference.name_or_path", "tokenizer.name_or_path"}
+
+
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     """Keys of the identity `b` whose values differ in the recorded `a` (extra keys of `a` are
     what the build learnt later, like the model's parameter count, and do not count)."""
     out = []
     for key in sorted(b):
+        if f"{prefix}{key}" in _SPELLING:
+            continue
         va, vb = a.get(key), b.get(key)
         if isinstance(va, dict) and isinstance(vb, dict):
             out += _differences(va, vb, f"{prefix}{key}.")
@@ -101,7 +109,7 @@ def _prepare_out(out: Path, identity: dict, overwrite: bool, dist: Dist) -> dict
                                  f"another --out")
             if path == manifest_path:
                 return read_manifest(out)
-    ours = (BUILD_STATE, S.MANIFEST_NAME, BUILD_STATE + ".tmp", S.MANIFEST_NAME + ".tmp")
+    ours = (BUILD_STATE, S.MANIFEST_NAME, BUILD_STATE + ".tmp", S.MANIFEST_NAME + ".tmp", S.BUILD_LOCK_NAME)
     stray = [p.name for p in out.iterdir() if not p.name.startswith("part-") and p.name not in ours]
     if stray and not state_path.exists():
         raise CacheError(f"{out} is not empty and is not a bso-cache cache (found {stray[0]}); "
@@ -195,49 +203,93 @@ def build_cache(cfg: BuildConfig, *, log=print) -> S.Manifest:
     if dist.enabled and device.startswith("cuda"):
         device = f"cuda:{dist.local_rank}"
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the cache")
     source = open_source(cfg.data, split=cfg.split, hf_config=cfg.hf_config)
     tokenizer = load_tokenizer(cfg.model, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code)
     ptok = _pair_tokenizer(cfg, tokenizer)
     max_length = _max_length(cfg)
     n_input, fmt = _validate_rows(source, cfg.format, cfg.skip_bad_rows)
     R = cfg.rows_per_shard or min(DEFAULT_ROWS_PER_SHARD, math.ceil(n_input / dist.world))
-    identity = _identity(cfg, source, ptok, max_length, device, R)
-    done = _prepare_out(out, identity, cfg.overwrite, dist)
+    plan = _Plan(cfg, out, device, dist, source, fmt, tokenizer, ptok, max_length, n_input, R,
+                 _identity(cfg, source, ptok, max_length, device, R), log)
+    try:
+        with build_lock(out, dist.is_main):
+            return _build(plan)
+    finally:
+        dist.close()
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What one build was asked and resolved to, handed to its steps."""
+
+    cfg: BuildConfig
+    out: Path
+    device: str
+    dist: Dist
+    source: object
+    fmt: str
+    tokenizer: object
+    ptok: PairTokenizer
+    max_length: int
+    n_input: int
+    rows_per_shard: int
+    identity: dict
+    log: object
+
+
+def _build(plan: _Plan) -> S.Manifest:
+    cfg, out, dist, log, R = plan.cfg, plan.out, plan.dist, plan.log, plan.rows_per_shard
+    done = _prepare_out(out, plan.identity, cfg.overwrite, dist)
     if done is not None:
         log(f"{out}: this cache is already complete ({done.written} pairs); nothing to do")
-        dist.close()
         return done
-    _write_state(out, identity, dist)
-    n_blocks = math.ceil(n_input / R)
+    _write_state(out, plan.identity, dist)
+    n_blocks = math.ceil(plan.n_input / R)
     mine = [k for k in range(n_blocks) if k % dist.world == dist.rank]
     todo = [k for k in mine if sidecar_done(out, k) is None]
     if dist.is_main:
-        log(f"input: {n_input} rows from {cfg.data} ({n_blocks} shards of {R} input rows; "
-            f"{len(mine) - len(todo)} already done); template: {ptok.mode}; max length {max_length}")
-    ref_info = None
-    if todo:
-        model = load_model(cfg.model, dtype=cfg.dtype, device=device, gguf_file=cfg.gguf_file,
-                           trust_remote_code=cfg.trust_remote_code)
-        model.eval()
-        ref_info = {k: v for k, v in model_identity(cfg.model, cfg.gguf_file, model,
-                                                    identity["reference"]["weights_digest"]).items()
-                    if k not in identity["reference"]}
-        scorer = _reference_scorer(cfg, model, tokenizer, device, log if dist.is_main else (lambda s: None))
-        _score_blocks(cfg, source, fmt, ptok, scorer, todo, R, n_input, out, max_length, dist, ref_info)
-        del model, scorer
+        log(f"input: {plan.n_input} rows from {cfg.data} ({n_blocks} shards of {R} input rows; "
+            f"{len(mine) - len(todo)} already done); template: {plan.ptok.mode}; max length {plan.max_length}")
+    ref_info = _score_todo(plan, todo) if todo else None
     dist.barrier()
-    manifest = None
-    if dist.is_main:
-        manifest = write_manifest(out, identity, cfg, n_input, n_blocks, ref_info)
-        r, stats = manifest.rows, manifest.stats
-        log(f"wrote {out}: {r['written']} pairs in {len(manifest.shards)} shards; dropped "
-            f"{sum(r['dropped'].values())} {r['dropped'] or ''}; "
-            f"{stats['pairs_per_s']} pairs/s, {stats['tokens_per_s']} tokens/s, "
-            f"padding {100 * stats['padding_share']:.1f}%, prefix sharing {_on_off(stats['prefix_sharing'])}")
+    manifest = _fold(plan, n_blocks, ref_info) if dist.is_main else None
     dist.barrier()
-    if not dist.is_main:
-        manifest = read_manifest(out)
-    dist.close()
+    return manifest if dist.is_main else read_manifest(out)
+
+
+def _score_todo(plan: _Plan, todo: list[int]) -> dict:
+    """Load the reference once and score this rank's unfinished shards; returns what the manifest
+    records about the model beyond its identity."""
+    cfg = plan.cfg
+    model = load_model(cfg.model, dtype=cfg.dtype, device=plan.device, gguf_file=cfg.gguf_file,
+                       trust_remote_code=cfg.trust_remote_code)
+    model.eval()
+    reference = plan.identity["reference"]
+    ref_info = {k: v for k, v in model_identity(cfg.model, cfg.gguf_file, model, reference["weights_digest"]).items()
+                if k not in reference}
+    scorer = _reference_scorer(cfg, model, plan.tokenizer, plan.device,
+                               plan.log if plan.dist.is_main else (lambda s: None))
+    _score_blocks(cfg, plan.source, plan.fmt, plan.ptok, scorer, todo, plan.rows_per_shard, plan.n_input, plan.out,
+                  plan.max_length, plan.dist, ref_info)
+    return ref_info
+
+
+def _fold(plan: _Plan, n_blocks: int, ref_info: dict | None) -> S.Manifest:
+    """Rank 0: the manifest from every shard's sidecar, and the closing line."""
+    out = plan.out
+    try:
+        manifest = write_manifest(out, plan.identity, plan.cfg, plan.n_input, n_blocks, ref_info)
+    except EmptyBuild:
+        remove_build_files(out)  # nothing to resume: an empty result is not a cache
+        raise
+    r, stats = manifest.rows, manifest.stats
+    dropped = sum(r["dropped"].values())
+    reasons = f" ({counts_text(r['dropped'])})" if dropped else ""
+    plan.log(f"wrote {out}: {r['written']} pairs in {len(manifest.shards)} shards; dropped {dropped}{reasons}; "
+             f"{stats['pairs_per_s']} pairs/s, {stats['tokens_per_s']} tokens/s, "
+             f"padding {100 * stats['padding_share']:.1f}%, prefix sharing {_on_off(stats['prefix_sharing'])}")
     return manifest
 
 

@@ -10,6 +10,7 @@ only complete shards behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,15 +25,45 @@ ROW_GROUP_ROWS = 512
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CacheError(f"{path}: cannot be written ({e.strerror}); free space or fix the permissions, then "
+                         f"run the same command again") from None
+
+
+def follow_umask(paths) -> None:
+    """Give files the mode the process's umask gives any new file (safetensors writes 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in paths:
+        if Path(path).is_file():
+            os.chmod(path, 0o666 & ~mask)
+
+
+def strict_json(obj):
+    """`obj` with every NaN / infinity replaced by None, so that json.dumps writes strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def to_json(obj, **kwargs) -> str:
+    """Strict JSON (null, never NaN) of a result or record."""
+    return json.dumps(strict_json(obj), allow_nan=False, **kwargs)
 
 
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, to_json(obj, indent=2) + "\n")
 
 
 def shard_name(index: int) -> str:
@@ -47,11 +78,16 @@ def write_shard(directory: Path, index: int, rows: dict[str, list]) -> dict:
     table = pa.Table.from_pydict(rows, schema=S.shard_schema())
     final = directory / shard_name(index)
     tmp = directory / (final.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS,
-                   write_statistics=[S.SOURCE_INDEX])
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    try:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS,
+                       write_statistics=[S.SOURCE_INDEX])
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except OSError as e:  # a full disk, a read-only folder: nothing half-written is left
+        tmp.unlink(missing_ok=True)
+        raise CacheError(f"{final}: cannot be written ({e.strerror or e}); free space or fix the permissions, "
+                         f"then run the same command again to resume") from None
     return {"file": final.name, "rows": table.num_rows, "bytes": final.stat().st_size,
             "sha256": file_sha256(final)}
 

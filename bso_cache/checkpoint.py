@@ -16,7 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache import atomic_write_json
+from .cache import atomic_write_json, follow_umask
 from .errors import ConfigError
 from .schemas import RunLayout
 
@@ -75,6 +75,7 @@ def save_checkpoint(layout: RunLayout, position: Position, total_steps: int, *, 
         save_file({k: v.detach().clone().contiguous() for k, v in full_model.items()}, str(weights))
     else:
         save_model(model, str(weights))
+    follow_umask([weights])
     torch.save({"optimizer": full_optim if full_optim is not None else optimizer.state_dict(), "fsdp": fsdp,
                 "scheduler": scheduler.state_dict(), **_rng_state()}, tmp / RunLayout.TRAINER_STATE)
     atomic_write_json(tmp / RunLayout.CHECKPOINT_STATE, {**position.__dict__, "total_steps": total_steps})

@@ -115,6 +115,7 @@ class TrainConfig:
     epochs: int = 3
     max_steps: int | None = None
     seed: int = 0
+    shuffle: bool = True                # False: cache order (shards, rows), no bucketing; the seed changes nothing
     shuffle_buffer: int = 4096
     bucket_batches: int = 16            # batches sorted by length together
     # numerics / memory

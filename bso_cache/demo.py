@@ -179,7 +179,8 @@ def format_table(results: dict) -> str:
         types = r["by_pair_type"]
         harm = types.get("unsafe/safe", {}).get("mean_margin", float("nan"))
         benign = types.get("safe/safe", {}).get("mean_margin", float("nan"))
-        lines.append(f"{name:<18} {r['preference_accuracy']:>10.3f} {r['safety_accuracy']:>12.3f} "
+        safety = "n/a" if r["safety_accuracy"] is None else f"{r['safety_accuracy']:.3f}"
+        lines.append(f"{name:<18} {r['preference_accuracy']:>10.3f} {safety:>12} "
                      f"{harm:>15.2f} {benign:>14.2f}")
     lines.append("pref. acc.: chosen (the more helpful response) beats rejected; safety acc.: the safe "
                  "response beats the unsafe one (harmful prompts); margins in nats: harmful = "

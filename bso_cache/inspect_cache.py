@@ -5,13 +5,29 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import schemas as S
-from .cache import Cache
+from .cache import Cache, verify_shards
+from .errors import CacheError
+from .shards import counts_text
 
 
 def inspect_cache(path: str | Path, *, verify: bool = False) -> dict:
+    """The report; every shard is checked first (present, size, rows, schema; checksums with
+    `verify`), so a damaged cache is named, not a polars traceback."""
+    cache = Cache.open(path, verify=False)
+    verify_shards(cache.path, cache.manifest, checksums=verify)
+    if cache.num_pairs == 0:
+        raise CacheError(f"{cache.path}: the cache holds no pairs (input {cache.manifest.rows['input']} rows, "
+                         f"dropped {counts_text(cache.manifest.rows['dropped'])}); rebuild it")
+    try:
+        return _report(cache)
+    except Exception as e:  # noqa: BLE001 - polars raises its own types; name the cache and what to do
+        raise CacheError(f"{cache.path}: cannot be read ({type(e).__name__}: {e}); run `bso-cache verify "
+                         f"{cache.path}`") from None
+
+
+def _report(cache: Cache) -> dict:
     import polars as pl
 
-    cache = Cache.open(path, verify=verify)
     lf = pl.scan_parquet([str(p) for p in cache.shards])
     prompt = pl.col(S.PROMPT_IDS).list.len()
     chosen = pl.col(S.CHOSEN_IDS).list.len()

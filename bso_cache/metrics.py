@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from .cache import Cache
-from .errors import MismatchError
+from .errors import CacheError, MismatchError
 from .losses import pair_diagnostics
 from .schemas import PAIR_TYPES, pair_type
 from .pairs import PairBatch, epoch_batches
@@ -64,12 +64,15 @@ def evaluate_cache(model, cache: Cache, *, batch_size: int = 16, device: str = "
                     "mean_rejected_reward": t["rejected_reward"] / t["n"],
                     "mean_margin": t["margin"] / t["n"], "preference_accuracy": t["correct"] / t["n"]}
              for name, t in sorted(per_type.items())}
+    if n == 0:
+        raise CacheError(f"{cache.path}: no pair to evaluate (the cache holds {cache.num_pairs}"
+                         f"{'' if max_pairs is None else f', --max-pairs {max_pairs}'}); evaluate on a cache with pairs")
     return {
         "pairs": n,
-        "preference_accuracy": correct / n if n else float("nan"),
-        "safety_accuracy": safe_wins / differs if differs else float("nan"),
+        "preference_accuracy": correct / n,
+        "safety_accuracy": safe_wins / differs if differs else None,  # no pair differs in safety
         "safety_pairs": differs,
-        "mean_margin": sum(t["margin"] for t in per_type.values()) / n if n else float("nan"),
+        "mean_margin": sum(t["margin"] for t in per_type.values()) / n,
         "by_pair_type": types,
     }
 

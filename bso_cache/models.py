@@ -14,6 +14,7 @@ from pathlib import Path
 from .config import DTYPES
 from .errors import ConfigError
 from .hashing import sha256_files
+from .schemas import RunLayout
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 LOAD_LOG: list[str] = []
@@ -55,6 +56,19 @@ def resolve_dir(name_or_path: str) -> Path | None:
         return None
 
 
+def locate_reference(reference: dict) -> str:
+    """Where a cache's reference model is on this machine: the absolute folder the build resolved,
+    else the name as given (a relative path from the build's folder, or a hub id in the local
+    cache). A reference that is truly gone is an error that says how to train anyway."""
+    for candidate in (reference.get("resolved_path"), reference.get("name_or_path")):
+        if candidate and resolve_dir(candidate) is not None:
+            return candidate
+    raise ConfigError(
+        f"the cache's reference model {reference.get('name_or_path')!r} (built from "
+        f"{reference.get('resolved_path') or 'the Hugging Face cache'}) is not on this machine; pass --policy PATH "
+        f"(or a hub id in the local cache) of the model to train, which must share the cache's tokenizer")
+
+
 def weights_digest(name_or_path: str, gguf_file: str | None = None) -> str:
     """sha256 over the weight files (names and bytes), the identity of the weights on disk."""
     folder = resolve_dir(name_or_path)
@@ -82,9 +96,20 @@ def quiet_transformers() -> None:
     logging.set_verbosity_error()
 
 
+def _refuse_checkpoint(name_or_path: str) -> None:
+    """A training checkpoint folder holds weights and optimizer state, not a loadable model."""
+    p = Path(name_or_path)
+    if (p / RunLayout.TRAINER_STATE).is_file() and (p / RunLayout.CHECKPOINT_STATE).is_file():
+        run = p.parent.parent if p.parent.name == RunLayout.CHECKPOINTS else p.parent
+        raise ConfigError(f"{p} is a training checkpoint (weights, optimizer and RNG state for --resume), not a "
+                          f"model folder: use the run folder {run} (its final model and tokenizer), or finish the "
+                          f"run with `bso-cache train ... --out {run} --resume`")
+
+
 def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    _refuse_checkpoint(name_or_path)
     kwargs = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file

@@ -62,7 +62,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
         ax.set_title(title)
         ax.set_xlabel("step")
         if title.startswith("loss"):  # exponential generators reach e^36 at the clamp bound
-            ax.set_yscale("symlog", linthresh=1.0)
+            _loss_scale(ax, [y for line in ax.lines for y in line.get_ydata()])
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
@@ -75,16 +75,36 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     return written
 
 
+def _loss_scale(ax, values: list[float]) -> None:
+    """Log scale where the losses span decades and stay positive (exponential generators reach
+    1e14), symmetric log with labelled ticks where they change sign, linear otherwise."""
+    from matplotlib.ticker import LogLocator, SymmetricalLogLocator
+
+    finite = [v for v in values if isinstance(v, (int, float)) and v == v]
+    if not finite:
+        return
+    lo, hi = min(finite), max(finite)
+    if lo > 0 and hi / lo > 1e3:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, numticks=12))
+    elif max(abs(lo), abs(hi)) > 1e3:
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.yaxis.set_major_locator(SymmetricalLogLocator(base=10, linthresh=1.0))
+
+
 def plot_sweep(runs: dict[str, list[dict]], points: dict[str, tuple[float, float]], out: Path) -> list[Path]:
     """Loss curves of all runs, and safety vs preference accuracy with one point per run."""
     plt = _plt()
     out.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(9, 5.5))
+    losses_seen = []
     for name, rows in runs.items():
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name)
+        ys = [r["loss"] for r in rows]
+        losses_seen += ys
+        ax.plot([r["step"] for r in rows], ys, label=name, marker="o" if len(rows) < 30 else None)  # 1 step: a dot
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
-    ax.set_yscale("symlog", linthresh=1.0)
+    _loss_scale(ax, losses_seen)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     ax.set_title("loss curves")
@@ -93,6 +113,10 @@ def plot_sweep(runs: dict[str, list[dict]], points: dict[str, tuple[float, float
     fig.savefig(losses, dpi=100)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 6))
+    if not points:
+        ax.text(0.5, 0.5, "no run has a safety accuracy:\nno evaluated pair has one safe and one unsafe response\n"
+                "(pairs without safety labels, or --eval-cache without such pairs)", ha="center", va="center",
+                fontsize=9, transform=ax.transAxes)
     for name, (pref, safe) in points.items():
         ax.scatter([pref], [safe], s=40)
         ax.annotate(name, (pref, safe), fontsize=7, xytext=(4, 4), textcoords="offset points")

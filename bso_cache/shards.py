@@ -3,7 +3,12 @@ manifest folded from them once every shard is done (then the sidecars and build.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -13,6 +18,24 @@ from .cache import atomic_write_json, shard_name
 from .config import BuildConfig, to_dict
 from .errors import CacheError
 from .hashing import file_sha256
+
+
+def counts_text(counts: dict[str, int]) -> str:
+    """{'overlong': 193, 'bad_label': 2} -> 'overlong 193, bad_label 2' (largest first)."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
+
+
+class EmptyBuild(CacheError):
+    """Every input row was dropped: there is no cache to write."""
+
+    HINTS = {"overlong": "raise --max-length or pass --overlong truncate",
+             "prompt_too_long": "raise --max-length", }
+
+    def __init__(self, out: Path, n_input: int, dropped: dict[str, int]):
+        main = max(dropped, key=dropped.get) if dropped else None
+        hint = self.HINTS.get(main, "fix the rows (run without --skip-bad-rows to see the first bad one)")
+        super().__init__(f"{out}: no pair was written: all {n_input} input rows were dropped ({counts_text(dropped)}); "
+                         f"{hint}")
 
 
 def sidecar(out: Path, k: int) -> Path:
@@ -49,6 +72,8 @@ def write_manifest(out: Path, identity: dict, cfg: BuildConfig, n_input: int, n_
         for key, n in info.get("notes", {}).items():
             notes[key] = notes.get(key, 0) + n
     written = sum(info["shard"]["rows"] for info in sides)
+    if written == 0:
+        raise EmptyBuild(out, n_input, dropped)
     if written + sum(dropped.values()) != n_input:
         raise CacheError(f"{out}: accounting failed: {written} written + {sum(dropped.values())} "
                          f"dropped != {n_input} input rows; rebuild with --overwrite")
@@ -78,6 +103,7 @@ def write_manifest(out: Path, identity: dict, cfg: BuildConfig, n_input: int, n_
                   "batch_size": cfg.batch_size, "prefix_sharing": _sharing_summary(sides)},
         "build_config": to_dict(cfg),
     }
+    manifest["digest"] = S.manifest_digest(manifest)
     manifest = S.Manifest.from_json(manifest)  # the contract, checked before it is written
     atomic_write_json(out / S.MANIFEST_NAME, manifest.to_json())
     for k in range(n_blocks):
@@ -90,3 +116,39 @@ def _sharing_summary(sides: list[dict]):
     """true / false when every shard was scored the same way, "mixed" when a resume changed it."""
     used = {i["stats"].get("prefix_sharing") for i in sides if i["shard"]["rows"]}
     return used.pop() if len(used) == 1 else ("mixed" if used else None)
+
+
+@contextlib.contextmanager
+def build_lock(out: Path, take: bool):
+    """One build at a time into a folder: an exclusive lock on OUT/.build.lock (released by the
+    system when the process dies, so a killed build never blocks the next one)."""
+    if not take:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / S.BUILD_LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise CacheError(f"{out}: another build is writing this cache ({holder}); wait for it to finish, "
+                         f"or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def remove_build_files(out: Path) -> None:
+    """Remove a build's shards, sidecars and state (the user's other files stay)."""
+    for p in out.iterdir():
+        if p.name.startswith("part-") or p.name in (S.BUILD_STATE_NAME, S.BUILD_STATE_NAME + ".tmp"):
+            p.unlink()
+    if not [p for p in out.iterdir() if p.name != S.BUILD_LOCK_NAME]:
+        shutil.rmtree(out, ignore_errors=True)

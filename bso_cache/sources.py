@@ -40,7 +40,7 @@ class InputSource:
     from_disk: bool = False
 
     def describe(self) -> dict:
-        return {"spec": self.spec, "files": [str(p) for p in self.files], "hf_name": self.hf_name,
+        return {"spec": self.spec, "files": [str(p.resolve()) for p in self.files], "hf_name": self.hf_name,
                 "hf_config": self.hf_config, "split": self.split}
 
     def digest(self) -> str:

@@ -36,6 +36,9 @@ def _field_types() -> dict[str, type]:
     out = {}
     for name in SWEEPABLE:
         hint = hints[name]
+        if typing.get_origin(hint) is typing.Literal:  # one of the allowed names: read as text, checked by the config
+            out[name] = str
+            continue
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         out[name] = args[0] if args else hint
     return out

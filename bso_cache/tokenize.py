@@ -129,6 +129,8 @@ class PairTokenizer:
 
     def encode_many(self, pairs: list[Pair]) -> list[PairTokens]:
         """Encode a list of pairs with batched tokenizer calls."""
+        if not pairs:  # a shard whose rows were all dropped
+            return []
         texts = [self.render(p) for p in pairs]
         prompts = self.tok([t[0] for t in texts], add_special_tokens=not self.use_chat)["input_ids"]
         responses = self.tok([r for t in texts for r in t[1:]], add_special_tokens=False)["input_ids"]

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from . import schemas as S
-from .cache import Cache, atomic_write_json, check_tokenizer
+from .cache import Cache, atomic_write_json, check_tokenizer, follow_umask
 from .checkpoint import Position, clear_run_folder, list_checkpoints, load_checkpoint, save_checkpoint, \
     truncate_metrics
 from .config import TrainConfig, to_dict
@@ -30,8 +30,9 @@ from .dist import Dist
 from .errors import CacheError, ConfigError, TrainingError
 from .losses import spec_loss
 from .metrics import MetricsWindow, evaluate_cache, step0_check, step0_tolerance
-from .models import load_model, load_tokenizer, resolve_device, weights_digest
+from .models import load_model, load_tokenizer, locate_reference, resolve_device, weights_digest
 from .pairs import PairBatch, count_pairs, epoch_batches, prefetch
+from .shards import counts_text
 from . import parallel
 
 
@@ -108,7 +109,7 @@ class Trainer:
     def _policy_source(self) -> tuple[str, str | None]:
         if self.cfg.policy:
             return self.cfg.policy, self.cfg.gguf_file
-        return self.manifest.reference_name, self.manifest.reference_gguf
+        return locate_reference(self.manifest.reference), self.manifest.reference_gguf
 
     def _prepare_out(self) -> None:
         if self.dist.is_main:
@@ -191,8 +192,8 @@ class Trainer:
             self._resume()
         counts, spec = self.pair_counts, self.spec
         self.log(f"pairs: {counts.kept} kept, {counts.swapped} swapped, {counts.dropped} dropped "
-                 f"of {counts.total} (--pairs {cfg.pairs}, --orientation {cfg.orientation}) "
-                 f"{counts.reasons or ''}")
+                 f"of {counts.total} (--pairs {cfg.pairs}, --orientation {cfg.orientation})"
+                 f"{'; ' + counts_text(counts.reasons) if counts.reasons else ''}")
         self.log(f"loss: {spec.generator} beta={spec.beta} C={spec.safety_penalty} "
                  f"clamp=[{spec.clamp_lower}, {spec.clamp_upper}] lambda={spec.lam} s={spec.scale}; "
                  f"{self.total_steps} steps of {cfg.batch_size} pairs ({self.steps_per_epoch}/epoch); "
@@ -238,7 +239,7 @@ class Trainer:
         epoch, skip = self.position.epoch, self.position.steps_in_epoch
         while epoch < cfg.epochs:
             stream = epoch_batches(self.cache, mode=cfg.pairs, orientation=cfg.orientation,
-                                   batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                                   batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch, shuffle=cfg.shuffle,
                                    shuffle_buffer=cfg.shuffle_buffer, bucket_batches=cfg.bucket_batches)
             for j, batch in enumerate(stream):
                 if j >= skip:
@@ -386,8 +387,10 @@ class Trainer:
         kwargs = {"state_dict": full_model} if full_model is not None else {}
         model.save_pretrained(str(self.out), safe_serialization=True, **kwargs)
         self.tokenizer.save_pretrained(str(self.out))
+        files = sorted({p.name for p in self.out.iterdir()} - S.RunLayout.own_names() - self._not_ours)
+        follow_umask([self.out / f for f in files] + list(self.layout.adapter.glob("*")))
         self.dist.barrier()
-        return sorted({p.name for p in self.out.iterdir()} - S.RunLayout.own_names() - self._not_ours)
+        return files
 
 
 def train(cfg: TrainConfig, *, log=print) -> dict:

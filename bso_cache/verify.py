@@ -18,10 +18,10 @@ def verify_cache(path, *, model: str | None = None, sample: int = 0, seed: int =
     result = {"shards": len(manifest.shards), "pairs": cache.num_pairs, "checked": 0, "max_abs_diff": None}
     if not sample:
         return result
-    from .models import load_model, load_tokenizer, resolve_device
+    from .models import load_model, load_tokenizer, locate_reference, resolve_device
     from .scoring import PairScorer
 
-    name = model or manifest.reference_name
+    name = model or locate_reference(manifest.reference)
     gguf = None if model else manifest.reference_gguf
     tok = load_tokenizer(name, gguf_file=gguf)
     check_tokenizer(path, manifest, tok, name)

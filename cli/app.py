@@ -47,8 +47,36 @@ PREFIX_SHARING_HELP = ("Score each prompt once for both responses (one sequence 
                        "falls back to off with one printed line.")
 
 
-def _echo_json(obj) -> None:
-    typer.echo(json.dumps(obj, indent=2, default=str))
+def _log(line: str) -> None:
+    """A progress line on stderr, written above any progress bar instead of through it."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from bso_cache import __version__
+
+        typer.echo(f"bso-cache {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Train LMs to be helpful and safe with BSO (DPO, SafeDPO, ...) from an offline reference-log-prob
+    cache: `build` scores the data with the reference once, `train` trains the policy alone, as often
+    as you like."""
+
+
+def _echo_json(obj, indent: int | None = 2) -> None:
+    """Strict JSON on stdout: null where a figure does not exist, never NaN."""
+    from bso_cache.cache import strict_json
+
+    typer.echo(json.dumps(strict_json(obj), indent=indent, default=str, allow_nan=False))
 
 
 # --------------------------------------------------------------------------------------- build
@@ -90,7 +118,7 @@ def build(
                       batch_size=batch_size, rows_per_shard=rows_per_shard, dtype=dtype,
                       device=device, prefix_sharing=prefix_sharing, skip_bad_rows=skip_bad_rows, overwrite=overwrite,
                       trust_remote_code=trust_remote_code, progress=progress)
-    _run(build_cache, cfg, log=lambda s: typer.echo(s, err=True))
+    _run(build_cache, cfg, log=_log)
 
 
 # ------------------------------------------------------------------------------------- inspect
@@ -110,15 +138,19 @@ def inspect(
     r = info["rows"]
     typer.echo(f"cache      {info['cache']}  ({info['shards']} shards, {info['bytes'] / 1e6:.2f} MB)")
     typer.echo(f"reference  {info['reference']['name_or_path']}  {info['reference']['weights_digest'][:23]}")
-    typer.echo(f"rows       input {r['input']}, written {r['written']}, dropped {sum(r['dropped'].values())} {r['dropped'] or ''}")
+    from bso_cache.shards import counts_text
+
+    dropped = sum(r["dropped"].values())
+    reasons = " (" + counts_text(r["dropped"]) + ")" if dropped else ""
+    typer.echo(f"rows       input {r['input']}, written {r['written']}, dropped {dropped}{reasons}")
     if info["notes"]:
-        typer.echo(f"notes      {info['notes']}")
+        typer.echo(f"notes      {counts_text(info['notes'])}")
     L = info["lengths"]
     typer.echo(f"lengths    p50 {L['total_p50']:.0f}, p90 {L['total_p90']:.0f}, p99 {L['total_p99']:.0f}, "
                f"max {L['total_max']}; mean prompt {L['prompt_mean']:.1f}, chosen {L['chosen_mean']:.1f}, "
                f"rejected {L['rejected_mean']:.1f}; truncated {L['truncated']}")
-    typer.echo(f"pair types {info['pair_types']}   (chosen/rejected safety)")
-    typer.echo(f"safer      safer_is_chosen {info['safer_is_chosen']}")
+    typer.echo(f"pair types {counts_text(info['pair_types'])}   (chosen/rejected safety)")
+    typer.echo(f"safer      safer_is_chosen: {counts_text(info['safer_is_chosen'])}")
     lp = info["ref_logps"]
     typer.echo(f"ref logp   chosen mean {lp['chosen_mean']:.2f} ({lp['chosen_per_token_mean']:.3f}/token), "
                f"rejected mean {lp['rejected_mean']:.2f} ({lp['rejected_per_token_mean']:.3f}/token); "
@@ -163,6 +195,7 @@ def train(
     epochs: int = typer.Option(_T.epochs, help="Passes over the cache."),
     max_steps: Optional[int] = typer.Option(_T.max_steps, "--max-steps", help="Stop after this many optimizer steps."),
     seed: int = typer.Option(_T.seed, help="Seed of shard order, shuffle buffer and init."),
+    shuffle: bool = typer.Option(_T.shuffle, "--shuffle/--no-shuffle", help="--no-shuffle: pairs in cache order (shards in order, rows in order, no length bucketing), to match another tool step by step; the seed then changes nothing about the order."),
     shuffle_buffer: int = typer.Option(_T.shuffle_buffer, "--shuffle-buffer", help="Pairs held for shuffling (bounds memory)."),
     dtype: str = typer.Option(_T.dtype, help="Policy weights dtype: float32 | bfloat16 | float16."),
     autocast: str = typer.Option(_T.autocast, help="Mixed precision: none | bf16 | fp16 (weights stay in --dtype)."),
@@ -202,7 +235,7 @@ def train(
         pairs=pairs, orientation=orientation, optimizer=optimizer, lr=lr, lr_schedule=lr_schedule,
         warmup_ratio=warmup_ratio, weight_decay=weight_decay, grad_clip=grad_clip,
         batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, seed=seed,
-        shuffle_buffer=shuffle_buffer, dtype=dtype, autocast=autocast,
+        shuffle=shuffle, shuffle_buffer=shuffle_buffer, dtype=dtype, autocast=autocast,
         gradient_checkpointing=gradient_checkpointing, device=device, prefix_sharing=prefix_sharing, fsdp=fsdp, lora_r=lora_r,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_target=lora_target,
         save_every=save_every, keep_checkpoints=keep_checkpoints, resume=resume,
@@ -210,7 +243,7 @@ def train(
         eval_cache=str(eval_cache) if eval_cache else None, eval_every=eval_every,
         tensorboard=tensorboard, step0_tolerance=step0_tolerance,
         trust_remote_code=trust_remote_code, progress=progress)
-    summary = _run(run_train, cfg, log=lambda s: typer.echo(s, err=True))
+    summary = _run(run_train, cfg, log=_log)
     final = summary["final"] or {}
     typer.echo(f"trained {summary['steps']} steps -> {summary['out']}; final loss "
                f"{final.get('loss', float('nan')):.6g}, preference accuracy "
@@ -232,8 +265,8 @@ def verify(
     from bso_cache.verify import verify_cache
 
     res = _run(verify_cache, cache, model=model, sample=sample, seed=seed, device=device,
-               prefix_sharing=prefix_sharing, log=lambda s: typer.echo(s, err=True))
-    typer.echo(json.dumps(res))
+               prefix_sharing=prefix_sharing, log=_log)
+    _echo_json(res, indent=None)
     if res.get("max_abs_diff") is not None and res["max_abs_diff"] > tolerance:
         typer.echo(f"error: re-scored log-probs differ by {res['max_abs_diff']:.3g} > {tolerance}", err=True)
         raise typer.Exit(1)
@@ -246,19 +279,19 @@ def eval_cmd(
     cache: Path = typer.Option(..., "--cache", "-c", help="Cache whose pairs (and reference log-probs) to evaluate on."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the results as JSON here."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    batch_size: int = typer.Option(16, "--batch-size"),
-    max_pairs: Optional[int] = typer.Option(None, "--max-pairs"),
-    device: str = typer.Option("auto"),
-    dtype: str = typer.Option("float32"),
+    batch_size: int = typer.Option(16, "--batch-size", help="Pairs per forward."),
+    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Evaluate at most this many pairs (in cache order)."),
+    device: str = typer.Option(_T.device, help="auto | cpu | cuda[:N]."),
+    dtype: str = typer.Option(_T.dtype, help="Model dtype: float32 | bfloat16 | float16."),
     generate: bool = typer.Option(False, "--generate", help="Also sample responses to the cache's prompts and score them."),
     cost_model: Optional[str] = typer.Option(None, "--cost-model", help="Sequence-classification cost model (harmless: cost <= 0)."),
     reward_model: Optional[str] = typer.Option(None, "--reward-model", help="Sequence-classification reward model."),
     max_prompts: int = typer.Option(64, "--max-prompts", help="Distinct prompts to generate for."),
-    max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
-    temperature: float = typer.Option(0.7),
-    top_p: float = typer.Option(0.9, "--top-p"),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Tokens to sample per response."),
+    temperature: float = typer.Option(0.7, help="Sampling temperature (0: greedy)."),
+    top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling: the smallest token set of this probability."),
     generations: Optional[Path] = typer.Option(None, "--generations", help="Save generations here as JSONL [default: next to --out]."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of the sampling."),
     prefix_sharing: str = typer.Option(_T.prefix_sharing, "--prefix-sharing", help=PREFIX_SHARING_HELP),
 ):
     """Preference and safety accuracy from cached reference log-probs (no reference loaded);
@@ -273,59 +306,84 @@ def eval_cmd(
         _echo_json(res)
         return
     typer.echo(f"pairs {res['pairs']}   preference_accuracy {res['preference_accuracy']:.4f}   "
-               f"safety_accuracy {res['safety_accuracy']:.4f} (over {res['safety_pairs']} pairs)   "
+               f"safety_accuracy {_figure(res['safety_accuracy'])} (over {res['safety_pairs']} pairs)   "
                f"mean margin {res['mean_margin']:.3f}")
     typer.echo(f"{'pair type':<14}{'pairs':>7}{'chosen r':>11}{'rejected r':>12}{'margin':>10}{'pref acc':>10}")
     for name, t in res["by_pair_type"].items():
         typer.echo(f"{name:<14}{t['pairs']:>7}{t['mean_chosen_reward']:>11.3f}{t['mean_rejected_reward']:>12.3f}"
                    f"{t['mean_margin']:>10.3f}{t['preference_accuracy']:>10.3f}")
     if "generation" in res:
-        typer.echo("generation: " + json.dumps(res["generation"]))
+        typer.echo("generation: " + json.dumps(res["generation"], allow_nan=False))
+
+
+def _figure(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 # --------------------------------------------------------------------------------------- sweep
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def sweep(
-    cache: Path = typer.Option(..., "--cache", "-c"),
+    ctx: typer.Context,
+    cache: Path = typer.Option(..., "--cache", "-c", help="Cache folder from `bso-cache build` (one for every run)."),
     out: Path = typer.Option(..., "--out", "-o", help="Sweep folder: one subfolder per run, summary.csv/.json, PNG plots."),
     baselines: Optional[str] = typer.Option(None, help="Comma-separated: dpo-helpful, dpo-harmless, safedpo, bso (BSO.md settings)."),
     eval_cache: Optional[Path] = typer.Option(None, "--eval-cache", help="Held-out cache: each run is evaluated on it at the end."),
-    generator: Optional[str] = typer.Option(None, help="e.g. logistic,kliep,sba"),
-    beta: Optional[str] = typer.Option(None, help="e.g. 0.05,0.1"),
-    safety_penalty: Optional[str] = typer.Option(None, "--safety-penalty", help="e.g. 0,10,30"),
-    lam: Optional[str] = typer.Option(None),
-    scale: Optional[str] = typer.Option(None),
-    mu: Optional[str] = typer.Option(None),
-    clamp: Optional[str] = typer.Option(None),
-    label_smoothing: Optional[str] = typer.Option(None, "--label-smoothing"),
-    pairs: Optional[str] = typer.Option(None),
-    orientation: Optional[str] = typer.Option(None),
-    optimizer: Optional[str] = typer.Option(None),
-    lr: Optional[str] = typer.Option(None),
-    batch_size: Optional[str] = typer.Option(None, "--batch-size"),
-    epochs: Optional[str] = typer.Option(None),
-    max_steps: Optional[str] = typer.Option(None, "--max-steps"),
-    seed: Optional[str] = typer.Option(None),
-    device: str = typer.Option("auto"),
-    dtype: str = typer.Option("float32"),
-    log_every: int = typer.Option(1, "--log-every"),
+    generator: Optional[str] = typer.Option(None, help="Grid of generators, e.g. logistic,kliep,sba."),
+    beta: Optional[str] = typer.Option(None, help="Grid of beta values, e.g. 0.05,0.1."),
+    safety_penalty: Optional[str] = typer.Option(None, "--safety-penalty", help="Grid of C values, e.g. 0,10,30."),
+    lam: Optional[str] = typer.Option(None, help="Grid of lambda values of ba/sba, e.g. 0.2,0.3."),
+    scale: Optional[str] = typer.Option(None, help="Grid of s values of sba."),
+    mu: Optional[str] = typer.Option(None, help="Grid of mu values of the phi generator."),
+    clamp: Optional[str] = typer.Option(None, help="Grid of symmetric clamp bounds (none: the automatic bounds)."),
+    label_smoothing: Optional[str] = typer.Option(None, "--label-smoothing", help="Grid of label smoothing epsilons."),
+    pairs: Optional[str] = typer.Option(None, help="Grid of pair handlings: none, safedpo, drop-both-unsafe."),
+    orientation: Optional[str] = typer.Option(None, help="Grid of orientations: better, safer."),
+    optimizer: Optional[str] = typer.Option(None, help="Grid of optimizers: adamw, rmsprop, sgd."),
+    lr: Optional[str] = typer.Option(None, help="Grid of learning rates, e.g. 1e-6,5e-7."),
+    batch_size: Optional[str] = typer.Option(None, "--batch-size", help="Grid of batch sizes (pairs per step)."),
+    epochs: Optional[str] = typer.Option(None, help="Grid of epoch counts."),
+    max_steps: Optional[str] = typer.Option(None, "--max-steps", help="Grid of step limits."),
+    seed: Optional[str] = typer.Option(None, help="Grid of seeds, e.g. 0,1,2."),
+    device: str = typer.Option(_T.device, help="auto | cpu | cuda[:N] (every run)."),
+    dtype: str = typer.Option(_T.dtype, help="Policy dtype of every run: float32 | bfloat16 | float16."),
+    log_every: int = typer.Option(_T.log_every, "--log-every", help="Write metrics every N steps."),
     prefix_sharing: str = typer.Option(_T.prefix_sharing, "--prefix-sharing", help=PREFIX_SHARING_HELP),
 ):
     """Many runs from one cache: a grid of comma-separated train options and/or named baselines.
 
-    Finished runs are skipped when repeated; the reference is never loaded (one model per run).
+    Any other `bso-cache train` option (--policy, --gguf-file, --grad-accum, --lora-r, --clamp-lower,
+    --clamp-upper, --autocast, ...) is passed to every run. Finished runs are skipped when
+    repeated; the reference is never loaded (one model per run).
     """
     from bso_cache.sweep import parse_grid, run_sweep
 
+    passed = _train_options(ctx.args)
     grid = _run(parse_grid, {"generator": generator, "beta": beta, "safety_penalty": safety_penalty, "lam": lam,
                              "scale": scale, "mu": mu, "clamp": clamp, "label_smoothing": label_smoothing,
                              "pairs": pairs, "orientation": orientation, "optimizer": optimizer, "lr": lr,
                              "batch_size": batch_size, "epochs": epochs, "max_steps": max_steps, "seed": seed})
     names = [b.strip() for b in baselines.split(",") if b.strip()] if baselines else []
     base = {"device": device, "dtype": dtype, "log_every": log_every, "progress": False,
-            "prefix_sharing": prefix_sharing}
+            "prefix_sharing": prefix_sharing, **passed}
     _run(run_sweep, str(cache), str(out), grid, names, base, str(eval_cache) if eval_cache else None,
          log=typer.echo)
+
+
+def _train_options(args: list[str]) -> dict:
+    """The `train` options among a sweep's other arguments, parsed by `train` itself (its names,
+    types and checks), as TrainConfig fields; only those given on the command line."""
+    import typer.main
+
+    command = typer.main.get_command(app).commands["train"]
+    try:
+        parsed = command.make_context("train", ["--cache", "-", "--out", "-", *args])
+    except Exception as e:  # noqa: BLE001 - click's usage errors: one line
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        typer.echo(f"error: sweep: {message}", err=True)
+        raise typer.Exit(2) from None
+    given = {k: v for k, v in parsed.params.items() if k not in ("cache", "out")
+             and getattr(parsed.get_parameter_source(k), "name", "") == "COMMANDLINE"}
+    return {k: str(v) if isinstance(v, Path) else v for k, v in given.items()}
 
 
 # -------------------------------------------------------------------------------------- report

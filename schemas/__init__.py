@@ -15,6 +15,7 @@ from pathlib import Path
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 BUILD_STATE_NAME = "build.json"        # an unfinished build's identity (folded into the manifest at the end)
+BUILD_LOCK_NAME = ".build.lock"        # held while a build writes (a dot file: folder readers skip it)
 SHARD_PATTERN = "part-{:05d}.parquet"
 FORMAT_NAME = "bso-cache"
 
@@ -112,6 +113,21 @@ class ManifestError(ValueError):
     """A manifest that does not follow the contract; the message names the field."""
 
 
+# Releases whose manifests carry no digest (read as they are; every later one must have it).
+UNDIGESTED_RELEASES = ("0.1.0",)
+
+
+def manifest_digest(obj: dict) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no spaces), its `digest` field left out:
+    any edit of the manifest after the build changes it."""
+    import hashlib
+    import json
+
+    body = {k: v for k, v in obj.items() if k != "digest"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def _field(obj: dict, key: str, kind, where: str):
     if key not in obj:
         raise ManifestError(f"field '{where}{key}' is missing")
@@ -177,6 +193,7 @@ class Manifest:
     stats: dict
     layout: dict
     build_config: dict
+    digest: str | None = None
 
     @classmethod
     def from_json(cls, obj) -> "Manifest":
@@ -201,6 +218,13 @@ class Manifest:
         for key, value in optional.items():
             if not isinstance(value, dict):
                 raise ManifestError(f"field '{key}' is {type(value).__name__}, expected dict")
+        digest = obj.get("digest")
+        if digest is None and obj["bso_cache_version"] not in UNDIGESTED_RELEASES:
+            raise ManifestError("field 'digest' is missing (the manifest was edited, or not written by bso-cache)")
+        if digest is not None and digest != manifest_digest(obj):
+            raise ManifestError("was edited after the build: its digest does not match its content (field "
+                                "'digest'); restore the manifest the build wrote, or rebuild the cache")
+        optional["digest"] = digest
         return cls(obj["format"], version, obj["created"], obj["bso_cache_version"], obj["reference"],
                    obj["tokenizer"], obj["input"], obj["tokenization"], obj["reference_pass"], rows, shards,
                    tuple(obj["columns"]), **optional)
@@ -211,7 +235,8 @@ class Manifest:
                 "tokenizer": self.tokenizer, "input": self.input, "tokenization": self.tokenization,
                 "reference_pass": self.reference_pass, "layout": self.layout, "rows": self.rows,
                 "notes": self.notes, "columns": list(self.columns), "shards": [s.to_json() for s in self.shards],
-                "stats": self.stats, "build_config": self.build_config}
+                "stats": self.stats, "build_config": self.build_config,
+                **({"digest": self.digest} if self.digest is not None else {})}
 
     @property
     def written(self) -> int:

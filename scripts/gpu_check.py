@@ -118,13 +118,15 @@ def write_cache(folder: Path, pairs, chosen, rejected, tokenizer) -> None:
                            (S.TRUNCATED, False)):
             cols[key].append(value)
     info = write_shard(folder, 0, cols)
-    atomic_write_json(folder / S.MANIFEST_NAME, {
+    manifest = {
         "format": S.FORMAT_NAME, "schema_version": S.SCHEMA_VERSION, "created": "", "bso_cache_version": "",
         "reference": {"name_or_path": "", "weights_digest": ""},
         "tokenizer": {"vocab_digest": tokenizer_digest(tokenizer, None)}, "input": {}, "tokenization": {},
         "reference_pass": {"dtype": "bfloat16"}, "columns": list(S.COLUMNS),
         "rows": {"input": len(pairs), "written": len(pairs), "dropped": {}},
-        "shards": [{**info, "input_rows": [0, len(pairs)]}]})
+        "shards": [{**info, "input_rows": [0, len(pairs)]}]}
+    manifest["digest"] = S.manifest_digest(manifest)
+    atomic_write_json(folder / S.MANIFEST_NAME, manifest)
 
 
 def dpo_baseline_step(policy, ref, batch, opt, device, beta=0.1):

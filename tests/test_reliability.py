@@ -191,6 +191,7 @@ def fake_cache(path: Path, lengths: list[int], rows_per_shard: int) -> Cache:
                 "reference_pass": {"dtype": "float32"},
                 "rows": {"input": len(lengths), "written": len(lengths), "dropped": {}}, "shards": shards,
                 "columns": list(S.COLUMNS)}
+    manifest["digest"] = S.manifest_digest(manifest)
     atomic_write_json(path / S.MANIFEST_NAME, manifest)
     return Cache.open(path)
 

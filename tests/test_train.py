@@ -99,6 +99,7 @@ def test_step0_check_catches_a_wrong_cache(demo_cache, tmp_path):
         table = table.set_column(col, table.schema.field(col), pc.add(table[S.REF_CHOSEN_LOGP], 0.5))
         pq.write_table(table, path)
         shard["sha256"], shard["bytes"] = file_sha256(path), path.stat().st_size
+    manifest["digest"] = S.manifest_digest(manifest)  # a consistent forgery: only step 0 can tell
     (bad / S.MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(MismatchError, match="step-0 check failed.*other weights"):
         run(bad, tmp_path / "r", max_steps=2, batch_size=4)

@@ -1,0 +1,254 @@
+"""What a new user hits (issue 12): portable caches, one line and exit 2 for every mistake a user
+can make, empty results as errors, strict JSON, a whole-manifest digest, file modes, one build
+at a time, training in file order."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import stat
+
+import pytest
+
+from bso_cache import schemas as S
+
+from .test_cli import ENV, cli
+
+
+def one_line_error(proc, *needles):
+    """Exit 2, an `error:` line naming what is wrong, and no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def run_in(cwd, *args, check=True):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "bso_cache", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=600, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_caches_are_portable_across_working_directories_and_spellings(demo_assets, tmp_path):
+    """Built with relative paths from one folder, trained from another, rebuilt with absolute
+    paths: the same cache; a reference that is truly gone says --policy fixes it."""
+    work = tmp_path / "a"
+    work.mkdir()
+    shutil.copytree(demo_assets["model"], work / "model")
+    shutil.copy(demo_assets["train"], work / "train.jsonl")
+    run_in(work, "build", "--model", "model", "--data", "train.jsonl", "--out", "cache", "--max-length", 128,
+           "--no-progress")
+    elsewhere = tmp_path / "b"
+    elsewhere.mkdir()
+    run_in(elsewhere, "train", "--cache", work / "cache", "--out", "run", "--max-steps", 1, "--batch-size", 4,
+           "--no-progress")
+    again = run_in(elsewhere, "build", "--model", work / "model", "--data", (work / "train.jsonl").resolve(),
+                   "--out", work / "cache", "--max-length", 128, "--no-progress")
+    assert "nothing to do" in again.stderr
+    moved = tmp_path / "moved"
+    shutil.move(str(work), str(moved))
+    proc = run_in(elsewhere, "train", "--cache", moved / "cache", "--out", "run2", "--max-steps", 1, check=False)
+    one_line_error(proc, "reference model", "--policy")
+    run_in(elsewhere, "train", "--cache", moved / "cache", "--out", "run3", "--max-steps", 1, "--batch-size", 4,
+           "--policy", moved / "model", "--no-progress")
+
+
+def test_empty_build_is_an_error_and_leaves_nothing(demo_assets, tmp_path):
+    proc = cli("build", "--model", demo_assets["model"], "--data", demo_assets["train"], "--out", tmp_path / "c",
+               "--max-length", 5, "--no-progress", check=False)
+    one_line_error(proc, "no pair was written", "overlong 96", "--max-length")
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_shard_of_only_bad_rows_is_counted_with_skip_bad_rows(demo_assets, tmp_path):
+    rows = demo_assets["train"].read_text().splitlines()[:10] + ['{"prompt": "x", "chosen": "y"}'] * 10
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    cli("build", "--model", demo_assets["model"], "--data", data, "--out", tmp_path / "c", "--rows-per-shard", 10,
+        "--skip-bad-rows", "--max-length", 128, "--no-progress")
+    m = json.loads((tmp_path / "c" / S.MANIFEST_NAME).read_text())
+    assert m["rows"] == {"input": 20, "written": 10, "dropped": {"missing_field": 10}}
+    assert [s["rows"] for s in m["shards"]] == [10, 0]
+    assert not (tmp_path / "c" / S.BUILD_STATE_NAME).exists()
+
+
+def test_out_naming_a_file_is_one_line(demo_assets, demo_cache, tmp_path):
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    one_line_error(cli("build", "--model", demo_assets["model"], "--data", demo_assets["train"], "--out", afile,
+                       check=False), "is a file")
+    one_line_error(cli("train", "--cache", demo_cache, "--out", afile, check=False), "is a file")
+    assert afile.read_text() == "x"
+
+
+def test_a_full_disk_while_writing_a_shard_is_one_error_and_leaves_no_temporary(demo_assets, tmp_path, monkeypatch):
+    import errno
+
+    import pyarrow.parquet as pq
+
+    from bso_cache.build import build_cache
+    from bso_cache.config import BuildConfig
+    from bso_cache.errors import CacheError
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", full)
+    with pytest.raises(CacheError, match="part-00000.parquet: cannot be written .No space left on device.*resume"):
+        build_cache(BuildConfig(model=str(demo_assets["model"]), data=str(demo_assets["train"]),
+                                out=str(tmp_path / "c"), max_length=128, progress=False), log=lambda s: None)
+    assert not list((tmp_path / "c").glob("*.tmp"))
+
+
+def damaged_copy(demo_cache, tmp_path, how):
+    copy = tmp_path / f"damaged-{how}"
+    shutil.copytree(demo_cache, copy)
+    shard = copy / "part-00001.parquet"
+    if how == "missing":
+        shard.unlink()
+    else:
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    return copy
+
+
+@pytest.mark.parametrize("how", ["missing", "flipped"])
+def test_every_command_on_a_damaged_cache_is_one_line(demo_assets, demo_cache, tmp_path, how):
+    bad = damaged_copy(demo_cache, tmp_path, how)
+    commands = [("inspect", bad, "--verify"), ("verify", bad),
+                ("train", "--cache", bad, "--out", tmp_path / f"r-{how}", "--max-steps", 1),
+                ("eval", "--model", demo_assets["model"], "--cache", bad)]
+    if how == "missing":
+        commands.append(("inspect", bad))  # without --verify too: the shard's presence is always checked
+    for args in commands:
+        one_line_error(cli(*args, check=False), "part-00001.parquet")
+
+
+def test_eval_on_a_checkpoint_folder_says_what_to_use(demo_cache, tmp_path):
+    cli("train", "--cache", demo_cache, "--out", tmp_path / "r", "--max-steps", 2, "--batch-size", 4,
+        "--save-every", 1, "--no-progress")
+    ckpt = next((tmp_path / "r" / "checkpoints").iterdir())
+    one_line_error(cli("eval", "--model", ckpt, "--cache", demo_cache, check=False), "training checkpoint",
+                   "--resume")
+
+
+def test_json_results_are_strict_null_where_a_figure_does_not_exist(tinystories, hh_path, tmp_path):
+    """HH pairs carry no safety labels: safety accuracy does not exist; JSON says null, not NaN."""
+    rows = hh_path.read_text().splitlines()[:12]
+    data = tmp_path / "hh.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    cli("build", "--model", tinystories, "--data", data, "--out", tmp_path / "c", "--max-length", 512,
+        "--no-progress")
+    out = tmp_path / "eval.json"
+    proc = cli("eval", "--model", tinystories, "--cache", tmp_path / "c", "--json", "--out", out)
+    for text in (proc.stdout, out.read_text()):
+        assert "NaN" not in text
+        assert json.loads(text)["safety_accuracy"] is None
+    assert "safety_accuracy n/a" in cli("eval", "--model", tinystories, "--cache", tmp_path / "c").stdout
+
+
+def test_any_edit_of_the_manifest_is_detected(demo_assets, demo_cache, tmp_path):
+    copy = tmp_path / "edited"
+    shutil.copytree(demo_cache, copy)
+    path = copy / S.MANIFEST_NAME
+    for field, value in (("tokenization", {"max_length": 4096}), ("stats", {"tokens": 1})):
+        m = json.loads(path.read_text())
+        m[field] = {**m[field], **value}
+        path.write_text(json.dumps(m))
+        for args in (("verify", copy), ("train", "--cache", copy, "--out", tmp_path / "r", "--max-steps", 1)):
+            one_line_error(cli(*args, check=False), "was edited after the build", "digest")
+        shutil.copy(demo_cache / S.MANIFEST_NAME, path)
+    cli("verify", copy)  # the original manifest reads again
+
+
+def test_model_files_follow_the_umask(demo_cache, tmp_path):
+    from bso_cache.config import TrainConfig
+    from bso_cache.train import train
+
+    old = os.umask(0o022)
+    try:
+        train(TrainConfig(cache=str(demo_cache), out=str(tmp_path / "r"), max_steps=2, batch_size=4, save_every=1,
+                          progress=False), log=lambda s: None)
+    finally:
+        os.umask(old)
+    ckpt = next((tmp_path / "r" / "checkpoints").iterdir())
+    for path in (tmp_path / "r" / "model.safetensors", ckpt / "model.safetensors"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_a_second_build_into_the_same_folder_says_who_holds_it(demo_assets, tmp_path):
+    out = tmp_path / "c"
+    out.mkdir()
+    with open(out / S.BUILD_LOCK_NAME, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write("pid 4242 on testhost, since now")
+        f.flush()
+        proc = cli("build", "--model", demo_assets["model"], "--data", demo_assets["train"], "--out", out,
+                   "--max-length", 128, "--no-progress", check=False)
+    one_line_error(proc, "another build is writing", "pid 4242 on testhost")
+    assert not (out / S.MANIFEST_NAME).exists()
+    cli("build", "--model", demo_assets["model"], "--data", demo_assets["train"], "--out", out, "--max-length", 128,
+        "--no-progress")  # the lock released, the build goes through and removes its lock file
+    assert not (out / S.BUILD_LOCK_NAME).exists()
+
+
+def test_no_shuffle_trains_in_cache_order_whatever_the_seed(demo_cache, tmp_path):
+    from bso_cache.cache import Cache
+    from bso_cache.config import TrainConfig
+    from bso_cache.pairs import epoch_batches
+    from bso_cache.train import Trainer
+
+    order = [it.source_index for b in epoch_batches(Cache.open(demo_cache), mode="none", orientation="better",
+                                                    batch_size=10**6, seed=0, epoch=0, shuffle=False) for it in b]
+    assert order == sorted(order)
+    seen = {}
+    for seed in (0, 1):
+        trainer = Trainer(TrainConfig(cache=str(demo_cache), out=str(tmp_path / f"s{seed}"), pairs="none",
+                                      shuffle=False, seed=seed, batch_size=8, max_steps=3, progress=False),
+                          log=lambda s: None)
+        steps = trainer._step_batches()
+        seen[seed] = [[it.source_index for it in next(steps)[2]] for _ in range(3)]
+    assert seen[0] == seen[1] == [order[0:8], order[8:16], order[16:24]]
+
+
+def test_version():
+    from bso_cache import __version__
+
+    assert cli("--version").stdout.strip() == f"bso-cache {__version__}"
+
+
+def test_sweep_passes_every_train_option_through(demo_cache, tmp_path):
+    cli("sweep", "--cache", demo_cache, "--out", tmp_path / "s", "--generator", "logistic,sba", "--max-steps", 1,
+        "--batch-size", 4, "--grad-accum", 2, "--clamp-upper", 20, "--optimizer", "sgd")
+    for run in ("generator-logistic", "generator-sba"):
+        cfg = json.loads((tmp_path / "s" / run / "run_config.json").read_text())["config"]
+        assert (cfg["grad_accum"], cfg["clamp_upper"], cfg["batch_size"]) == (2, 20.0, 4), run
+    one_line_error(cli("sweep", "--cache", demo_cache, "--out", tmp_path / "s2", "--grad-acum", 2, check=False),
+                   "sweep", "--grad-acum")
+
+
+def test_loss_plots_scale_to_the_losses():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bso_cache.report import _loss_scale
+
+    for values, scale in (([1e14, 2.0, 0.5], "log"), ([1e14, -3.0], "symlog"), ([0.69, 0.5], "linear")):
+        fig, ax = plt.subplots()
+        ax.plot(range(len(values)), values)
+        _loss_scale(ax, values)
+        assert ax.get_yscale() == scale, values
+        plt.close(fig)
