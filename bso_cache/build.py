@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from . import schemas as S
-from .cache import atomic_write_json, empty_columns, read_manifest, write_shard
+from .cache import atomic_write_json, empty_columns, manifest_path, read_manifest, write_shard
 from .config import DEFAULT_MAX_LENGTH, DEFAULT_ROWS_PER_SHARD, BuildConfig
 from .formats import Normaliser, Pair
 from .sources import open_source
@@ -86,15 +86,16 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 def _prepare_out(out: Path, identity: dict, overwrite: bool, dist: Dist) -> dict | None:
     """Returns the finished manifest when this exact build is already complete."""
-    manifest_path, state_path = out / S.MANIFEST_NAME, out / BUILD_STATE
+    manifest_file, state_path = manifest_path(out), out / BUILD_STATE  # a version-1 cache's manifest too
     if dist.is_main:
         if overwrite and out.exists():
             for p in out.iterdir():
-                if p.name in (S.MANIFEST_NAME, BUILD_STATE) or p.name.startswith("part-"):
+                if p.name in (S.MANIFEST_NAME, S.MANIFEST_NAME_V1, BUILD_STATE) or p.name.startswith("part-"):
                     p.unlink()
+            manifest_file = out / S.MANIFEST_NAME
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    for path, what in ((manifest_path, "a finished cache"), (state_path, "an unfinished build")):
+    for path, what in ((manifest_file, "a finished cache"), (state_path, "an unfinished build")):
         if path.exists():
             try:
                 previous = json.loads(path.read_text())
@@ -107,9 +108,10 @@ def _prepare_out(out: Path, identity: dict, overwrite: bool, dist: Dist) -> dict
                 raise CacheError(f"{out} holds {what} made with other settings (differs in: "
                                  f"{', '.join(diff[:6])}); pass --overwrite to start again, or "
                                  f"another --out")
-            if path == manifest_path:
+            if path == manifest_file:
                 return read_manifest(out)
-    ours = (BUILD_STATE, S.MANIFEST_NAME, BUILD_STATE + ".tmp", S.MANIFEST_NAME + ".tmp", S.BUILD_LOCK_NAME)
+    ours = (BUILD_STATE, S.MANIFEST_NAME, S.MANIFEST_NAME_V1, BUILD_STATE + ".tmp", S.MANIFEST_NAME + ".tmp",
+            S.BUILD_LOCK_NAME)
     stray = [p.name for p in out.iterdir() if not p.name.startswith("part-") and p.name not in ours]
     if stray and not state_path.exists():
         raise CacheError(f"{out} is not empty and is not a bso-cache cache (found {stray[0]}); "

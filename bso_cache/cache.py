@@ -98,12 +98,19 @@ def empty_columns() -> dict[str, list]:
 
 # --- manifest ------------------------------------------------------------------------------------
 
+def manifest_path(cache_dir: Path) -> Path:
+    """The manifest of a cache: `.manifest.json`, or `manifest.json` in a version-1 cache."""
+    cache_dir = Path(cache_dir)
+    v1 = cache_dir / S.MANIFEST_NAME_V1
+    return v1 if v1.exists() and not (cache_dir / S.MANIFEST_NAME).exists() else cache_dir / S.MANIFEST_NAME
+
+
 def read_manifest(cache_dir: Path) -> S.Manifest:
     """Read and check a finished cache's manifest; errors name the file and the field."""
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
         raise CacheError(f"{cache_dir}: no such cache folder")
-    path = cache_dir / S.MANIFEST_NAME
+    path = manifest_path(cache_dir)
     if not path.exists():
         hint = (" (an unfinished build: re-run the same build command to resume it)"
                 if (cache_dir / S.BUILD_STATE_NAME).exists() else "")

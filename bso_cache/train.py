@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from . import schemas as S
-from .cache import Cache, atomic_write_json, check_tokenizer, follow_umask
+from .cache import Cache, atomic_write_json, check_tokenizer, follow_umask, manifest_path
 from .checkpoint import Position, clear_run_folder, list_checkpoints, load_checkpoint, save_checkpoint, \
     truncate_metrics
 from .config import TrainConfig, to_dict
@@ -203,7 +203,7 @@ class Trainer:
             atomic_write_json(self.layout.run_config, {
                 "config": to_dict(cfg), "loss": dataclasses.asdict(spec), "pairs": counts.as_dict(),
                 "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
-                "world_size": self.dist.world, "cache_manifest": str(self.cache.path / S.MANIFEST_NAME),
+                "world_size": self.dist.world, "cache_manifest": str(manifest_path(self.cache.path)),
                 "policy": name, "policy_is_reference": self.policy_is_reference,
                 "prefix_sharing": {"used": self.pair_scorer.sharing, "probe": self.pair_scorer.probe}})
 

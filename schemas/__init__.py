@@ -3,8 +3,12 @@
 Installed as `bso_cache.schemas` (see pyproject.toml). Nothing else in the project spells a
 column name as a literal: import the constants from here.
 
-A cache is a directory holding `manifest.json` (written last, atomically) and Parquet shards
-`part-00000.parquet`, `part-00001.parquet`, ... Each shard row is one preference pair.
+A cache is a directory holding Parquet shards `part-00000.parquet`, `part-00001.parquet`, ...
+(each row one preference pair) and `.manifest.json` (written last, atomically). The manifest is a
+dot file so that folder readers see only the shards: `pyarrow.parquet.read_table(CACHE)`,
+`polars.scan_parquet("CACHE/*.parquet")`, `datasets.load_dataset("parquet", data_dir=CACHE)` and
+duckdb's `read_parquet('CACHE/*.parquet')` read the cache as it is. Version 1 caches (with
+`manifest.json` beside the shards) are still read.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA_VERSION = 1
-MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 2                     # 2: the manifest is `.manifest.json` (1: `manifest.json`); shards alike
+READ_VERSIONS = (1, 2)
+MANIFEST_NAME = ".manifest.json"
+MANIFEST_NAME_V1 = "manifest.json"
 BUILD_STATE_NAME = "build.json"        # an unfinished build's identity (folded into the manifest at the end)
 BUILD_LOCK_NAME = ".build.lock"        # held while a build writes (a dot file: folder readers skip it)
 SHARD_PATTERN = "part-{:05d}.parquet"
@@ -201,8 +207,9 @@ class Manifest:
         if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
             raise ManifestError(f"field 'format' is not '{FORMAT_NAME}'; not a bso-cache manifest")
         version = obj.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ManifestError(f"field 'schema_version' is {version!r}, this bso-cache reads version {SCHEMA_VERSION}")
+        if version not in READ_VERSIONS:
+            raise ManifestError(f"field 'schema_version' is {version!r}, this bso-cache reads versions "
+                                f"{', '.join(map(str, READ_VERSIONS))}")
         for key in MANIFEST_REQUIRED:
             _field(obj, key, _TOP_TYPES.get(key, dict), "")
         for section, fields in _SECTION_FIELDS.items():

@@ -93,10 +93,11 @@ def setup(work: Path, n_pairs: int, max_length: int, quick: bool, data: str = "p
     trl_data = work / f"pairs-{tag}-trl.jsonl"
     trl_data.write_text("".join(json.dumps(r) + "\n" for r in trl_rows))
     cache = work / f"cache-{model_dir.name}-{tag}"
+    from bso_cache import schemas as S
     from bso_cache.build import build_cache
     from bso_cache.config import BuildConfig
 
-    if not (cache / "manifest.json").exists():
+    if not (cache / S.MANIFEST_NAME).exists():
         build_cache(BuildConfig(model=str(model_dir), data=str(data_file), out=str(cache), max_length=max_length,
                                 batch_size=8, progress=False, overwrite=True), log=lambda s: None)
     return {"model": str(model_dir), "data": str(data_file), "trl_data": str(trl_data), "cache": str(cache),

@@ -32,7 +32,7 @@ def rows_of(cache_dir):
 
 def test_shard_schema_is_pinned():
     """The on-disk contract: changing it needs a schema version bump (and this test)."""
-    assert S.SCHEMA_VERSION == 1
+    assert S.SCHEMA_VERSION == 2 and S.MANIFEST_NAME == ".manifest.json"
     got = [(f.name, str(f.type), f.nullable) for f in S.shard_schema()]
     assert got == [
         ("pair_id", "string", False), ("source_index", "int64", False),

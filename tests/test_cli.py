@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from bso_cache import schemas as S
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -71,7 +73,7 @@ def test_bad_pku_rows_via_cli(tinystories, pku_path, tmp_path):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert f"{data}, row 12" in proc.stderr, proc.stderr
         cli(*base, "--out", tmp_path / f"{name}-b", "--skip-bad-rows")
-        rows = json.loads((tmp_path / f"{name}-b" / "manifest.json").read_text())["rows"]
+        rows = json.loads((tmp_path / f"{name}-b" / S.MANIFEST_NAME).read_text())["rows"]
         assert rows["input"] == 21 and rows["written"] + sum(rows["dropped"].values()) == 21
         assert sum(v for k, v in rows["dropped"].items() if k != "overlong") == 1
 
@@ -107,7 +109,7 @@ def test_real_chat_model_end_to_end(smollm2_tokenizer, pku_path, tmp_path):
     data.write_text("".join(pku_path.read_text().splitlines(keepends=True)[:6]))
     cli("build", "--model", pkg, "--gguf-file", gguf, "--data", data, "--out", tmp_path / "c", "--max-length", 1024,
         "--batch-size", 3, "--no-progress")
-    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "c" / S.MANIFEST_NAME).read_text())
     assert manifest["tokenization"]["template"] == "chat" and manifest["rows"]["written"] == 6
     out = cli("train", "--cache", tmp_path / "c", "--out", tmp_path / "r", "--max-steps", 1, "--batch-size", 2,
               "--pairs", "none", "--no-progress")

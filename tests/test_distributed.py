@@ -10,6 +10,8 @@ import sys
 
 import torch
 
+from bso_cache import schemas as S
+
 from .test_reliability import compare_caches
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -28,7 +30,7 @@ def test_torchrun_build_equals_one_process(demo_assets, demo_cache, tmp_path):
     torchrun("build", "--model", demo_assets["model"], "--data", demo_assets["train"], "--out", out,
              "--max-length", 128, "--batch-size", 8, "--rows-per-shard", 40, "--no-progress")
     compare_caches(demo_cache, out)
-    m = json.loads((out / "manifest.json").read_text())
+    m = json.loads((out / S.MANIFEST_NAME).read_text())
     assert [s["file"] for s in m["shards"]] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     assert not list(out.glob("part-*.json")) and not (out / "build.json").exists()
 

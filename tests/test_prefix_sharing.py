@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from bso_cache import schemas as S
 import torch
 
 from bso_cache import scoring
@@ -180,7 +182,7 @@ def test_caches_built_either_way_are_interchangeable(shared_caches, tinystories,
     plain = tmp_path / "plain"
     manifest = build(tinystories, pku_path, plain, prefix_sharing="off")
     assert manifest.stats["prefix_sharing"] is False
-    assert json.loads((shared / "manifest.json").read_text())["stats"]["prefix_sharing"] is True
+    assert json.loads((shared / S.MANIFEST_NAME).read_text())["stats"]["prefix_sharing"] is True
     a, b = cache_pairs(shared)[3], cache_pairs(plain)[3]
     assert [x.prompt_ids for x in a] == [x.prompt_ids for x in b]
     # each float32 build is within ~1e-4 of the float64 value (test above), on either side of it, so

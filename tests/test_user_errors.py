@@ -252,3 +252,31 @@ def test_loss_plots_scale_to_the_losses():
         _loss_scale(ax, values)
         assert ax.get_yscale() == scale, values
         plt.close(fig)
+
+
+def test_the_cache_folder_opens_directly_in_the_usual_readers(demo_cache):
+    """The shards are the folder's only visible files (the manifest is .manifest.json)."""
+    import pyarrow.parquet as pq
+    import polars as pl
+
+    n = json.loads((demo_cache / S.MANIFEST_NAME).read_text())["rows"]["written"]
+    assert pq.read_table(demo_cache).num_rows == n
+    assert pl.scan_parquet(f"{demo_cache}/*.parquet").select(pl.len()).collect().item() == n
+    datasets = pytest.importorskip("datasets")
+    assert datasets.load_dataset("parquet", data_dir=str(demo_cache), split="train").num_rows == n
+    duckdb = pytest.importorskip("duckdb")
+    assert duckdb.sql(f"select count(*) from read_parquet('{demo_cache}/*.parquet')").fetchall()[0][0] == n
+
+
+def test_version_1_caches_still_read_and_train(demo_cache, tmp_path):
+    """A cache of the first release: `manifest.json`, schema_version 1, no digest."""
+    old = tmp_path / "v1"
+    shutil.copytree(demo_cache, old)
+    m = json.loads((old / S.MANIFEST_NAME).read_text())
+    (old / S.MANIFEST_NAME).unlink()
+    m.update(schema_version=1, bso_cache_version="0.1.0")
+    m.pop("digest")
+    (old / S.MANIFEST_NAME_V1).write_text(json.dumps(m))
+    cli("verify", old)
+    cli("train", "--cache", old, "--out", tmp_path / "r", "--max-steps", 1, "--batch-size", 4, "--no-progress")
+    assert "written 96" in cli("inspect", old).stdout
