@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -33,14 +34,17 @@ Tensor = torch.Tensor
 # Models whose logits are not a plain linear projection of the last hidden state.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
-# Where `auto` shares prompts, by device kind: what docs/PERFORMANCE.md measured (the GPU has
-# not been measured yet, so `auto` leaves it off there until scripts/gpu_check.sh shows it pays).
+# Where `auto` may share prompts, by device kind (docs/PERFORMANCE.md): on the CPU it then times
+# the first batch both ways and shares where that was faster; the GPU has not been measured yet,
+# so `auto` leaves it off there until scripts/gpu_check.sh shows it pays.
 AUTO_PREFIX_SHARING = {"cpu": True, "cuda": False}
 # Attention implementations that take a custom 4D mask as given (transformers passes it through).
 MASK_ATTENTION = ("sdpa", "eager")
 # The prefix-sharing probe: pairs scored both ways, and the largest per-token difference that
 # still counts as the same numbers (float32; bf16/fp16), as in the trainer's step-0 check.
 PROBE_PAIRS = 2
+# `auto` times this many of the first batch's longest pairs both ways before it shares.
+TIMING_PAIRS = 8
 PROBE_TOLERANCE = {False: 1e-3, True: 0.05}
 
 
@@ -273,7 +277,13 @@ class PairScorer:
         return other
 
     def decide(self, prompts: Sequence, chosen: Sequence, rejected: Sequence) -> bool:
-        """Settle whether to share, probing on (up to PROBE_PAIRS of) these pairs; idempotent."""
+        """Settle whether to share on these pairs (the first batch); idempotent.
+
+        `on`: share unless the model cannot (a printed line). `auto`: also time one no-grad pass of
+        the longest TIMING_PAIRS pairs both ways and share only where it was faster: on the CPU
+        that depends on the model's shape (attention over the longer shared rows can cost more
+        than the prompt tokens saved) and on how long the prompts are against the responses.
+        """
         if self.sharing is not None:
             return self.sharing
         if not prompts:  # nothing to probe on: decided at the first batch
@@ -286,11 +296,19 @@ class PairScorer:
             self.log(f"prefix sharing off: {obstacle}; each prompt is scored twice instead")
             self.sharing = False
             return False
-        # the shortest pairs: a mask that is not honoured shows on any pair, and they cost least
-        picks = sorted(range(len(prompts)), key=lambda i: pair_length(prompts[i], chosen[i], rejected[i], True))
-        picks = picks[:PROBE_PAIRS]
-        k = len(picks)
-        sample = ([prompts[i] for i in picks], [chosen[i] for i in picks], [rejected[i] for i in picks])
+        self.sharing = self._honours_mask(prompts, chosen, rejected)
+        if self.sharing and self.mode == "auto":
+            self.sharing = self._faster(prompts, chosen, rejected)
+        return self.sharing
+
+    def _sample(self, prompts, chosen, rejected, k: int, longest: bool):
+        order = sorted(range(len(prompts)), key=lambda i: pair_length(prompts[i], chosen[i], rejected[i], True),
+                       reverse=longest)[:k]
+        return [prompts[i] for i in order], [chosen[i] for i in order], [rejected[i] for i in order]
+
+    def _honours_mask(self, prompts, chosen, rejected) -> bool:
+        """Score the shortest PROBE_PAIRS pairs both ways: a mask that is not honoured shows on any pair."""
+        sample = self._sample(prompts, chosen, rejected, PROBE_PAIRS, longest=False)
         with torch.no_grad():
             shared = score_pairs(self.model, *sample, pad_id=self.pad_id, prefix_sharing=True, device=self.device,
                                  autocast=self.autocast)
@@ -300,16 +318,30 @@ class PairScorer:
         diff = torch.cat([(shared.chosen - plain.chosen), (shared.rejected - plain.rejected)]).abs().cpu()
         per_token = float((diff / lengths).max())
         tol = PROBE_TOLERANCE[half_precision(self.model, self.autocast)]
+        k = len(sample[0])
         self.probe = {"pairs": k, "max_abs_diff": float(diff.max()), "max_per_token": per_token, "tolerance": tol}
         if per_token > tol:
             self.log(f"prefix sharing off: on the first {k} pairs the shared scores differ from the unshared ones "
                      f"by up to {per_token:.2g} nats per token (tolerance {tol:g}); this model's attention "
                      f"({_attention_implementation(self.model)}) does not honour the block mask, so each prompt "
                      f"is scored twice instead")
-            self.sharing = False
-        else:
-            self.sharing = True
-        return self.sharing
+            return False
+        return True
+
+    def _faster(self, prompts, chosen, rejected) -> bool:
+        """Time the longest TIMING_PAIRS pairs both ways (best of two, no grad); True when shared won."""
+        sample = self._sample(prompts, chosen, rejected, TIMING_PAIRS, longest=True)
+        seconds = {}
+        with torch.no_grad():
+            for shared in (False, True, False, True):
+                t0 = time.perf_counter()
+                score_pairs(self.model, *sample, pad_id=self.pad_id, prefix_sharing=shared, device=self.device,
+                            autocast=self.autocast)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                seconds[shared] = min(seconds.get(shared, float("inf")), time.perf_counter() - t0)
+        self.probe.update(seconds_shared=seconds[True], seconds_unshared=seconds[False], timed_pairs=len(sample[0]))
+        return seconds[True] < seconds[False]
 
     def length(self, prompt: Sequence, chosen: Sequence, rejected: Sequence) -> int:
         return pair_length(prompt, chosen, rejected, bool(self.sharing))
@@ -345,4 +377,8 @@ class PairScorer:
 
     def describe(self) -> str:
         state = {None: "undecided", True: "on", False: "off"}[self.sharing]
-        return f"prefix sharing: {state} (--prefix-sharing {self.mode})"
+        timed = ""
+        if self.probe and "seconds_shared" in self.probe:
+            ratio = self.probe["seconds_shared"] / max(self.probe["seconds_unshared"], 1e-12)
+            timed = f"; shared took {ratio:.2f}x the time of unshared on {self.probe['timed_pairs']} pairs"
+        return f"prefix sharing: {state} (--prefix-sharing {self.mode}{timed})"

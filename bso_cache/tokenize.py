@@ -23,6 +23,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+import numpy as np
+
 from .formats import Pair
 from .config import TEMPLATE_MODES
 from .errors import ConfigError, DataError
@@ -42,9 +44,9 @@ def pair_length(prompt, chosen, rejected, shared: bool) -> int:
 class PairTokens:
     """A pair's token ids exactly as they are scored and cached."""
 
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
+    prompt_ids: np.ndarray    # (P,) int32: compact (4 bytes a token, not a Python int's ~36)
+    chosen_ids: np.ndarray    # (C,) int32
+    rejected_ids: np.ndarray  # (R,) int32
     truncated: bool = False
 
     @property
@@ -134,14 +136,13 @@ class PairTokenizer:
         texts = [self.render(p) for p in pairs]
         prompts = self.tok([t[0] for t in texts], add_special_tokens=not self.use_chat)["input_ids"]
         responses = self.tok([r for t in texts for r in t[1:]], add_special_tokens=False)["input_ids"]
-        out = []
-        for i, prompt_ids in enumerate(prompts):
-            chosen, rejected = list(responses[2 * i]), list(responses[2 * i + 1])
-            if not self.use_chat and self.eos_id is not None:
-                chosen.append(self.eos_id)
-                rejected.append(self.eos_id)
-            out.append(PairTokens(list(prompt_ids), chosen, rejected))
-        return out
+        eos = [self.eos_id] if not self.use_chat and self.eos_id is not None else []
+
+        def ids(tokens: list[int], extra: list[int] = ()) -> np.ndarray:
+            return np.asarray(list(tokens) + list(extra), dtype=np.int32)
+
+        return [PairTokens(ids(prompt_ids), ids(responses[2 * i], eos), ids(responses[2 * i + 1], eos))
+                for i, prompt_ids in enumerate(prompts)]
 
 
 def apply_length_policy(enc: PairTokens, max_length: int, overlong: str) -> tuple[PairTokens | None, str | None]:

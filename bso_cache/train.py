@@ -159,9 +159,11 @@ class Trainer:
         cfg = self.cfg
         self.pair_scorer = PairScorer(self.model, prefix_sharing=cfg.prefix_sharing, device=self.device,
                                       pad_id=self.pad_id, autocast=cfg.autocast, log=self.log)
-        first = next(epoch_batches(self.cache, mode="none", orientation="better", batch_size=4, seed=0,
+        first = next(epoch_batches(self.cache, mode="none", orientation="better", batch_size=cfg.micro_batch, seed=0,
                                    epoch=0, shuffle=False), [])
         self.pair_scorer.decide(*PairBatch.of(first, "cpu").token_ids)
+        # `auto` timed it on this rank: every rank follows rank 0, so that all score alike
+        self.pair_scorer.sharing = self.dist.all_gather_object(self.pair_scorer.sharing)[0]
         self.scorer = parallel.wrap(SequenceScorer(self.model), self.model, fsdp=cfg.fsdp, dist=self.dist,
                                     device=self.device)
         self.pair_scorer.module = self.scorer

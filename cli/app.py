@@ -42,9 +42,9 @@ def _run(fn: Callable, *args, **kwargs):
 
 
 PREFIX_SHARING_HELP = ("Score each prompt once for both responses (one sequence prompt+chosen+rejected with a "
-                       "block mask): auto (on where docs/PERFORMANCE.md measured it faster: the CPU) | on | off. "
-                       "The numbers are the same either way; a model whose attention cannot take the mask "
-                       "falls back to off with one printed line.")
+                       "block mask): auto (CPU: time the first batch both ways and keep the faster; CUDA: off "
+                       "until measured) | on | off. The numbers are the same either way; a model whose attention "
+                       "cannot take the mask falls back to off with one printed line.")
 
 
 def _log(line: str) -> None:

@@ -311,10 +311,19 @@ def test_training_a_fallback_model_passes_the_step0_check(shared_caches, tinysto
     assert len(read_jsonl(tmp_path / "r" / "metrics.jsonl")) == 2
 
 
-def test_auto_follows_the_measured_device_table(tinystories):
+def test_auto_times_the_first_batch_on_the_cpu_and_stays_off_on_cuda(tinystories, monkeypatch):
     model = load(tinystories)
+    P, C, R = [[1, 2, 3, 4, 5, 6]] * 3, [[7, 8]] * 3, [[9, 10, 11]] * 3
     assert scoring.AUTO_PREFIX_SHARING["cpu"] is True
-    assert PairScorer(model, prefix_sharing="auto", device="cpu").decide([[1, 2]], [[3]], [[4]]) is True
+    for shared_seconds, expect in ((1.0, True), (3.0, False)):  # shared faster / slower than unshared (2.0)
+        clock = iter(x for pair in [(0.0, 2.0), (0.0, shared_seconds)] * 2 for x in pair)
+        monkeypatch.setattr(scoring.time, "perf_counter", lambda: next(clock))
+        scorer = PairScorer(model, prefix_sharing="auto", device="cpu")
+        assert scorer.decide(P, C, R) is expect
+        assert scorer.probe["seconds_shared"] == shared_seconds and scorer.probe["seconds_unshared"] == 2.0
+        assert f"{shared_seconds / 2.0:.2f}x" in scorer.describe()
+    monkeypatch.undo()
+    assert PairScorer(model, prefix_sharing="on", device="cpu").decide(P, C, R) is True  # on: no timing
     assert PairScorer(model, prefix_sharing="auto", device="cuda").decide([[1, 2]], [[3]], [[4]]) is False
     assert PairScorer(model, prefix_sharing="off", device="cpu").decide([[1, 2]], [[3]], [[4]]) is False
     with pytest.raises(ConfigError, match="--prefix-sharing"):

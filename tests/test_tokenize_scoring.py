@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,8 +25,9 @@ def check_boundary(tok, ptok: PairTokenizer, pair: Pair = PAIR):
     assert pair.chosen not in tok.decode(enc.prompt_ids)
     # every token of the prompt and of the response is what the separate encodings gave: no merges
     # across the boundary, and the concatenation decodes to the whole conversation
-    assert enc.prompt_ids == tok(prompt_text, add_special_tokens=not ptok.use_chat)["input_ids"]
-    full = tok.decode(enc.prompt_ids + enc.chosen_ids, skip_special_tokens=False)
+    assert enc.prompt_ids.dtype == np.int32  # compact arrays, not lists of Python ints
+    assert enc.prompt_ids.tolist() == tok(prompt_text, add_special_tokens=not ptok.use_chat)["input_ids"]
+    full = tok.decode(np.concatenate([enc.prompt_ids, enc.chosen_ids]).tolist(), skip_special_tokens=False)
     assert full.replace(" ", "").endswith(tok.decode(enc.chosen_ids).replace(" ", ""))
     return enc
 
@@ -46,7 +48,7 @@ def test_boundary_gpt2_plain(gpt2_tokenizer):
     enc = check_boundary(gpt2_tokenizer, ptok)
     assert enc.chosen_ids[-1] == gpt2_tokenizer.eos_token_id == 50256
     # plain text round trip: prompt + " " + response
-    text = gpt2_tokenizer.decode(enc.prompt_ids + enc.chosen_ids[:-1])
+    text = gpt2_tokenizer.decode(np.concatenate([enc.prompt_ids, enc.chosen_ids[:-1]]).tolist())
     assert text.endswith("Assistant: " + PAIR.chosen)
 
 
@@ -78,11 +80,11 @@ def test_template_override_and_plain_forcing(chatml_tokenizer):
 
 
 def test_length_policy():
-    enc = PairTokens([1, 2, 3], [4, 5, 6, 7], [8, 9])
+    enc = PairTokens(*(np.array(x, dtype=np.int32) for x in ([1, 2, 3], [4, 5, 6, 7], [8, 9])))
     assert apply_length_policy(enc, 7, "drop") == (enc, None)
     assert apply_length_policy(enc, 6, "drop") == (None, "overlong")
     cut, reason = apply_length_policy(enc, 5, "truncate")
-    assert reason is None and cut.chosen_ids == [4, 5] and cut.rejected_ids == [8, 9] and cut.truncated
+    assert reason is None and cut.chosen_ids.tolist() == [4, 5] and cut.rejected_ids.tolist() == [8, 9] and cut.truncated
     assert apply_length_policy(enc, 3, "truncate") == (None, "prompt_too_long")
 
 
