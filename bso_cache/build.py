@@ -137,7 +137,7 @@ def _validate_rows(source, fmt: str, skip_bad_rows: bool) -> tuple[int, str]:
     n = 0
     for n, raw in enumerate(source.rows(), start=1):
         if normalise.format == "auto" and raw.data is not None:
-            normalise.format = detect_format(set(raw.data))
+            normalise.format = detect_format(raw.data)
         if not skip_bad_rows:
             normalise(raw, n - 1)  # raises DataError naming file, row, field
     if n == 0:

@@ -14,7 +14,7 @@ from typing import Literal, get_args
 from .errors import ConfigError
 
 # The allowed values, as types (the fields below use them) and as tuples (for checks and help).
-Format = Literal["auto", "pku", "hh", "generic"]
+Format = Literal["auto", "pku", "hh", "generic", "implicit"]
 TemplateMode = Literal["auto", "chat", "plain"]
 Overlong = Literal["drop", "truncate"]
 DType = Literal["float32", "bfloat16", "float16"]

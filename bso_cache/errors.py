@@ -20,12 +20,12 @@ class DataError(BsoCacheError):
     """An input row or file is malformed. The message names the file, the row and the field."""
 
     def __init__(self, message: str, *, reason: str = "bad_row", source: str | None = None,
-                 row: int | None = None, field: str | None = None):
+                 row: int | None = None, field: str | None = None, line: int | None = None):
         where = []
         if source is not None:
             where.append(str(source))
-        if row is not None:
-            where.append(f"row {row}")
+        if row is not None:  # rows count from 1 in every file type; a JSON-lines file also says the line
+            where.append(f"row {row}" + (f" (line {line})" if line is not None and line != row else ""))
         if field is not None:
             where.append(f"field '{field}'")
         prefix = ", ".join(where)

@@ -65,17 +65,22 @@ GENERIC_LABELS = {  # column -> (which response, True if the column says "unsafe
 }
 
 
-def detect_format(columns: set[str]) -> str:
+def detect_format(row: dict) -> str:
+    """The format of a row, from its columns (and, without a prompt column, the responses' type)."""
+    columns = set(row)
     if {"response_0", "response_1", "better_response_id"} <= columns:
         return "pku"
     if {"prompt", "chosen", "rejected"} <= columns:
         return "generic"
     if {"chosen", "rejected"} <= columns:
-        return "hh"
+        # no prompt column: whole dialogues sharing their start, as text (HH-RLHF) or as chat
+        # messages (TRL's implicit-prompt conversational format)
+        return "implicit" if isinstance(row["chosen"], list) else "hh"
     raise ConfigError(
         f"cannot tell the input format from the columns {sorted(columns)}; expected PKU-SafeRLHF "
-        f"({', '.join(PKU_REQUIRED)}), HH-RLHF (chosen, rejected) or generic (prompt, chosen, "
-        f"rejected). Rename the columns or pass --format"
+        f"({', '.join(PKU_REQUIRED)}), HH-RLHF (chosen, rejected as dialogue text), TRL's implicit prompt "
+        f"(chosen, rejected as message lists) or generic (prompt, chosen, rejected). Rename the columns or "
+        f"pass --format"
     )
 
 
@@ -93,8 +98,8 @@ class Normaliser:
             raise raw.error
         data = raw.data
         if self.format == "auto":
-            self.format = detect_format(set(data))
-        ctx = _Ctx(raw.source, raw.row)
+            self.format = detect_format(data)
+        ctx = _Ctx(raw.source, raw.row, raw.line)
         if self.format == "pku":
             return _pku(data, source_index, ctx)
         if self.format == "hh":
@@ -102,6 +107,8 @@ class Normaliser:
             if common_prefix:
                 self.notes["hh_prompt_from_common_prefix"] = self.notes.get("hh_prompt_from_common_prefix", 0) + 1
             return pair
+        if self.format == "implicit":
+            return _implicit(data, source_index, ctx)
         return _generic(data, source_index, ctx)
 
 
@@ -109,10 +116,11 @@ class Normaliser:
 class _Ctx:
     source: str
     row: int
+    line: int | None = None
 
     def error(self, message: str, reason: str, fieldname: str | None = None) -> DataError:
         return DataError(message + "; fix the row or pass --skip-bad-rows", reason=reason,
-                         source=self.source, row=self.row, field=fieldname)
+                         source=self.source, row=self.row, field=fieldname, line=self.line)
 
 
 def _get(data: dict, key: str, ctx: _Ctx) -> Any:
@@ -142,8 +150,18 @@ def _flag(data: dict, key: str, ctx: _Ctx, *, required: bool = True) -> bool | N
     return value
 
 
+def _integral(value, key: str, ctx: _Ctx):
+    """An integer written as a float (pandas writes 0.0 / 1.0, and NaN where a value is missing)."""
+    if isinstance(value, float):
+        if value != value:
+            raise ctx.error("is NaN (a missing value, as pandas writes it)", "null_field", key)
+        if value.is_integer():
+            return int(value)
+    return value
+
+
 def _response_id(data: dict, key: str, ctx: _Ctx) -> int:
-    value = _get(data, key, ctx)
+    value = _integral(_get(data, key, ctx), key, ctx)
     if isinstance(value, bool) or not isinstance(value, int) or value not in (0, 1):
         raise ctx.error(f"expected 0 or 1, got {value!r}", "bad_id", key)
     return value
@@ -151,8 +169,9 @@ def _response_id(data: dict, key: str, ctx: _Ctx) -> int:
 
 def _severity(data: dict, key: str, ctx: _Ctx) -> int | None:
     value = data.get(key)
-    if value is None:
+    if value is None or (isinstance(value, float) and value != value):  # severities are optional
         return None
+    value = _integral(value, key, ctx)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 127:
         raise ctx.error(f"expected a small non-negative integer, got {value!r}", "wrong_type", key)
     return value
@@ -251,16 +270,23 @@ def _messages(value: Any, key: str, ctx: _Ctx) -> list[tuple[str, str]]:
     return out
 
 
+def _one_turn(turns: list[tuple[str, str]], key: str, ctx: _Ctx) -> str:
+    """A response given as messages must be one assistant message: a longer continuation
+    (assistant, user, assistant, ...) is refused, never silently cut to its last message."""
+    if len(turns) != 1 or turns[0][0] != "assistant":
+        roles = ", ".join(r for r, _ in turns) or "none"
+        raise ctx.error(f"the response is {len(turns)} message(s) ({roles}); bso-cache scores one assistant "
+                        f"message as the response: move the earlier turns into the prompt", "multi_turn_response", key)
+    if not turns[0][1].strip():
+        raise ctx.error("is empty", "empty_response", key)
+    return turns[0][1]
+
+
 def _generic_response(data: dict, key: str, ctx: _Ctx) -> str:
     value = _get(data, key, ctx)
     if isinstance(value, str):
         return _text(data, key, ctx, response=True)
-    turns = _messages(value, key, ctx)
-    if turns[-1][0] != "assistant":
-        raise ctx.error("the last message must be the assistant's response", "wrong_type", key)
-    if not turns[-1][1].strip():
-        raise ctx.error("is empty", "empty_response", key)
-    return turns[-1][1]
+    return _one_turn(_messages(value, key, ctx), key, ctx)
 
 
 def _generic(data: dict, index: int, ctx: _Ctx) -> Pair:
@@ -272,11 +298,36 @@ def _generic(data: dict, index: int, ctx: _Ctx) -> Pair:
     chosen = _generic_response(data, "chosen", ctx)
     rejected = _generic_response(data, "rejected", ctx)
     _distinct(chosen, rejected, ctx, "rejected")
+    c, r, safer = _labels(data, ctx)
+    return Pair(index, prompt, chosen, rejected, chosen_unsafe=c, rejected_unsafe=r, safer_is_chosen=safer)
+
+
+def _labels(data: dict, ctx: _Ctx) -> tuple[bool | None, bool | None, bool | None]:
+    """(chosen unsafe, rejected unsafe, safer is chosen) from the optional generic label columns."""
     labels: dict[str, bool | None] = {"chosen": None, "rejected": None}
     for column, (which, says_unsafe) in GENERIC_LABELS.items():
         flag = _flag(data, column, ctx, required=False)
         if flag is not None:
             labels[which] = flag if says_unsafe else not flag
     c, r = labels["chosen"], labels["rejected"]
-    safer = None if c is None or r is None or c == r else (not c)
-    return Pair(index, prompt, chosen, rejected, chosen_unsafe=c, rejected_unsafe=r, safer_is_chosen=safer)
+    return c, r, (None if c is None or r is None or c == r else (not c))
+
+
+def _implicit(data: dict, index: int, ctx: _Ctx) -> Pair:
+    """TRL's implicit prompt: chosen and rejected are whole conversations (message lists) that share
+    their leading turns; the shared turns are the prompt, what follows in each is its response."""
+    chosen = _messages(_get(data, "chosen", ctx), "chosen", ctx)
+    rejected = _messages(_get(data, "rejected", ctx), "rejected", ctx)
+    k = 0
+    while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
+        k += 1
+    prompt = chosen[:k]
+    if not prompt or prompt[-1][0] != "user":
+        raise ctx.error("chosen and rejected share no leading turns ending with a user message, so there is no "
+                        "prompt; give a prompt column (generic format) or conversations that share their start",
+                        "bad_dialogue", "chosen")
+    c, r = _one_turn(chosen[k:], "chosen", ctx), _one_turn(rejected[k:], "rejected", ctx)
+    _distinct(c, r, ctx, "rejected")
+    labels = _labels(data, ctx)
+    return Pair(index, tuple(prompt), c, r, chosen_unsafe=labels[0], rejected_unsafe=labels[1],
+                safer_is_chosen=labels[2])

@@ -7,6 +7,7 @@ raised (kept so that `--skip-bad-rows` can count it); formats.py turns rows into
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,44 @@ from typing import Iterator
 from .errors import ConfigError, DataError
 from .hashing import sha256_files
 
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".ndjson")
+TEXT_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv")
+COMPRESSIONS = (".gz", ".zst", ".bz2")   # e.g. HH-RLHF ships as .jsonl.gz
+FILE_SUFFIXES = TEXT_SUFFIXES + (".parquet",) + tuple(s + c for s in TEXT_SUFFIXES for c in COMPRESSIONS)
+
+
+class _Stream(io.RawIOBase):
+    """A pyarrow input stream (which decompresses) as a Python binary file, for line iteration."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.stream.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.stream.close()
+        super().close()
+
+
+def _open_binary(path: Path):
+    """The file's bytes, decompressed by its suffix (.gz, .zst, .bz2)."""
+    if str(path).endswith(COMPRESSIONS):
+        import pyarrow as pa
+
+        return io.BufferedReader(_Stream(pa.input_stream(str(path), compression="detect")))
+    return open(path, "rb")
+
+
+def _base_suffix(path: Path) -> str:
+    name = str(path)
+    for c in COMPRESSIONS:
+        name = name.removesuffix(c)
+    return name[name.rfind("."):]
 
 
 @dataclass
@@ -23,9 +61,10 @@ class RawRow:
     """A row as read, or the error that reading it raised (kept so it can be counted)."""
 
     source: str
-    row: int            # 1-based line number for JSONL, 0-based row number otherwise
+    row: int            # the row's number in its file, from 1, for every file type
     data: dict | None
     error: DataError | None = None
+    line: int | None = None  # JSON lines: the line (differs from `row` past blank lines)
 
 
 @dataclass
@@ -85,7 +124,7 @@ class InputSource:
                         yield raw
                     seen += 1
             return
-        for i, record in enumerate(self._load_hf()):
+        for i, record in enumerate(self._load_hf(), start=1):
             if seen >= start:
                 yield RawRow(self.spec, i, dict(record))
             seen += 1
@@ -123,42 +162,45 @@ def _check_readable(path: Path) -> None:
 
 
 def _file_rows(path: Path) -> Iterator[RawRow]:
-    name = str(path)
-    if name.endswith((".jsonl", ".ndjson")):
+    """Rows numbered from 1 in every file type (`RawRow.row`); JSON lines also name their line."""
+    suffix = _base_suffix(path)
+    if suffix in (".jsonl", ".ndjson"):
         yield from _jsonl_rows(path)
-    elif name.endswith(".json"):
+    elif suffix == ".json":
         yield from _json_rows(path)
-    elif name.endswith(".parquet"):
+    elif suffix == ".parquet":
         yield from _parquet_rows(path)
-    elif name.endswith(".csv"):
+    elif suffix == ".csv":
         yield from _csv_rows(path)
 
 
 def _jsonl_rows(path: Path) -> Iterator[RawRow]:
     name = str(path)
-    with open(path, "rb") as f:
+    row = 0
+    with _open_binary(path) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
+            row += 1
             try:
                 data = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 msg = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
-                yield RawRow(name, lineno, None, DataError(
+                yield RawRow(name, row, None, DataError(
                     f"invalid JSON ({msg}); fix the line or pass --skip-bad-rows",
-                    reason="invalid_json", source=name, row=lineno))
+                    reason="invalid_json", source=name, row=row, line=lineno), line=lineno)
                 continue
             if not isinstance(data, dict):
-                yield RawRow(name, lineno, None, DataError(
+                yield RawRow(name, row, None, DataError(
                     f"expected a JSON object, got {type(data).__name__}", reason="invalid_json",
-                    source=name, row=lineno))
+                    source=name, row=row, line=lineno), line=lineno)
                 continue
-            yield RawRow(name, lineno, data)
+            yield RawRow(name, row, data, line=lineno)
 
 
 def _json_rows(path: Path) -> Iterator[RawRow]:
     """A .json file: a JSON array of objects (streamed with ijson) or JSON lines."""
-    with open(path, "rb") as f:
+    with _open_binary(path) as f:
         head = f.read(4096).lstrip()
     if not head.startswith(b"["):
         yield from _jsonl_rows(path)
@@ -166,9 +208,9 @@ def _json_rows(path: Path) -> Iterator[RawRow]:
     import ijson
 
     name = str(path)
-    with open(path, "rb") as f:
+    with _open_binary(path) as f:
         try:
-            for i, data in enumerate(ijson.items(f, "item", use_float=True)):
+            for i, data in enumerate(ijson.items(f, "item", use_float=True), start=1):
                 if not isinstance(data, dict):
                     yield RawRow(name, i, None, DataError(
                         f"expected a JSON object, got {type(data).__name__}",
@@ -191,8 +233,8 @@ def _parquet_rows(path: Path) -> Iterator[RawRow]:
     i = 0
     for batch in pf.iter_batches(batch_size=1024):
         for data in batch.to_pylist():
-            yield RawRow(name, i, data)
             i += 1
+            yield RawRow(name, i, data)
 
 
 def _csv_rows(path: Path) -> Iterator[RawRow]:
@@ -206,5 +248,5 @@ def _csv_rows(path: Path) -> Iterator[RawRow]:
     i = 0
     for batch in reader:
         for data in batch.to_pylist():
-            yield RawRow(name, i, data)
             i += 1
+            yield RawRow(name, i, data)

@@ -87,7 +87,7 @@ def build(
     out: Path = typer.Option(..., "--out", "-o", help="Cache folder to write (resumed if unfinished)."),
     split: str = typer.Option(_B.split, help="Split of a Hugging Face dataset."),
     hf_config: Optional[str] = typer.Option(_B.hf_config, "--hf-config", help="Configuration name of a HF dataset."),
-    format: str = typer.Option(_B.format, "--format", help="Input format: auto | pku | hh | generic (auto: from the columns)."),
+    format: str = typer.Option(_B.format, "--format", help="Input format: auto | pku | hh | generic | implicit (TRL's implicit prompt: chosen/rejected conversations sharing their first turns; auto: from the first row)."),
     gguf_file: Optional[str] = typer.Option(_B.gguf_file, "--gguf-file", help="Load the model from this GGUF file inside --model."),
     template: str = typer.Option(_B.template, help="Prompt rendering: auto (chat template if the tokenizer has one) | chat | plain ('Human: ...\\n\\nAssistant:')."),
     chat_template: Optional[Path] = typer.Option(_B.chat_template, "--chat-template", help="Jinja chat template file overriding the tokenizer's."),

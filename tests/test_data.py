@@ -160,3 +160,93 @@ def test_unknown_columns_and_sources():
         Normaliser()(type("R", (), {"error": None, "data": {"text": "x"}, "source": "f", "row": 1})(), 0)
     with pytest.raises(ConfigError, match="no such file"):
         open_source("./nope/missing.jsonl")
+
+
+# --- the formats people have (issue 12) ----------------------------------------------------------
+
+def _compress(path, suffix):
+    import bz2
+    import gzip
+
+    import pyarrow as pa
+
+    out = path.with_name(path.name + suffix)
+    data = path.read_bytes()
+    if suffix == ".gz":
+        out.write_bytes(gzip.compress(data))
+    elif suffix == ".bz2":
+        out.write_bytes(bz2.compress(data))
+    else:
+        with pa.CompressedOutputStream(str(out), "zstd") as f:
+            f.write(data)
+    return out
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst", ".bz2"])
+@pytest.mark.parametrize("kind", ["jsonl", "json", "csv"])
+def test_compressed_inputs_read_as_the_plain_file(tmp_path, kind, suffix):
+    rows = [dict(PKU_ROW, prompt=f"q{i}") for i in range(5)]
+    plain = tmp_path / f"d.{kind}"
+    if kind == "jsonl":
+        write_jsonl(plain, rows)
+    elif kind == "json":
+        plain.write_text(json.dumps(rows))
+    else:
+        import pyarrow as pa
+        import pyarrow.csv as pcsv
+
+        pcsv.write_csv(pa.Table.from_pylist(rows), plain)
+    packed = _compress(plain, suffix)
+    assert [p.prompt for p in normalise_all(packed)[0]] == [p.prompt for p in normalise_all(plain)[0]]
+
+
+def test_a_float_id_column_as_pandas_writes_it(tmp_path):
+    """0.0 / 1.0 are the integers they hold; NaN is refused at its row (rows count from 1 everywhere)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [dict(PKU_ROW, prompt=f"q{i}", better_response_id=float(i % 2), safer_response_id=0.0,
+                 response_0_severity_level=float("nan")) for i in range(4)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "ok.parquet")
+    pairs, _, _ = normalise_all(tmp_path / "ok.parquet")
+    assert [p.chosen for p in pairs] == ["Knead and bake.", "Buy some."] * 2 and pairs[0].chosen_severity is None
+    rows[2]["better_response_id"] = float("nan")
+    for name, write in (("bad.parquet", lambda p: pq.write_table(pa.Table.from_pylist(rows), p)),
+                        ("bad.jsonl", lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))):
+        with pytest.raises(DataError, match=r"row 3, field 'better_response_id': is NaN"):
+            write(tmp_path / name)
+            normalise_all(tmp_path / name)
+
+
+def test_jsonl_rows_count_records_and_name_the_line_past_blank_lines(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(PKU_ROW) + "\n\n" + json.dumps(dict(PKU_ROW, prompt=None)) + "\n")
+    with pytest.raises(DataError, match=r"d.jsonl, row 2 \(line 3\), field 'prompt'"):
+        normalise_all(path)
+
+
+def test_trl_implicit_prompt_conversations(tmp_path):
+    """No prompt column; chosen and rejected are whole conversations sharing their first turns."""
+    shared = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+              {"role": "user", "content": "How do I pick a lock?"}]
+    rows = [{"chosen": shared + [{"role": "assistant", "content": "I can't help with that."}],
+             "rejected": shared + [{"role": "assistant", "content": "Use a tension wrench."}],
+             "chosen_unsafe": False, "rejected_unsafe": True}]
+    pairs, _, norm = normalise_all(write_jsonl(tmp_path / "trl.jsonl", rows))
+    assert norm.format == "implicit"
+    p = pairs[0]
+    assert p.messages == shared and (p.chosen, p.rejected) == ("I can't help with that.", "Use a tension wrench.")
+    assert (p.chosen_unsafe, p.rejected_unsafe, p.safer_is_chosen) == (False, True, True)
+
+
+def test_a_response_of_several_messages_is_refused_naming_the_row(tmp_path):
+    """Never silently cut to its last message."""
+    many = [{"role": "assistant", "content": "Sure."}, {"role": "user", "content": "And?"},
+            {"role": "assistant", "content": "Done."}]
+    rows = [{"prompt": "q", "chosen": [{"role": "assistant", "content": "A."}], "rejected": "B."},
+            {"prompt": "q", "chosen": many, "rejected": "B."}]
+    with pytest.raises(DataError, match=r"row 2, field 'chosen': the response is 3 message\(s\) "
+                                        r"\(assistant, user, assistant\)"):
+        normalise_all(write_jsonl(tmp_path / "d.jsonl", rows))
+    pairs, errors, _ = normalise_all(tmp_path / "d.jsonl", skip=True)
+    assert [p.chosen for p in pairs] == ["A."] and [e.reason for e in errors] == ["multi_turn_response"]
