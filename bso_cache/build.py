@@ -366,6 +366,24 @@ def _score_block(cfg: BuildConfig, normalise: Normaliser, ptok: PairTokenizer, s
         "notes": notes, "reference": ref_info,
         "stats": {"seconds": time.perf_counter() - t0, **stats},
     })
+    _release_memory()
+
+
+def _release_memory() -> None:
+    """Between shards: hand the freed memory of the shard just written back to the system (the
+    Arrow pool's and the C heap's), so the build's footprint does not creep up with the shards."""
+    import gc
+
+    import pyarrow as pa
+
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def _encode(ptok: PairTokenizer, pairs: list[Pair], skip_bad_rows: bool,

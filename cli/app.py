@@ -188,7 +188,7 @@ def train(
     lr: float = typer.Option(_T.lr, help="Peak learning rate."),
     lr_schedule: str = typer.Option(_T.lr_schedule, "--lr-schedule", help="cosine | linear | constant (after warmup)."),
     warmup_ratio: float = typer.Option(_T.warmup_ratio, "--warmup-ratio", help="Share of steps of linear warmup."),
-    weight_decay: float = typer.Option(_T.weight_decay, "--weight-decay"),
+    weight_decay: float = typer.Option(_T.weight_decay, "--weight-decay", help="Decoupled weight decay (AdamW) or L2 (RMSprop, SGD)."),
     grad_clip: float = typer.Option(_T.grad_clip, "--grad-clip", help="Max gradient norm (0: no clipping)."),
     batch_size: int = typer.Option(_T.batch_size, "--batch-size", help="Pairs per optimizer step, in total over --grad-accum micro-batches and torchrun processes (the same run whatever their number)."),
     grad_accum: int = typer.Option(_T.grad_accum, "--grad-accum", help="Micro-batches per step and process (less memory, same result)."),
@@ -204,8 +204,8 @@ def train(
     prefix_sharing: str = typer.Option(_T.prefix_sharing, "--prefix-sharing", help=PREFIX_SHARING_HELP),
     fsdp: bool = typer.Option(_T.fsdp, "--fsdp", help="Under torchrun: shard parameters, gradients and optimizer state over the processes (FSDP2) instead of DDP."),
     lora_r: int = typer.Option(_T.lora_r, "--lora-r", help="LoRA rank (0: full fine-tuning). Needs peft."),
-    lora_alpha: float = typer.Option(_T.lora_alpha, "--lora-alpha"),
-    lora_dropout: float = typer.Option(_T.lora_dropout, "--lora-dropout"),
+    lora_alpha: float = typer.Option(_T.lora_alpha, "--lora-alpha", help="LoRA scaling alpha (the update is scaled by alpha / r)."),
+    lora_dropout: float = typer.Option(_T.lora_dropout, "--lora-dropout", help="Dropout on the LoRA input."),
     lora_target: str = typer.Option(_T.lora_target, "--lora-target", help="Comma-separated module names, or all-linear."),
     save_every: int = typer.Option(_T.save_every, "--save-every", help="Checkpoint every N steps (0: only the final model)."),
     keep_checkpoints: int = typer.Option(_T.keep_checkpoints, "--keep-checkpoints", help="Checkpoints kept."),
@@ -216,8 +216,8 @@ def train(
     eval_every: int = typer.Option(_T.eval_every, "--eval-every", help="Evaluate on --eval-cache every N steps."),
     tensorboard: bool = typer.Option(_T.tensorboard, "--tensorboard", help="Also log to OUT/tensorboard."),
     step0_tolerance: Optional[float] = typer.Option(_T.step0_tolerance, "--step0-tolerance", help="Max |log pi - log pi_ref| per response token at step 0 when the policy is the reference [default: 0.001 nats with float32 on both sides, 0.05 otherwise]."),
-    trust_remote_code: bool = typer.Option(_T.trust_remote_code, "--trust-remote-code"),
-    progress: bool = typer.Option(_T.progress, "--progress/--no-progress"),
+    trust_remote_code: bool = typer.Option(_T.trust_remote_code, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
+    progress: bool = typer.Option(_T.progress, "--progress/--no-progress", help="Show a progress bar."),
 ):
     """Train the policy alone on a cache with a BSO loss (defaults: the BSO authors' recipe).
 
