@@ -22,7 +22,8 @@ from .formats import Normaliser, Pair
 from .sources import open_source
 from .dist import Dist
 from .errors import CacheError, ConfigError, DataError
-from .shards import EmptyBuild, build_lock, counts_text, remove_build_files, sidecar, sidecar_done, write_manifest
+from .shards import EmptyBuild, build_lock, counts_text, read_state, record_sharing, release_memory, remove_build_files, \
+    sidecar, sidecar_done, write_manifest, write_state
 from .models import load_model, load_tokenizer, model_identity, resolve_device, weights_digest
 from .tokenize import PairTokens, PairTokenizer, apply_length_policy, tokenizer_digest
 
@@ -118,14 +119,6 @@ def _prepare_out(out: Path, identity: dict, overwrite: bool, dist: Dist) -> dict
                          f"choose an empty or new --out")
     dist.barrier()  # every rank has looked before rank 0 writes build.json
     return None
-
-
-def _write_state(out: Path, identity: dict, dist: Dist) -> None:
-    """Record the build's identity (after the input was validated, so a bad row leaves nothing)."""
-    if dist.is_main:
-        atomic_write_json(out / BUILD_STATE, {"format": S.FORMAT_NAME, "schema_version": S.SCHEMA_VERSION,
-                                              **identity})
-    dist.barrier()
 
 
 def _validate_rows(source, fmt: str, skip_bad_rows: bool) -> tuple[int, str]:
@@ -247,7 +240,7 @@ def _build(plan: _Plan) -> S.Manifest:
     if done is not None:
         log(f"{out}: this cache is already complete ({done.written} pairs); nothing to do")
         return done
-    _write_state(out, plan.identity, dist)
+    write_state(out, plan.identity, dist)
     n_blocks = math.ceil(plan.n_input / R)
     mine = [k for k in range(n_blocks) if k % dist.world == dist.rank]
     todo = [k for k in mine if sidecar_done(out, k) is None]
@@ -273,6 +266,8 @@ def _score_todo(plan: _Plan, todo: list[int]) -> dict:
                 if k not in reference}
     scorer = _reference_scorer(cfg, model, plan.tokenizer, plan.device,
                                plan.log if plan.dist.is_main else (lambda s: None))
+    if cfg.prefix_sharing == "auto":  # a resumed build keeps the decision its first shard was scored with
+        scorer.sharing = read_state(plan.out).get("prefix_sharing")
     _score_blocks(cfg, plan.source, plan.fmt, plan.ptok, scorer, todo, plan.rows_per_shard, plan.n_input, plan.out,
                   plan.max_length, plan.dist, ref_info)
     return ref_info
@@ -323,6 +318,8 @@ def _score_blocks(cfg: BuildConfig, source, fmt: str, ptok: PairTokenizer, score
         if len(block) == min(R, n_input - k * R):
             _score_block(cfg, normalise, ptok, scorer, k, block, out, max_length, on_batch, ref_info)
             block = []
+            if dist.is_main:
+                record_sharing(out, scorer.sharing)
     if block:  # the input shrank between the passes
         raise DataError(f"the input changed while building (shard {block_k} is short)",
                         reason="input_changed", source=cfg.data)
@@ -366,24 +363,7 @@ def _score_block(cfg: BuildConfig, normalise: Normaliser, ptok: PairTokenizer, s
         "notes": notes, "reference": ref_info,
         "stats": {"seconds": time.perf_counter() - t0, **stats},
     })
-    _release_memory()
-
-
-def _release_memory() -> None:
-    """Between shards: hand the freed memory of the shard just written back to the system (the
-    Arrow pool's and the C heap's), so the build's footprint does not creep up with the shards."""
-    import gc
-
-    import pyarrow as pa
-
-    gc.collect()
-    pa.default_memory_pool().release_unused()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
+    release_memory()
 
 
 def _encode(ptok: PairTokenizer, pairs: list[Pair], skip_bad_rows: bool,

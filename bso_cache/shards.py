@@ -16,6 +16,7 @@ from . import __version__
 from . import schemas as S
 from .cache import atomic_write_json, shard_name
 from .config import BuildConfig, to_dict
+from .dist import Dist
 from .errors import CacheError
 from .hashing import file_sha256
 
@@ -152,3 +153,44 @@ def remove_build_files(out: Path) -> None:
             p.unlink()
     if not [p for p in out.iterdir() if p.name != S.BUILD_LOCK_NAME]:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def release_memory() -> None:
+    """Between shards: hand the freed memory of the shard just written back to the system (the
+    Arrow pool's and the C heap's), so the build's footprint does not creep up with the shards."""
+    import gc
+
+    import pyarrow as pa
+
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+def read_state(out: Path) -> dict:
+    try:
+        return json.loads((out / S.BUILD_STATE_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def write_state(out: Path, identity: dict, dist: Dist) -> None:
+    """Record the build's identity (after the input was validated, so a bad row leaves nothing),
+    keeping the prefix-sharing decision of the run it resumes."""
+    if dist.is_main:
+        atomic_write_json(out / S.BUILD_STATE_NAME, {"format": S.FORMAT_NAME, "schema_version": S.SCHEMA_VERSION,
+                                              **identity, "prefix_sharing": read_state(out).get("prefix_sharing")})
+    dist.barrier()
+
+
+def record_sharing(out: Path, sharing: bool | None) -> None:
+    """Keep the first shard's decision, so that a resumed build scores its shards the same way
+    (auto decides by timing, which could differ from run to run): bit-identical shards."""
+    state = read_state(out)
+    if sharing is not None and state and state.get("prefix_sharing") is None:
+        atomic_write_json(out / S.BUILD_STATE_NAME, {**state, "prefix_sharing": sharing})

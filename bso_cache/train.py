@@ -31,6 +31,7 @@ from .errors import CacheError, ConfigError, TrainingError
 from .losses import spec_loss
 from .metrics import MetricsWindow, evaluate_cache, step0_check, step0_tolerance
 from .models import load_model, load_tokenizer, locate_reference, resolve_device, weights_digest
+from .optim import make_optimizer, make_schedule
 from .pairs import PairBatch, count_pairs, epoch_batches, prefetch
 from .shards import counts_text
 from . import parallel
@@ -51,31 +52,6 @@ def _disable_dropout(model) -> None:
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-
-
-def _optimizer(cfg: TrainConfig, params):
-    import torch
-
-    kinds = {"adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop, "sgd": torch.optim.SGD}
-    return kinds[cfg.optimizer](params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def _schedule(cfg: TrainConfig, optimizer, total_steps: int):
-    import torch
-
-    warmup = math.ceil(cfg.warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:  # step = number of updates done so far
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if cfg.lr_schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _lora(cfg: TrainConfig, model):
@@ -161,12 +137,24 @@ class Trainer:
                                       pad_id=self.pad_id, autocast=cfg.autocast, log=self.log)
         first = next(epoch_batches(self.cache, mode="none", orientation="better", batch_size=cfg.micro_batch, seed=0,
                                    epoch=0, shuffle=False), [])
+        previous = self._resumed_sharing()
+        if previous is not None:  # a resumed run scores as it did (auto's timing could differ)
+            self.pair_scorer.sharing = previous
         self.pair_scorer.decide(*PairBatch.of(first, "cpu").token_ids)
         # `auto` timed it on this rank: every rank follows rank 0, so that all score alike
         self.pair_scorer.sharing = self.dist.all_gather_object(self.pair_scorer.sharing)[0]
         self.scorer = parallel.wrap(SequenceScorer(self.model), self.model, fsdp=cfg.fsdp, dist=self.dist,
                                     device=self.device)
         self.pair_scorer.module = self.scorer
+
+    def _resumed_sharing(self) -> bool | None:
+        if not (self.cfg.resume and self.cfg.prefix_sharing == "auto" and list_checkpoints(self.layout)):
+            return None
+        try:
+            used = json.loads(self.layout.run_config.read_text())["prefix_sharing"]["used"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            return None
+        return used if isinstance(used, bool) else None
 
     def _plan_steps(self) -> None:
         cfg = self.cfg
@@ -187,9 +175,9 @@ class Trainer:
         self._prepare_out()
         name = self._load_policy()
         self._make_scorer()
-        self.optimizer = _optimizer(cfg, [p for p in self.model.parameters() if p.requires_grad])
+        self.optimizer = make_optimizer(cfg, [p for p in self.model.parameters() if p.requires_grad])
         self._plan_steps()
-        self.scheduler = _schedule(cfg, self.optimizer, self.total_steps)
+        self.scheduler = make_schedule(cfg, self.optimizer, self.total_steps)
         if cfg.resume:
             self._resume()
         counts, spec = self.pair_counts, self.spec
