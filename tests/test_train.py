@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,7 +48,8 @@ def test_sba_run_loads_one_model_and_weights_move(pku_cache, tinystories, tmp_pa
     before = len(models.LOAD_LOG)
     run(pku_cache, tmp_path / "r", generator="sba", safety_penalty=30.0, lr=1e-3, max_steps=8, batch_size=4,
         optimizer="adamw")
-    assert models.LOAD_LOG[before:] == [str(tinystories)]  # the policy, once; never a reference
+    # the policy, once (from the folder the build resolved); never a reference
+    assert [Path(p).resolve() for p in models.LOAD_LOG[before:]] == [Path(tinystories).resolve()]
     rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
     assert len(rows) == 8 and all(math.isfinite(r["loss"]) for r in rows)
     for key in ("step", "loss", "chosen_rewards", "rejected_rewards", "margin", "preference_accuracy",
