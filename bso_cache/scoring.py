@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -43,8 +42,28 @@ MASK_ATTENTION = ("sdpa", "eager")
 # The prefix-sharing probe: pairs scored both ways, and the largest per-token difference that
 # still counts as the same numbers (float32; bf16/fp16), as in the trainer's step-0 check.
 PROBE_PAIRS = 2
-# `auto` times this many of the first batch's longest pairs both ways before it shares.
+# `auto` estimates both layouts' cost on this many of the first batch's longest pairs.
 TIMING_PAIRS = 8
+# Attention cost per score (one query-key pair of one head) in multiply-adds of a linear layer,
+# fitted on the CPU with SDPA and a mask (docs/PERFORMANCE.md): per FLOP, attention cost 2.5x a
+# linear layer at head dimension 8 (tinystories-260k) and 0.3x at 64 (the 46M Llama), ~20 /
+# head_dim; with 4 * head_dim FLOPs a score that is ~80 FLOPs = 40 multiply-adds whatever the head size.
+ATTENTION_SCORE_COST = 40.0
+
+
+def layout_cost(config, prompts, chosen, rejected, *, shared: bool) -> float:
+    """Estimated cost of one forward of these pairs, per layer, in linear-layer multiply-adds:
+    padded tokens x (attention projections + MLP) + rows x width^2 x heads x the score cost.
+    The output projection is the same in both layouts and left out."""
+    d = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 512)
+    ff = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 8)
+    if shared:
+        rows, width = len(prompts), max(pair_length(p, c, r, True) for p, c, r in zip(prompts, chosen, rejected))
+    else:
+        rows, width = 2 * len(prompts), max(pair_length(p, c, r, False) for p, c, r in zip(prompts, chosen, rejected))
+    per_token = 4 * d * d + 3 * d * ff
+    return rows * width * per_token + rows * width * width * heads * ATTENTION_SCORE_COST
 PROBE_TOLERANCE = {False: 1e-3, True: 0.05}
 
 
@@ -279,10 +298,10 @@ class PairScorer:
     def decide(self, prompts: Sequence, chosen: Sequence, rejected: Sequence) -> bool:
         """Settle whether to share on these pairs (the first batch); idempotent.
 
-        `on`: share unless the model cannot (a printed line). `auto`: also time one no-grad pass of
-        the longest TIMING_PAIRS pairs both ways and share only where it was faster: on the CPU
-        that depends on the model's shape (attention over the longer shared rows can cost more
-        than the prompt tokens saved) and on how long the prompts are against the responses.
+        `on`: share unless the model cannot (a printed line). `auto`: also estimate both layouts'
+        cost on the longest TIMING_PAIRS pairs (`layout_cost`) and share only where it is lower: on
+        the CPU that depends on the model's shape (attention over the longer shared rows can cost
+        more than the prompt tokens saved) and on how long the prompts are against the responses.
         """
         if self.sharing is not None:
             return self.sharing
@@ -329,19 +348,12 @@ class PairScorer:
         return True
 
     def _faster(self, prompts, chosen, rejected) -> bool:
-        """Time the longest TIMING_PAIRS pairs both ways (best of two, no grad); True when shared won."""
+        """Estimate both layouts' cost on the longest TIMING_PAIRS pairs (deterministic: the same
+        data and model decide the same way on every run); True when sharing is the cheaper."""
         sample = self._sample(prompts, chosen, rejected, TIMING_PAIRS, longest=True)
-        seconds = {}
-        with torch.no_grad():
-            for shared in (False, True, False, True):
-                t0 = time.perf_counter()
-                score_pairs(self.model, *sample, pad_id=self.pad_id, prefix_sharing=shared, device=self.device,
-                            autocast=self.autocast)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                seconds[shared] = min(seconds.get(shared, float("inf")), time.perf_counter() - t0)
-        self.probe.update(seconds_shared=seconds[True], seconds_unshared=seconds[False], timed_pairs=len(sample[0]))
-        return seconds[True] < seconds[False]
+        cost = {shared: layout_cost(_unwrap(self.model).config, *sample, shared=shared) for shared in (False, True)}
+        self.probe.update(cost_shared=cost[True], cost_unshared=cost[False], costed_pairs=len(sample[0]))
+        return cost[True] < cost[False]
 
     def length(self, prompt: Sequence, chosen: Sequence, rejected: Sequence) -> int:
         return pair_length(prompt, chosen, rejected, bool(self.sharing))
@@ -377,8 +389,8 @@ class PairScorer:
 
     def describe(self) -> str:
         state = {None: "undecided", True: "on", False: "off"}[self.sharing]
-        timed = ""
-        if self.probe and "seconds_shared" in self.probe:
-            ratio = self.probe["seconds_shared"] / max(self.probe["seconds_unshared"], 1e-12)
-            timed = f"; shared took {ratio:.2f}x the time of unshared on {self.probe['timed_pairs']} pairs"
-        return f"prefix sharing: {state} (--prefix-sharing {self.mode}{timed})"
+        costed = ""
+        if self.probe and "cost_shared" in self.probe:
+            ratio = self.probe["cost_shared"] / max(self.probe["cost_unshared"], 1e-12)
+            costed = f"; estimated {ratio:.2f}x the cost of unshared on {self.probe['costed_pairs']} pairs"
+        return f"prefix sharing: {state} (--prefix-sharing {self.mode}{costed})"

@@ -190,7 +190,7 @@ def write_state(out: Path, identity: dict, dist: Dist) -> None:
 
 def record_sharing(out: Path, sharing: bool | None) -> None:
     """Keep the first shard's decision, so that a resumed build scores its shards the same way
-    (auto decides by timing, which could differ from run to run): bit-identical shards."""
+    (even when auto or the model would decide otherwise on a later shard): bit-identical shards."""
     state = read_state(out)
     if sharing is not None and state and state.get("prefix_sharing") is None:
         atomic_write_json(out / S.BUILD_STATE_NAME, {**state, "prefix_sharing": sharing})

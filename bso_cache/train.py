@@ -141,7 +141,7 @@ class Trainer:
         if previous is not None:  # a resumed run scores as it did (auto's timing could differ)
             self.pair_scorer.sharing = previous
         self.pair_scorer.decide(*PairBatch.of(first, "cpu").token_ids)
-        # `auto` timed it on this rank: every rank follows rank 0, so that all score alike
+        # every rank follows rank 0, so that all score alike
         self.pair_scorer.sharing = self.dist.all_gather_object(self.pair_scorer.sharing)[0]
         self.scorer = parallel.wrap(SequenceScorer(self.model), self.model, fsdp=cfg.fsdp, dist=self.dist,
                                     device=self.device)

@@ -42,8 +42,8 @@ def _run(fn: Callable, *args, **kwargs):
 
 
 PREFIX_SHARING_HELP = ("Score each prompt once for both responses (one sequence prompt+chosen+rejected with a "
-                       "block mask): auto (CPU: time the first batch both ways and keep the faster; CUDA: off "
-                       "until measured) | on | off. The numbers are the same either way; a model whose attention "
+                       "block mask): auto (CPU: where the estimated cost for this model and data is lower; CUDA: "
+                       "off until measured) | on | off. The numbers are the same either way; a model whose attention "
                        "cannot take the mask falls back to off with one printed line.")
 
 
