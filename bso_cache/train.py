@@ -138,7 +138,7 @@ class Trainer:
         first = next(epoch_batches(self.cache, mode="none", orientation="better", batch_size=cfg.micro_batch, seed=0,
                                    epoch=0, shuffle=False), [])
         previous = self._resumed_sharing()
-        if previous is not None:  # a resumed run scores as it did (auto's timing could differ)
+        if previous is not None:  # a resumed run scores as it did (auto decides on the first batch, which a resume does not see again)
             self.pair_scorer.sharing = previous
         self.pair_scorer.decide(*PairBatch.of(first, "cpu").token_ids)
         # every rank follows rank 0, so that all score alike
