@@ -131,6 +131,15 @@ _SAVE_PRETRAINED_FILES = ("config.json", "generation_config.json", "model*.safet
                           "chat_template.jinja")
 
 
+def listed_files(layout: RunLayout) -> list[str] | None:
+    """The final model's files a finished run listed in its summary; None without a summary or list."""
+    try:
+        listed = json.loads(layout.summary.read_text()).get("files")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return listed if isinstance(listed, list) else None
+
+
 def clear_run_folder(layout: RunLayout) -> None:
     """`--overwrite`: remove what a training run wrote into its folder, and nothing else.
 
@@ -142,12 +151,7 @@ def clear_run_folder(layout: RunLayout) -> None:
 
     root = layout.root
     owned = set(RunLayout.own_names())
-    listed = None
-    if layout.summary.exists():
-        try:
-            listed = json.loads(layout.summary.read_text()).get("files")
-        except (json.JSONDecodeError, AttributeError):
-            listed = None
+    listed = listed_files(layout)
     if listed is not None:
         owned |= set(listed)
     patterns = () if listed is not None else _SAVE_PRETRAINED_FILES  # a run older than the "files" list

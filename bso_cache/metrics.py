@@ -17,7 +17,7 @@ from .cache import Cache
 from .errors import CacheError, MismatchError
 from .losses import pair_diagnostics
 from .schemas import PAIR_TYPES, pair_type
-from .pairs import PairBatch, epoch_batches
+from .pairs import epoch_batches, token_ids
 from .scoring import PairScorer
 
 
@@ -43,7 +43,7 @@ def evaluate_cache(model, cache: Cache, *, batch_size: int = 16, device: str = "
                                    seed=0, epoch=0, shuffle=False):
             if max_pairs is not None and n >= max_pairs:
                 break
-            lp = scorer(*PairBatch.of(batch, "cpu").token_ids)
+            lp = scorer(*token_ids(batch))
             for it, c, r in zip(batch, lp.chosen.cpu().tolist(), lp.rejected.cpu().tolist()):
                 rc, rr = c - it.ref_chosen_logp, r - it.ref_rejected_logp
                 kind = pair_type(it.chosen_unsafe, it.rejected_unsafe)

@@ -209,6 +209,11 @@ def prefetch(iterator, depth: int = 2):
             thread.join(timeout=0.05)
 
 
+def token_ids(items: list[CachedPair]) -> tuple[list, list, list]:
+    """(prompts, chosen responses, rejected responses) of cached pairs, as the scorer takes them."""
+    return [it.prompt_ids for it in items], [it.chosen_ids for it in items], [it.rejected_ids for it in items]
+
+
 @dataclass
 class PairBatch:
     """A micro-batch of cached pairs as scoring and the loss read them: the token ids of each
@@ -233,8 +238,7 @@ class PairBatch:
     @property
     def token_ids(self) -> tuple[list, list, list]:
         """(prompts, chosen responses, rejected responses)."""
-        return ([it.prompt_ids for it in self.items], [it.chosen_ids for it in self.items],
-                [it.rejected_ids for it in self.items])
+        return token_ids(self.items)
 
     def __len__(self) -> int:
         return len(self.items)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from . import schemas as S
 from .cache import Cache, atomic_write_json, check_tokenizer, follow_umask, manifest_path
-from .checkpoint import Position, clear_run_folder, list_checkpoints, load_checkpoint, save_checkpoint, \
-    truncate_metrics
+from .checkpoint import Position, clear_run_folder, list_checkpoints, listed_files, load_checkpoint, \
+    save_checkpoint, truncate_metrics
 from .config import TrainConfig, to_dict
 from .dist import Dist
 from .errors import CacheError, ConfigError, TrainingError
@@ -32,7 +32,7 @@ from .losses import spec_loss
 from .metrics import MetricsWindow, evaluate_cache, step0_check, step0_tolerance
 from .models import load_model, load_tokenizer, locate_reference, resolve_device, weights_digest
 from .optim import make_optimizer, make_schedule
-from .pairs import PairBatch, count_pairs, epoch_batches, prefetch
+from .pairs import PairBatch, count_pairs, epoch_batches, prefetch, token_ids
 from .shards import counts_text
 from . import parallel
 
@@ -99,14 +99,9 @@ class Trainer:
                 clear_run_folder(self.layout)
             self.out.mkdir(parents=True, exist_ok=True)
             # what the folder holds that this run did not write (a --resume'd folder's own files aside)
-            self._not_ours = {p.name for p in self.out.iterdir()} - S.RunLayout.own_names() - set(self._listed_files())
+            self._not_ours = ({p.name for p in self.out.iterdir()} - S.RunLayout.own_names()
+                              - set(listed_files(self.layout) or []))
         self.dist.barrier()
-
-    def _listed_files(self) -> list[str]:
-        try:
-            return json.loads(self.layout.summary.read_text()).get("files", [])
-        except (OSError, json.JSONDecodeError, AttributeError):
-            return []
 
     def _load_policy(self) -> str:
         """Tokenizer (checked against the cache before any model loads), then the policy."""
@@ -140,7 +135,7 @@ class Trainer:
         previous = self._resumed_sharing()
         if previous is not None:  # a resumed run scores as it did (auto decides on the first batch, which a resume does not see again)
             self.pair_scorer.sharing = previous
-        self.pair_scorer.decide(*PairBatch.of(first, "cpu").token_ids)
+        self.pair_scorer.decide(*token_ids(first))
         # every rank follows rank 0, so that all score alike
         self.pair_scorer.sharing = self.dist.all_gather_object(self.pair_scorer.sharing)[0]
         self.scorer = parallel.wrap(SequenceScorer(self.model), self.model, fsdp=cfg.fsdp, dist=self.dist,
