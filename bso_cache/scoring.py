@@ -4,8 +4,10 @@ A causal LM's usual forward materialises logits for every position, (B, T, V), a
 log-softmax copy of them; at a 50k-150k vocabulary that dominates time and memory. Here the
 backbone runs once, the hidden states of the positions that predict response tokens are
 gathered, and the output projection + log-softmax runs over those positions only, in chunks,
-through `TargetLogProbs`, whose backward recomputes each chunk's logits instead of storing them.
-Peak extra memory is one (chunk, V) float32 block, whatever B and T are. (Models whose logits
+through `head.TargetLogProbs`. Without gradients (build, eval, verify) peak extra memory is one
+(chunk, V) float32 block, whatever B and T are; with gradients at most STORED_SOFTMAX_BYTES
+(256 MiB: the N scored positions' softmax, kept for the backward when it fits) or one chunk's
+block (the backward recomputes the logits), whichever is larger. (Models whose logits
 are not a plain projection, e.g. with soft-capping, take the full-logit path instead: there a
 (rows, T, V) tensor does exist.)
 
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from .config import PREFIX_SHARING as PREFIX_SHARING_MODES
+from .head import STORED_SOFTMAX_BYTES, TargetLogProbs, default_chunk
 from .layouts import TokenBatch, shared_layout, unshared_layout
 from .tokenize import pair_length
 
@@ -33,8 +36,9 @@ Tensor = torch.Tensor
 # Models whose logits are not a plain linear projection of the last hidden state.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
-# Where `auto` may share prompts, by device kind (docs/PERFORMANCE.md): on the CPU it then times
-# the first batch both ways and shares where that was faster; the GPU has not been measured yet,
+# Where `auto` may share prompts, by device kind (docs/PERFORMANCE.md): on the CPU it then
+# estimates both layouts' cost on the first batch (`layout_cost`) and shares where that is lower;
+# the GPU has not been measured yet,
 # so `auto` leaves it off there until scripts/gpu_check.sh shows it pays.
 AUTO_PREFIX_SHARING = {"cpu": True, "cuda": False}
 # Attention implementations that take a custom 4D mask as given (transformers passes it through).
@@ -42,6 +46,7 @@ MASK_ATTENTION = ("sdpa", "eager")
 # The prefix-sharing probe: pairs scored both ways, and the largest per-token difference that
 # still counts as the same numbers (float32; bf16/fp16), as in the trainer's step-0 check.
 PROBE_PAIRS = 2
+PROBE_TOLERANCE = {False: 1e-3, True: 0.05}
 # `auto` estimates both layouts' cost on this many of the first batch's longest pairs.
 TIMING_PAIRS = 8
 # Attention cost per score (one query-key pair of one head) in multiply-adds of a linear layer,
@@ -64,63 +69,6 @@ def layout_cost(config, prompts, chosen, rejected, *, shared: bool) -> float:
         rows, width = 2 * len(prompts), max(pair_length(p, c, r, False) for p, c, r in zip(prompts, chosen, rejected))
     per_token = 4 * d * d + 3 * d * ff
     return rows * width * per_token + rows * width * width * heads * ATTENTION_SCORE_COST
-PROBE_TOLERANCE = {False: 1e-3, True: 0.05}
-
-
-class TargetLogProbs(torch.autograd.Function):
-    """log softmax(h W^T + b)[target] for N gathered positions, chunked, in float32 (float64
-    when the weights are float64, for gradient checks).
-
-    forward saves (hidden, weight, bias, targets, logsumexp); backward recomputes each chunk's
-    logits: d logp_t / d logits = onehot(t) - softmax.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int):
-        n = hidden.shape[0]
-        acc = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 for checks
-        out = torch.empty(n, dtype=acc, device=hidden.device)
-        lse = torch.empty(n, dtype=acc, device=hidden.device)
-        h = hidden.to(weight.dtype)
-        for s in range(0, n, chunk):
-            logits = torch.nn.functional.linear(h[s:s + chunk], weight, bias).to(acc)  # (c, V)
-            target = logits.gather(1, targets[s:s + chunk, None]).squeeze(1)
-            top = logits.amax(dim=-1, keepdim=True)
-            # logsumexp in place: no second (c, V) block
-            lse_c = logits.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(1))
-            lse[s:s + chunk] = lse_c
-            out[s:s + chunk] = target - lse_c
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk = chunk
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], \
-            bias is not None and ctx.needs_input_grad[2]
-        acc = lse.dtype
-        h = hidden.to(weight.dtype)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
-        chunk = ctx.chunk
-        for s in range(0, hidden.shape[0], chunk):
-            h_c = h[s:s + chunk]
-            g = grad_out[s:s + chunk].to(acc)
-            logits = torch.nn.functional.linear(h_c, weight, bias).to(acc)
-            d = logits.sub_(lse[s:s + chunk, None]).exp_().mul_(-g[:, None])  # -g * softmax, in place
-            d.scatter_add_(1, targets[s:s + chunk, None], g[:, None])        # + g * onehot
-            if need_h:
-                grad_h[s:s + chunk] = (d.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_w:
-                grad_w.addmm_(d.t(), h_c.to(acc))
-            if need_b:
-                grad_b += d.sum(0)
-        return (grad_h, grad_w.to(weight.dtype) if need_w else None,
-                grad_b.to(bias.dtype) if need_b else None, None, None)
-
-
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -150,13 +98,6 @@ def _attention_implementation(model: nn.Module) -> str | None:
     return getattr(getattr(_unwrap(model), "config", None), "_attn_implementation", None)
 
 
-def default_chunk(vocab_size: int, device: torch.device | str = "cpu") -> int:
-    """Positions per chunk so that one (chunk, V) float32 block stays near 32 MiB on the CPU
-    (cache-friendly, little memory) and 256 MiB on a GPU (large matmuls)."""
-    budget = (1 << 28) if torch.device(device).type == "cuda" else (1 << 25)
-    return max(32, budget // (4 * max(vocab_size, 1)))
-
-
 class SequenceScorer(nn.Module):
     """Wraps a causal LM; forward(layout tensors) -> summed log-probs (2B,) in float64.
 
@@ -164,10 +105,11 @@ class SequenceScorer(nn.Module):
     whole computation while the LM's full-vocabulary logits are never built.
     """
 
-    def __init__(self, lm: nn.Module, chunk: int | None = None):
+    def __init__(self, lm: nn.Module, chunk: int | None = None, store_bytes: int = STORED_SOFTMAX_BYTES):
         super().__init__()
         self.lm = lm
         self.chunk = chunk
+        self.store_bytes = store_bytes
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None,
                 source: Tensor, targets: Tensor, sequence: Tensor, n_sequences: int) -> Tensor:
@@ -188,8 +130,10 @@ class SequenceScorer(nn.Module):
             backbone, head = parts
             hidden = backbone(**kwargs).last_hidden_state                         # (R, T, H)
             picked = hidden.reshape(-1, hidden.shape[-1])[source]                 # (N, H)
+            training = torch.is_grad_enabled() and (picked.requires_grad or head.weight.requires_grad)
             token_logps = TargetLogProbs.apply(picked, head.weight, head.bias, targets,
-                                               self.chunk or default_chunk(head.weight.shape[0], head.weight.device))
+                                               self.chunk or default_chunk(head.weight.shape[0], head.weight.device),
+                                               self.store_bytes if training else 0)
         # the per-token values are float32; their sum runs in float64 (exact to ~1e-9 for any length)
         return torch.zeros(n_sequences, dtype=torch.float64, device=token_logps.device
                            ).index_add_(0, sequence, token_logps.double())

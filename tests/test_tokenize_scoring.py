@@ -8,7 +8,8 @@ import torch
 
 from bso_cache.formats import Pair
 from bso_cache.layouts import make_token_batch
-from bso_cache.scoring import TargetLogProbs, sequence_logps
+from bso_cache.head import TargetLogProbs
+from bso_cache.scoring import sequence_logps
 from bso_cache.tokenize import PairTokenizer, apply_length_policy, PairTokens
 
 PAIR = Pair(0, (("user", "How do I bake bread?"), ("assistant", "With flour."), ("user", "And then?")),
@@ -122,11 +123,41 @@ def test_target_logprobs_gradcheck_float64():
     t = torch.randint(0, 11, (7,))
 
     for chunk in (1, 3, 100):
-        assert torch.autograd.gradcheck(lambda a, c, d: TargetLogProbs.apply(a, c, d, t, chunk), (h, w, b))
+        for store in (0, 1 << 20):  # the backward recomputes the logits / reads the stored softmax
+            # (stored: gradcheck's first backward reads it, later ones recompute it: equal to rounding)
+            assert torch.autograd.gradcheck(lambda a, c, d: TargetLogProbs.apply(a, c, d, t, chunk, store), (h, w, b),
+                                            nondet_tol=1e-12 if store else 0.0)
     naive = torch.log_softmax(h @ w.t() + b, -1).gather(1, t[:, None]).squeeze(1)
     assert torch.allclose(TargetLogProbs.apply(h, w, b, t, 2), naive, atol=1e-12)
     out32 = TargetLogProbs.apply(h.float(), w.float(), b.float(), t, 2)
     assert out32.dtype == torch.float32 and torch.allclose(out32.double(), naive, atol=1e-5)
+
+
+def test_stored_softmax_backward_equals_recompute_and_a_second_backward():
+    torch.manual_seed(0)
+    h = torch.randn(9, 6, requires_grad=True)
+    w = torch.randn(13, 6, requires_grad=True)
+    t = torch.randint(0, 13, (9,))
+    g = torch.randn(9)
+    grads = []
+    for store in (0, 9 * 13 * 4, 9 * 13 * 4 - 1):  # recompute, stored (exactly fits), over budget: recompute
+        h.grad = w.grad = None
+        out = TargetLogProbs.apply(h, w, None, t, 4, store)
+        (out * g).sum().backward()
+        grads.append((out.detach(), h.grad.clone(), w.grad.clone()))
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    # float64: the stored path's gradient is autograd's own through a full log_softmax
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    naive = torch.log_softmax(h64 @ w64.t(), -1).gather(1, t[:, None]).squeeze(1)
+    expect = torch.autograd.grad((naive * g.double()).sum(), (h64, w64))
+    out = TargetLogProbs.apply(h64, w64, None, t, 4, 1 << 20)
+    first = torch.autograd.grad((out * g.double()).sum(), (h64, w64), retain_graph=True)
+    second = torch.autograd.grad((out * g.double()).sum(), (h64, w64))  # the softmax was used up: recomputed
+    for got in (first, second):
+        for a, b in zip(got, expect):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_padding_and_batch_do_not_change_scores(demo_assets):

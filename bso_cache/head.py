@@ -1,0 +1,101 @@
+"""The output projection + log-softmax at the N gathered positions that predict response tokens.
+
+`TargetLogProbs` computes log softmax(h W^T + b)[target] for those positions only, in chunks of
+`default_chunk` rows, so no (B, T, V) logits tensor exists. Without gradients (build, eval,
+verify) its extra memory is one (chunk, V) float32 block; with gradients it keeps the (N, V)
+softmax for the backward while that fits STORED_SOFTMAX_BYTES, else the backward recomputes
+each chunk's logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+# With gradients, the head keeps the (N, V) softmax for the backward when it takes at most this
+# much (HH batch of 4 on the GPT-2 vocabulary: ~70 MiB), instead of recomputing the logits.
+STORED_SOFTMAX_BYTES = 256 << 20
+
+
+def default_chunk(vocab_size: int, device: torch.device | str = "cpu") -> int:
+    """Positions per chunk so that one (chunk, V) float32 block stays near 32 MiB on the CPU
+    (cache-friendly, little memory) and 256 MiB on a GPU (large matmuls)."""
+    budget = (1 << 28) if torch.device(device).type == "cuda" else (1 << 25)
+    return max(32, budget // (4 * max(vocab_size, 1)))
+
+
+def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, acc: torch.dtype, out: Tensor | None = None) -> Tensor:
+    """h W^T + b in `acc`; written into `out` (a slice of the stored block) when given."""
+    if out is not None and weight.dtype == acc:
+        return torch.addmm(bias, h, weight.t(), out=out) if bias is not None else torch.mm(h, weight.t(), out=out)
+    logits = torch.nn.functional.linear(h, weight, bias).to(acc)
+    return logits if out is None else out.copy_(logits)
+
+
+class TargetLogProbs(torch.autograd.Function):
+    """log softmax(h W^T + b)[target] for N gathered positions, chunked, in float32 (float64
+    when the weights are float64, for gradient checks).
+
+    d logp_t / d logits = onehot(t) - softmax. With `store_bytes` >= the (N, V) block's size, the
+    forward keeps the softmax for the backward (3 matmuls of N x H x V in all; ~1/3 faster on the
+    CPU); otherwise it saves (hidden, weight, bias, targets, logsumexp) and the backward recomputes
+    each chunk's logits (4 matmuls; one (chunk, V) block at a time whatever N is).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int,
+                store_bytes: int = 0):
+        n = hidden.shape[0]
+        acc = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 for checks
+        store = n * weight.shape[0] * acc.itemsize <= store_bytes
+        probs = torch.empty(n, weight.shape[0], dtype=acc, device=hidden.device) if store else None
+        out = torch.empty(n, dtype=acc, device=hidden.device)
+        lse = torch.empty(n, dtype=acc, device=hidden.device)
+        h = hidden.to(weight.dtype)
+        for s in range(0, n, chunk):
+            logits = _logits(h[s:s + chunk], weight, bias, acc, None if probs is None else probs[s:s + chunk])
+            target = logits.gather(1, targets[s:s + chunk, None]).squeeze(1)
+            top = logits.amax(dim=-1, keepdim=True)
+            # logsumexp in place: no second (c, V) block
+            sumexp = logits.sub_(top).exp_().sum(dim=-1)
+            if store:
+                logits.div_(sumexp[:, None])  # the softmax, kept for the backward
+            lse_c = sumexp.log_().add_(top.squeeze(1))
+            lse[s:s + chunk] = lse_c
+            out[s:s + chunk] = target - lse_c
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk, ctx.probs = chunk, probs
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], \
+            bias is not None and ctx.needs_input_grad[2]
+        acc = lse.dtype
+        # the stored softmax is used up (in place) by the first backward; a second one through the
+        # same graph (retain_graph) recomputes it from the saved log-sum-exp
+        probs, ctx.probs = ctx.probs, None
+        h = hidden.to(weight.dtype)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        chunk = ctx.chunk if probs is None else max(hidden.shape[0], 1)
+        for s in range(0, hidden.shape[0], chunk):
+            h_c = h[s:s + chunk]
+            g = grad_out[s:s + chunk].to(acc)
+            if probs is None:
+                d = _logits(h_c, weight, bias, acc).sub_(lse[s:s + chunk, None]).exp_()  # the softmax again
+            else:
+                d = probs[s:s + chunk]
+            d.mul_(-g[:, None])                                                # -g * softmax, in place
+            d.scatter_add_(1, targets[s:s + chunk, None], g[:, None])          # + g * onehot
+            if need_h:
+                grad_h[s:s + chunk] = (d.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_w:
+                grad_w.addmm_(d.t(), h_c.to(acc))
+            if need_b:
+                grad_b += d.sum(0)
+        return (grad_h, grad_w.to(weight.dtype) if need_w else None,
+                grad_b.to(bias.dtype) if need_b else None, None, None, None)
