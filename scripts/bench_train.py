@@ -10,8 +10,13 @@ Same model, same pairs, same batch size and length, measured side by side in one
 - the policy-only limit: a plain forward + backward with labels on the same token batches + AdamW
 
 Each (system, steps) runs in its own process. Per-step time = (T(long) - T(short)) / (long - short),
-so start-up, model loading and TRL's reference pre-pass cancel; peak memory is the process's
-max RSS (CPU) or torch.cuda.max_memory_allocated (GPU) in the long run. tokens/s is the same
+so start-up, model loading and TRL's reference pre-pass cancel; by default long - short is an
+epoch's worth of steps, so every batch length counts. The systems run interleaved in --rounds
+rounds (the order reversed every other round) and the table gives the median round and the
+range: on a shared 2-core machine one round can be off by 30%. Peak memory is the process's
+max RSS (CPU) or torch.cuda.max_memory_allocated (GPU) in the long run (median over rounds).
+Optimizers: bso-cache's (fused AdamW), TRL's default (adamw_torch_fused), fused AdamW for the
+policy-only limit. tokens/s is the same
 measure of work for every system: the pairs' tokens as two sequences each ((prompt + chosen) +
 (prompt + rejected), no padding) times the pairs per step, over the time per step; a system that
 shares the prompt feeds fewer tokens for the same pairs.
@@ -29,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import resource
 import subprocess
 import sys
@@ -136,7 +142,7 @@ def worker(system: str, steps: int, info: dict, batch_size: int, max_length: int
         model = AutoModelForCausalLM.from_pretrained(info["model"])
         args = DPOConfig(output_dir=str(Path(info["cache"]).parent / f"run-{system}-{steps}"),
                          per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=1e-6,
-                         optim="adamw_torch", lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0,
+                         optim="adamw_torch_fused", lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0,
                          max_length=max_length, precompute_ref_log_probs=system == "trl-precompute",
                          report_to="none", logging_steps=10_000, save_strategy="no", use_cpu=device == "cpu",
                          dataloader_num_workers=0, beta=0.1, seed=0, disable_tqdm=True)
@@ -157,7 +163,7 @@ def worker(system: str, steps: int, info: dict, batch_size: int, max_length: int
 
         model = AutoModelForCausalLM.from_pretrained(info["model"]).to(device)
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
         cache = Cache.open(info["cache"])
         done, counted = 0, []
         while done < steps:
@@ -227,8 +233,9 @@ def main() -> None:
     ap.add_argument("--data", default="pku", choices=sorted(DATASETS), help="the shared sample to take pairs from")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--long", type=int, default=10)
+    ap.add_argument("--long", type=int, help="steps of the long run (default: --short + an epoch's steps)")
     ap.add_argument("--short", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the table gives the median")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"of {', '.join(SYSTEMS + EXTRA_SYSTEMS)}")
     ap.add_argument("--quick", action="store_true", help="tiny model (smoke test)")
@@ -241,19 +248,27 @@ def main() -> None:
         return
     info = setup(Path(args.work), args.pairs, args.max_length, args.quick, args.data)
     systems = [s for s in args.systems.split(",") if s]
+    if args.long is None:
+        args.long = args.short + -(-info["pairs"] // args.batch_size)
+    rounds: dict[str, list[dict]] = {s: [] for s in systems}
+    for k in range(args.rounds):
+        for s in systems if k % 2 == 0 else systems[::-1]:
+            short = run_worker(s, args.short, args, info)
+            long = run_worker(s, args.long, args, info)
+            per_step = (long["seconds"] - short["seconds"]) / (args.long - args.short)
+            rounds[s].append({"per_step": per_step, "peak_mib": long["peak_mib"],
+                              "tokens_per_step": long["tokens_per_step"]})
+            print(f"round {k + 1}: {s}: {per_step:.2f} s/step, peak {long['peak_mib']:.0f} MiB", flush=True)
     results = {}
-    for s in systems:
-        short = run_worker(s, args.short, args, info)
-        long = run_worker(s, args.long, args, info)
-        per_step = (long["seconds"] - short["seconds"]) / (args.long - args.short)
-        results[s] = {"per_step": per_step, "peak_mib": long["peak_mib"], "tokens_per_step": long["tokens_per_step"],
-                      "short_s": short["seconds"], "long_s": long["seconds"]}
-        print(f"{s}: {per_step:.2f} s/step, peak {long['peak_mib']:.0f} MiB", flush=True)
+    for s, rs in rounds.items():
+        steps = sorted(r["per_step"] for r in rs)
+        results[s] = {"per_step": statistics.median(steps), "range": (steps[0], steps[-1]),
+                      "peak_mib": statistics.median(r["peak_mib"] for r in rs)}
     ref = results.get("trl")
     unshared = results.get("bso-cache-unshared")
     mem = "peak RSS (MiB)" if args.device == "cpu" else "peak GPU memory (MiB)"
-    lines = [f"| system | s/step | vs TRL (ref online) | vs unshared | {mem} | vs TRL | vs unshared | tokens/s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| system | s/step | range | vs TRL (ref online) | vs unshared | {mem} | vs TRL | vs unshared | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
 
     def ratio(a, b):
         return f"{a / b:.2f}x" if b else "-"
@@ -261,7 +276,8 @@ def main() -> None:
     work_per_step = args.batch_size * info["pair_tokens_mean"]
     for s, r in results.items():
         tps = work_per_step / r["per_step"] if r["per_step"] > 0 else float("nan")
-        lines.append(f"| {s} | {r['per_step']:.2f} | {ratio(r['per_step'], ref and ref['per_step'])} | "
+        lo, hi = r["range"]
+        lines.append(f"| {s} | {r['per_step']:.2f} | {lo:.2f}-{hi:.2f} | {ratio(r['per_step'], ref and ref['per_step'])} | "
                      f"{ratio(r['per_step'], unshared and unshared['per_step'])} | {r['peak_mib']:,.0f} | "
                      f"{ratio(r['peak_mib'], ref and ref['peak_mib'])} | "
                      f"{ratio(r['peak_mib'], unshared and unshared['peak_mib'])} | {tps:,.0f} |")
@@ -272,7 +288,8 @@ def main() -> None:
             f"tokens a pair as two sequences, {info['shared_tokens_mean']:.0f} with the prompt once), batch "
             f"{args.batch_size}, max length "
             f"{args.max_length}, AdamW lr 1e-6, fp32, device {args.device}; per-step time from a {args.long}-step "
-            f"minus a {args.short}-step run, each in its own process.\n\n"
+            f"minus a {args.short}-step run, each in its own process; median of {args.rounds} interleaved rounds "
+            f"(range: the fastest and slowest round); bso-cache and TRL both with fused AdamW.\n\n"
             f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; {versions()}.\n"
             f"Command: `{cmd.strip()}`\n\n" + "\n".join(lines))
     print(text)
