@@ -6,7 +6,8 @@
      with each prompt scored once (--prefix-sharing on), with packing too, and twice (off)
    - a pure no-grad forward over the same token batches (full logits + float32 log-softmax + gather)
    - TRL's precompute pass (DPOTrainer with precompute_ref_log_probs=True, 0 training steps)
-   Reported: pairs/s, tokens/s, padding share.
+   Reported: pairs/s, tokens/s, padding share; the kinds run interleaved in --rounds rounds (order
+   reversed every other round) and the table gives the median round's time and the range.
 2. Peak memory of `bso-cache build` and `bso-cache train` at 1x and 10x the rows (the input
    repeated), to show that neither grows with the size of the cache.
 
@@ -129,6 +130,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the table gives the median")
     ap.add_argument("--only-memory", action="store_true", help="skip the reference-pass comparison")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory-vs-size builds")
     ap.add_argument("--data", default="pku", choices=["pku", "hh"], help="the shared sample to take pairs from")
@@ -141,22 +143,25 @@ def main() -> None:
         return
     work = Path(args.work)
     info = setup(work, args.pairs, args.max_length, args.quick, args.data)
-    rows = []
     kinds = ("bso-cache-build-shared", "bso-cache-build-shared-packed", "bso-cache-build-unshared", "plain-forward",
              "trl-precompute")
-    for kind in () if args.only_memory else kinds:
-        r = run(kind, info, args, str(work / f"build-{kind}"))
-        rows.append(r)
-        print(kind, r, flush=True)
-    lines = ["| reference pass | pairs/s | seconds | vs unshared (time) | tokens fed/s | padding | peak RSS (MiB) "
-             "| vs unshared |", "|---|---|---|---|---|---|---|---|"]
+    runs: dict[str, list[dict]] = {k: [] for k in kinds}
+    for k in range(0 if args.only_memory else args.rounds):
+        for kind in kinds if k % 2 == 0 else kinds[::-1]:
+            r = run(kind, info, args, str(work / f"build-{kind}"))
+            runs[kind].append(r)
+            print(f"round {k + 1}:", kind, r, flush=True)
+    rows = [_median_run(rs) for rs in runs.values() if rs]
+    lines = ["| reference pass | pairs/s | seconds | range (s) | vs unshared (time) | tokens fed/s | padding "
+             "| peak RSS (MiB) | vs unshared |", "|---|---|---|---|---|---|---|---|---|"]
     base = next((r for r in rows if r["kind"] == "bso-cache-build-unshared"), None)
     for r in rows:
         pad = f"{100 * r['padding']:.1f}%" if r["padding"] is not None else "n/a"
         vs_t = f"{r['seconds'] / base['seconds']:.2f}x" if base else "-"
         vs_m = f"{r['peak_mib'] / base['peak_mib']:.2f}x" if base else "-"
-        lines.append(f"| {r['kind']} | {r['pairs'] / r['seconds']:.1f} | {r['seconds']:.2f} | {vs_t} | "
-                     f"{r['tokens'] / r['seconds']:,.0f} | {pad} | {r['peak_mib']:,.0f} | {vs_m} |")
+        lo, hi = r["range"]
+        lines.append(f"| {r['kind']} | {r['pairs'] / r['seconds']:.1f} | {r['seconds']:.2f} | {lo:.2f}-{hi:.2f} | "
+                     f"{vs_t} | {r['tokens'] / r['seconds']:,.0f} | {pad} | {r['peak_mib']:,.0f} | {vs_m} |")
     if args.no_memory:
         _write_build_section(args, info, lines)
         return
@@ -186,11 +191,22 @@ def main() -> None:
     write_section(Path(args.doc), "bench-memory", mem_text)
 
 
+def _median_run(rs: list[dict]) -> dict:
+    """The round with the median time (its tokens and padding), with the median peak and the time range."""
+    import statistics
+
+    by_time = sorted(rs, key=lambda r: r["seconds"])
+    mid = by_time[(len(by_time) - 1) // 2]
+    return {**mid, "range": (by_time[0]["seconds"], by_time[-1]["seconds"]),
+            "peak_mib": statistics.median(r["peak_mib"] for r in rs)}
+
+
 def _write_build_section(args, info: dict, lines: list[str]) -> None:
     model = "tiny Llama (quick)" if args.quick else "random-init 46M Llama, GPT-2 tokenizer"
     cmd = "python scripts/bench_build.py " + " ".join(sys.argv[1:])
     text = (f"### Reference pass, {args.data.upper()} ({time.strftime('%Y-%m-%d')})\n\n{model}; {info['pairs']} "
             f"{args.data.upper()} pairs, batch {args.batch_size} pairs, max length {args.max_length}, fp32, CPU; "
+            f"median of {args.rounds} interleaved rounds (range: fastest and slowest); "
             f"{versions()}.\nCommand: `{cmd.strip()}`\n\n" + "\n".join(lines) + "\n\n"
             "bso-cache-build-*: scoring time of the build (tokenizing, scoring, writing shards; not the model load), "
             "each prompt once (shared; shared-packed: several pairs a row) or twice (unshared). plain-forward: a no-grad "
