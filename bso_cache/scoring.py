@@ -38,8 +38,8 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 
 # Where `auto` may share prompts, by device kind (docs/PERFORMANCE.md): on the CPU it then
 # estimates both layouts' cost on the first batch (`layout_cost`) and shares where that is lower;
-# the GPU has not been measured yet,
-# so `auto` leaves it off there until scripts/gpu_check.sh shows it pays.
+# the GPU has not been measured yet, so `auto` leaves it off there until scripts/gpu_check.sh
+# shows it pays.
 AUTO_PREFIX_SHARING = {"cpu": True, "cuda": False}
 # Attention implementations that take a custom 4D mask as given (transformers passes it through).
 MASK_ATTENTION = ("sdpa", "eager")
@@ -130,10 +130,10 @@ class SequenceScorer(nn.Module):
             backbone, head = parts
             hidden = backbone(**kwargs).last_hidden_state                         # (R, T, H)
             picked = hidden.reshape(-1, hidden.shape[-1])[source]                 # (N, H)
-            training = torch.is_grad_enabled() and (picked.requires_grad or head.weight.requires_grad)
+            needs_grad = torch.is_grad_enabled() and (picked.requires_grad or head.weight.requires_grad)
             token_logps = TargetLogProbs.apply(picked, head.weight, head.bias, targets,
                                                self.chunk or default_chunk(head.weight.shape[0], head.weight.device),
-                                               self.store_bytes if training else 0)
+                                               self.store_bytes if needs_grad else 0)
         # the per-token values are float32; their sum runs in float64 (exact to ~1e-9 for any length)
         return torch.zeros(n_sequences, dtype=torch.float64, device=token_logps.device
                            ).index_add_(0, sequence, token_logps.double())

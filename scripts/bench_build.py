@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import ROOT, SHARED, peak_rss_mib, setup, versions, write_section  # noqa: E402
+from bench_train import ROOT, SHARED, median_round, peak_rss_mib, setup, versions, write_section  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -151,7 +151,7 @@ def main() -> None:
             r = run(kind, info, args, str(work / f"build-{kind}"))
             runs[kind].append(r)
             print(f"round {k + 1}:", kind, r, flush=True)
-    rows = [_median_run(rs) for rs in runs.values() if rs]
+    rows = [median_round(rs, "seconds") for rs in runs.values() if rs]
     lines = ["| reference pass | pairs/s | seconds | range (s) | vs unshared (time) | tokens fed/s | padding "
              "| peak RSS (MiB) | vs unshared |", "|---|---|---|---|---|---|---|---|---|"]
     base = next((r for r in rows if r["kind"] == "bso-cache-build-unshared"), None)
@@ -189,16 +189,6 @@ def main() -> None:
     if rows:
         _write_build_section(args, info, lines)
     write_section(Path(args.doc), "bench-memory", mem_text)
-
-
-def _median_run(rs: list[dict]) -> dict:
-    """The round with the median time (its tokens and padding), with the median peak and the time range."""
-    import statistics
-
-    by_time = sorted(rs, key=lambda r: r["seconds"])
-    mid = by_time[(len(by_time) - 1) // 2]
-    return {**mid, "range": (by_time[0]["seconds"], by_time[-1]["seconds"]),
-            "peak_mib": statistics.median(r["peak_mib"] for r in rs)}
 
 
 def _write_build_section(args, info: dict, lines: list[str]) -> None:

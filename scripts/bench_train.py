@@ -213,6 +213,15 @@ def versions() -> str:
     return ", ".join(parts)
 
 
+def median_round(rounds: list[dict], key: str) -> dict:
+    """The round with the median `key` (the lower middle one for an even count), with the range
+    of `key` over the rounds and the median peak memory."""
+    by_key = sorted(rounds, key=lambda r: r[key])
+    mid = by_key[(len(by_key) - 1) // 2]
+    return {**mid, "range": (by_key[0][key], by_key[-1][key]),
+            "peak_mib": statistics.median(r["peak_mib"] for r in rounds)}
+
+
 def write_section(doc: Path, marker: str, text: str) -> None:
     begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
     old = doc.read_text() if doc.exists() else "# Performance\n"
@@ -256,14 +265,9 @@ def main() -> None:
             short = run_worker(s, args.short, args, info)
             long = run_worker(s, args.long, args, info)
             per_step = (long["seconds"] - short["seconds"]) / (args.long - args.short)
-            rounds[s].append({"per_step": per_step, "peak_mib": long["peak_mib"],
-                              "tokens_per_step": long["tokens_per_step"]})
+            rounds[s].append({"per_step": per_step, "peak_mib": long["peak_mib"]})
             print(f"round {k + 1}: {s}: {per_step:.2f} s/step, peak {long['peak_mib']:.0f} MiB", flush=True)
-    results = {}
-    for s, rs in rounds.items():
-        steps = sorted(r["per_step"] for r in rs)
-        results[s] = {"per_step": statistics.median(steps), "range": (steps[0], steps[-1]),
-                      "peak_mib": statistics.median(r["peak_mib"] for r in rs)}
+    results = {s: median_round(rs, "per_step") for s, rs in rounds.items()}
     ref = results.get("trl")
     unshared = results.get("bso-cache-unshared")
     mem = "peak RSS (MiB)" if args.device == "cpu" else "peak GPU memory (MiB)"

@@ -143,6 +143,7 @@ def test_stored_softmax_backward_equals_recompute_and_a_second_backward():
     for store in (0, 9 * 13 * 4, 9 * 13 * 4 - 1):  # recompute, stored (exactly fits), over budget: recompute
         h.grad = w.grad = None
         out = TargetLogProbs.apply(h, w, None, t, 4, store)
+        assert (out.grad_fn.probs is not None) == (store == 9 * 13 * 4)  # the softmax kept only where it fits
         (out * g).sum().backward()
         grads.append((out.detach(), h.grad.clone(), w.grad.clone()))
     for other in grads[1:]:
