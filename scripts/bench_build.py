@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import ROOT, SHARED, median_round, peak_rss_mib, setup, versions, write_section  # noqa: E402
+from bench_train import ROOT, SHARED, median_round, paired_ratio, peak_rss_mib, setup, versions, write_section  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -152,16 +152,18 @@ def main() -> None:
             runs[kind].append(r)
             print(f"round {k + 1}:", kind, r, flush=True)
     rows = [median_round(rs, "seconds") for rs in runs.values() if rs]
-    lines = ["| reference pass | pairs/s | seconds | range (s) | vs unshared (time) | tokens fed/s | padding "
-             "| peak RSS (MiB) | vs unshared |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| reference pass | pairs/s | seconds | range (s) | vs unshared (time) | vs unshared, per round | tokens fed/s "
+             "| padding | peak RSS (MiB) | vs unshared |", "|---|---|---|---|---|---|---|---|---|---|"]
     base = next((r for r in rows if r["kind"] == "bso-cache-build-unshared"), None)
     for r in rows:
         pad = f"{100 * r['padding']:.1f}%" if r["padding"] is not None else "n/a"
         vs_t = f"{r['seconds'] / base['seconds']:.2f}x" if base else "-"
         vs_m = f"{r['peak_mib'] / base['peak_mib']:.2f}x" if base else "-"
         lo, hi = r["range"]
+        paired = (f"{paired_ratio(runs[r['kind']], runs['bso-cache-build-unshared'], 'seconds'):.2f}x" if base
+                  else "-")
         lines.append(f"| {r['kind']} | {r['pairs'] / r['seconds']:.1f} | {r['seconds']:.2f} | {lo:.2f}-{hi:.2f} | "
-                     f"{vs_t} | {r['tokens'] / r['seconds']:,.0f} | {pad} | {r['peak_mib']:,.0f} | {vs_m} |")
+                     f"{vs_t} | {paired} | {r['tokens'] / r['seconds']:,.0f} | {pad} | {r['peak_mib']:,.0f} | {vs_m} |")
     if args.no_memory:
         _write_build_section(args, info, lines)
         return
@@ -196,7 +198,8 @@ def _write_build_section(args, info: dict, lines: list[str]) -> None:
     cmd = "python scripts/bench_build.py " + " ".join(sys.argv[1:])
     text = (f"### Reference pass, {args.data.upper()} ({time.strftime('%Y-%m-%d')})\n\n{model}; {info['pairs']} "
             f"{args.data.upper()} pairs, batch {args.batch_size} pairs, max length {args.max_length}, fp32, CPU; "
-            f"median of {args.rounds} interleaved rounds (range: fastest and slowest); "
+            f"median of {args.rounds} interleaved rounds (range: fastest and slowest; per round: the median over rounds of "
+            f"the ratio to the unshared build of the same round); "
             f"{versions()}.\nCommand: `{cmd.strip()}`\n\n" + "\n".join(lines) + "\n\n"
             "bso-cache-build-*: scoring time of the build (tokenizing, scoring, writing shards; not the model load), "
             "each prompt once (shared; shared-packed: several pairs a row) or twice (unshared). plain-forward: a no-grad "

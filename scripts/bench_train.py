@@ -222,6 +222,12 @@ def median_round(rounds: list[dict], key: str) -> dict:
             "peak_mib": statistics.median(r["peak_mib"] for r in rounds)}
 
 
+def paired_ratio(rounds: list[dict], base: list[dict], key: str) -> float:
+    """The median over rounds of (this system's `key` / the base system's `key` in the same round):
+    the two ran back to back in each round, so a host that drifts across rounds cancels out."""
+    return statistics.median(r[key] / b[key] for r, b in zip(rounds, base))
+
+
 def write_section(doc: Path, marker: str, text: str) -> None:
     begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
     old = doc.read_text() if doc.exists() else "# Performance\n"
@@ -271,18 +277,23 @@ def main() -> None:
     ref = results.get("trl")
     unshared = results.get("bso-cache-unshared")
     mem = "peak RSS (MiB)" if args.device == "cpu" else "peak GPU memory (MiB)"
-    lines = [f"| system | s/step | range | vs TRL (ref online) | vs unshared | {mem} | vs TRL | vs unshared | tokens/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| system | s/step | range | vs TRL (ref online) | vs unshared | vs unshared, per round | {mem} | vs TRL "
+             f"| vs unshared | tokens/s |", "|---|---|---|---|---|---|---|---|---|---|"]
 
     def ratio(a, b):
         return f"{a / b:.2f}x" if b else "-"
+
+    def per_round(s):
+        if "bso-cache-unshared" not in rounds:
+            return "-"
+        return f"{paired_ratio(rounds[s], rounds['bso-cache-unshared'], 'per_step'):.2f}x"
 
     work_per_step = args.batch_size * info["pair_tokens_mean"]
     for s, r in results.items():
         tps = work_per_step / r["per_step"] if r["per_step"] > 0 else float("nan")
         lo, hi = r["range"]
         lines.append(f"| {s} | {r['per_step']:.2f} | {lo:.2f}-{hi:.2f} | {ratio(r['per_step'], ref and ref['per_step'])} | "
-                     f"{ratio(r['per_step'], unshared and unshared['per_step'])} | {r['peak_mib']:,.0f} | "
+                     f"{ratio(r['per_step'], unshared and unshared['per_step'])} | {per_round(s)} | {r['peak_mib']:,.0f} | "
                      f"{ratio(r['peak_mib'], ref and ref['peak_mib'])} | "
                      f"{ratio(r['peak_mib'], unshared and unshared['peak_mib'])} | {tps:,.0f} |")
     cmd = "python scripts/bench_train.py " + " ".join(a for a in sys.argv[1:])
@@ -293,7 +304,8 @@ def main() -> None:
             f"{args.batch_size}, max length "
             f"{args.max_length}, AdamW lr 1e-6, fp32, device {args.device}; per-step time from a {args.long}-step "
             f"minus a {args.short}-step run, each in its own process; median of {args.rounds} interleaved rounds "
-            f"(range: the fastest and slowest round); bso-cache and TRL both with fused AdamW.\n\n"
+            f"(range: the fastest and slowest round; per round: the median over rounds of the ratio to the unshared run "
+            f"of the same round); bso-cache and TRL both with fused AdamW.\n\n"
             f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; {versions()}.\n"
             f"Command: `{cmd.strip()}`\n\n" + "\n".join(lines))
     print(text)
