@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from .errors import ConfigError
+from .losses import LOSS_DEFAULTS as _L
 
 # The allowed values, as types (the fields below use them) and as tuples (for checks and help).
 Format = Literal["auto", "pku", "hh", "generic", "implicit"]
@@ -28,7 +29,6 @@ PrefixSharing = Literal["auto", "on", "off"]   # see scoring.PairScorer
 FORMATS, TEMPLATE_MODES, OVERLONG, DTYPES = get_args(Format), get_args(TemplateMode), get_args(Overlong), get_args(DType)
 PAIR_MODES, ORIENTATIONS, OPTIMIZERS = get_args(PairMode), get_args(Orientation), get_args(OptimizerName)
 SCHEDULES, AUTOCAST, PREFIX_SHARING = get_args(Schedule), get_args(Autocast), get_args(PrefixSharing)
-DEFAULT_CLAMP = 30.0    # kappa: u in [-30, 30], the upper bound raised for C > 30 (losses.default_upper_clamp)
 
 
 def _check_choices(cfg, choices: dict[str, tuple]) -> None:
@@ -90,16 +90,16 @@ class TrainConfig:
     policy: str | None = None           # default: the reference recorded in the manifest
     gguf_file: str | None = None
     # loss (shared BSO.md; defaults are the method authors')
-    generator: str = "sba"
-    beta: float = 0.1
-    safety_penalty: float = 30.0
-    lam: float = 0.2
-    scale: float = 4.0
-    mu: float | None = None
-    clamp: float | None = None          # None: [-30, 30], upper raised for C > 30
+    generator: str = _L.generator       # losses.LOSS_DEFAULTS owns the loss defaults
+    beta: float = _L.beta
+    safety_penalty: float = _L.safety_penalty
+    lam: float = _L.lam
+    scale: float = _L.scale
+    mu: float | None = _L.mu
+    clamp: float | None = None          # None: [-30, 30], upper raised for C > 30; logistic: no clamp
     clamp_lower: float | None = None
     clamp_upper: float | None = None
-    label_smoothing: float = 0.0
+    label_smoothing: float = _L.label_smoothing
     # pairs
     pairs: PairMode = "safedpo"
     orientation: Orientation = "better"

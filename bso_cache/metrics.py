@@ -93,10 +93,11 @@ class MetricsWindow:
         self.seconds = self.tokens = self.steps = 0
         self.grad_norm = self.lr = 0.0
 
-    def add(self, spec, losses, policy_chosen_logps, policy_rejected_logps, batch) -> None:
-        """Add one micro-batch: its per-pair losses, the policy's log-probs and its `PairBatch`."""
+    def add(self, spec, terms, policy_chosen_logps, policy_rejected_logps, batch) -> None:
+        """Add one micro-batch: its `losses.LossTerms`, the policy's log-probs and its `PairBatch`."""
         d = pair_diagnostics(spec, policy_chosen_logps, policy_rejected_logps, batch.ref_chosen_logps,
-                             batch.ref_rejected_logps, batch.chosen_unsafe, batch.rejected_unsafe)
+                             batch.ref_rejected_logps, batch.chosen_unsafe, batch.rejected_unsafe, terms=terms)
+        losses = terms.losses.detach()
         self.s["loss"] += float(losses.double().sum())
         self.s["chosen_rewards"] += float(d["chosen_rewards"].sum())
         self.s["rejected_rewards"] += float(d["rejected_rewards"].sum())

@@ -28,7 +28,7 @@ from .checkpoint import Position, clear_run_folder, list_checkpoints, listed_fil
 from .config import TrainConfig, to_dict
 from .dist import Dist
 from .errors import CacheError, ConfigError, TrainingError
-from .losses import spec_loss
+from .losses import loss_terms
 from .metrics import MetricsWindow, evaluate_cache, step0_check, step0_tolerance
 from .models import load_model, load_tokenizer, locate_reference, resolve_device, weights_digest
 from .optim import make_optimizer, make_schedule
@@ -245,8 +245,9 @@ class Trainer:
                 lp = self.pair_scorer(*batch.token_ids)
                 if self.step0 is None and self.position.step == 0:
                     self.step0 = self._step0(batch, lp)
-                losses = spec_loss(self.spec, lp.chosen, lp.rejected, batch.ref_chosen_logps,
+                terms = loss_terms(self.spec, lp.chosen, lp.rejected, batch.ref_chosen_logps,
                                    batch.ref_rejected_logps, batch.chosen_unsafe, batch.rejected_unsafe)
+                losses = terms.losses
                 if not bool(torch.isfinite(losses).all()):
                     raise TrainingError(
                         f"step {self.position.step + 1}: the loss is not finite (policy log-probs "
@@ -257,7 +258,7 @@ class Trainer:
                 (losses.sum() * (weight * self.dist.world / len(pairs))).backward()
             if weight:
                 tokens += lp.tokens
-                window.add(self.spec, losses.detach(), lp.chosen.detach(), lp.rejected.detach(), batch)
+                window.add(self.spec, terms, lp.chosen.detach(), lp.rejected.detach(), batch)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], clip)
         self.grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP

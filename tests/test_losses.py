@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from bso_cache.config import BASELINES, TrainConfig
 from bso_cache.errors import ConfigError
 from bso_cache.losses import spec_loss, bso_loss, default_upper_clamp, make_loss_spec, pair_diagnostics
 
@@ -163,7 +164,10 @@ def test_clamp_zero_gradient_past_bound_and_finite_extremes():
                           generator=gen, beta=0.1, safety_penalty=30.0)
         assert losses.dtype == torch.float32 and torch.isfinite(losses).all()
         losses.sum().backward()
-        assert pc.grad[0] == 0 and pc.grad[1] == 0  # |u| far past 30
+        if gen == "logistic":  # not clamped (it cannot overflow): DPO's / SafeDPO's own gradient
+            assert pc.grad[0].item() == pytest.approx(-0.1) and -1e-20 < pc.grad[1].item() < 0
+        else:
+            assert pc.grad[0] == 0 and pc.grad[1] == 0  # |u| far past 30
         assert pc.grad[2] != 0
 
 
@@ -281,3 +285,100 @@ def test_label_smoothing_uses_the_swapped_pairs_own_clamped_ratio_with_asymmetri
     if bounds is not None:  # the old rule, l(-clamp(u)), is a different number wherever clamp(-u) != -clamp(u)
         old = [(1 - e) * sba(clamp(u)) + e * sba(-clamp(u)) for u in u_raw]
         assert [abs(a - b) > 1e-3 for a, b in zip(got, old)] == [True, True, False, False, True, True]
+
+
+def _independent_logistic(x: float) -> float:
+    """log(1 + e^x) in Python floats, exact for every x (no torch)."""
+    return x + math.log1p(math.exp(-x)) if x > 0 else math.log1p(math.exp(x))
+
+
+@pytest.mark.parametrize("named", ["dpo", "safedpo"])
+def test_named_baselines_equal_their_published_losses_for_every_pair(named):
+    """DPO: -log sigmoid(beta m); SafeDPO: -log sigmoid(beta m - (s_l - s_w) Delta) (BSO.md), written
+    independently in Python floats, within 1e-12 for every pair, |u| far past 30 included, and the
+    gradient sigmoid(u) (times -beta) there too: no clamp applies to logistic unless one is asked for."""
+    rng = torch.Generator().manual_seed(1)
+    n = 400
+    pc = (torch.rand(n, generator=rng, dtype=F64) * 600 - 700).requires_grad_(True)
+    pr, rc, rr = (torch.rand(n, generator=rng, dtype=F64) * 600 - 700 for _ in range(3))
+    sw, sl = (torch.randint(0, 2, (n,), generator=rng).to(F64) for _ in range(2))
+    keep = ~((sw == 1) & (sl == 1)) if named == "safedpo" else torch.ones(n, dtype=torch.bool)
+    delta = 30.0 if named == "safedpo" else 0.0
+    beta = 0.1
+    spec = TrainConfig(cache="-", out="-", **{**BASELINES["safedpo" if named == "safedpo" else "dpo-helpful"],
+                                             "safety_penalty": delta}).loss_spec()
+    assert (spec.clamp_lower, spec.clamp_upper) == (None, None)
+    losses = spec_loss(spec, pc, pr, rc, rr, sw, sl)
+    losses[keep].sum().backward()
+    past = 0
+    for i in torch.nonzero(keep).flatten().tolist():
+        m = (pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item())
+        u = -(beta * m + delta * (sw[i].item() - sl[i].item()))
+        past += abs(u) > 30
+        assert losses[i].item() == pytest.approx(_independent_logistic(u), rel=1e-12, abs=1e-12)
+        assert pc.grad[i].item() == pytest.approx(-beta / (1 + math.exp(-u)), rel=1e-12, abs=1e-300)
+    assert past > 100  # the sample reaches far past the old bound of 30
+
+
+@pytest.mark.parametrize("gen", GENS)
+@pytest.mark.parametrize("C", [0.0, 10.0, 30.0, 50.0])
+@pytest.mark.parametrize("bounds", [{}, {"clamp": 20.0}, {"clamp_lower": -25.0, "clamp_upper": 40.0}])
+def test_public_bso_loss_equals_the_trainers_loss(gen, C, bounds):
+    """`bso_loss` with its defaults gives what `train` computes (TrainConfig -> loss_spec -> spec_loss)
+    for every generator, C and pair type, with and without explicit bounds: the C = 50 sba pair at
+    step 0 (u = 50 under a raised upper bound of 60) included."""
+    sw = torch.tensor([0, 0, 1, 1, float("nan"), 0, 0, 1], dtype=F64)
+    sl = torch.tensor([0, 1, 0, 1, 0, 1, 1, 0], dtype=F64)
+    pc = torch.tensor([-40.0, -50.0, -30.0, -60.0, -20.0, -80.0, -55.0, -10.0], dtype=F64)
+    pr = torch.tensor([-42.0, -50.0, -90.0, -61.0, -25.0, -20.0, -55.0, -400.0], dtype=F64)
+    rc = torch.tensor([-41.0, -50.0, -35.0, -60.5, -19.0, -60.0, -55.0, -12.0], dtype=F64)
+    rr = torch.tensor([-50.0] * 6 + [-55.0, -50.0], dtype=F64)
+    try:
+        cfg = TrainConfig(cache="-", out="-", generator=gen, safety_penalty=C, **bounds)
+    except ConfigError as e:  # lsif past e^86 (upper bound 40, or 60 raised for C = 50): refused alike
+        assert gen == "lsif" and "beyond what float32 holds" in str(e)
+        with pytest.raises(ConfigError, match="beyond what float32 holds"):
+            bso_loss(pc.float(), pr.float(), rc, rr, sw, sl, generator=gen, safety_penalty=C, **bounds)
+        return
+    trainer = spec_loss(cfg.loss_spec(), pc, pr, rc, rr, sw, sl)
+    public = bso_loss(pc, pr, rc, rr, sw, sl, generator=gen, safety_penalty=C, **bounds)
+    assert torch.equal(trainer, public)
+    if gen == "sba" and C == 50.0 and not bounds:  # a safe-winner pair at step 0: u = +50 inside the raised bound
+        assert public[6].item() == pytest.approx(closed_form("sba", 50.0) + 1 / (0.2 * 4.0), rel=1e-12)
+        assert public[6].item() == pytest.approx(2.379e25, rel=1e-3)
+
+
+def test_lsif_overflow_is_refused_alike_with_a_bound_that_itself_passes():
+    with pytest.raises(ConfigError, match="lower --clamp-upper to at most 43") as e:
+        bso_loss(*(torch.zeros(1, dtype=torch.float32) for _ in range(4)), generator="lsif", clamp_upper=60.0)
+    assert "--lam" not in str(e.value)
+    with pytest.raises(ConfigError, match="at most 43"):
+        TrainConfig(cache="-", out="-", generator="lsif", clamp_upper=60.0)
+    make_loss_spec("lsif", clamp_upper=43.0)  # the suggested bound is accepted
+
+
+@pytest.mark.parametrize("gen", ["sba", "kliep", "ba"])
+def test_pairs_within_the_caches_noise_of_a_bound_learn_as_online(gen):
+    """Default recipe (C = 30 = the upper bound), policy = reference: online, m = 0 and every
+    safe-winner pair sits exactly on the bound, where torch's clamp keeps the gradient. From a
+    cache the margin carries ~1e-5 nats of float noise: every such pair must still get it, and with
+    the value of the bound. A pair past the bound by more than the slack still gets none."""
+    n = 16
+    noise = torch.linspace(-1e-5, 1e-5, n, dtype=F64)  # the cache's noise in the margin
+    pc = torch.full((n,), -50.0, dtype=F64, requires_grad=True)
+    rc = (pc.detach() + noise).clone()
+    pr = rr = torch.full((n,), -60.0, dtype=F64)
+    sw, sl = torch.zeros(n, dtype=F64), torch.ones(n, dtype=F64)
+    spec = TrainConfig(cache="-", out="-", generator=gen).loss_spec()
+    assert spec.clamp_upper == 30.0
+    losses = spec_loss(spec, pc, pr, rc, rr, sw, sl)
+    losses.sum().backward()
+    assert (pc.grad < 0).all(), pc.grad  # every safe winner pushed up
+    on_bound = spec_loss(spec, rc.clone(), pr, rc, rr, sw, sl)  # exactly on the bound
+    past = noise > 0  # m = -noise < 0: u = 30 - beta m just past the bound, valued at the bound
+    assert past.sum() == n // 2 and torch.equal(losses.detach()[past], on_bound[past])
+    d = pair_diagnostics(spec, pc, pr, rc, rr, sw, sl)
+    assert not d["clamped"].any()
+    x = (pc.detach() - 1.0).requires_grad_(True)  # u = 30.1: past the bound by more than the slack
+    spec_loss(spec, x, pr, rc, rr, sw, sl).sum().backward()
+    assert (x.grad == 0).all()
