@@ -21,7 +21,7 @@ Overlong = Literal["drop", "truncate"]
 DType = Literal["float32", "bfloat16", "float16"]
 PairMode = Literal["none", "safedpo", "drop-both-unsafe"]
 Orientation = Literal["better", "safer"]
-OptimizerName = Literal["adamw", "rmsprop", "sgd"]
+OptimizerName = Literal["adamw", "rmsprop", "sgd", "adamw8bit", "rmsprop8bit", "adamw4bit"]
 Schedule = Literal["cosine", "linear", "constant"]
 Autocast = Literal["none", "bf16", "fp16"]
 PrefixSharing = Literal["auto", "on", "off"]   # see scoring.PairScorer
@@ -122,6 +122,8 @@ class TrainConfig:
     dtype: DType = "float32"
     autocast: Autocast = "none"
     gradient_checkpointing: bool = False
+    optimizer_in_backward: bool = False  # apply each parameter's update in the backward pass, free its gradient
+    optimizer_offload: bool = False     # optimizer state (and master weights) in CPU memory, updated there
     device: str = "auto"
     prefix_sharing: PrefixSharing = "auto"  # score each prompt once (auto: where it measured faster)
     fsdp: bool = False                  # shard parameters, gradients and optimizer state (torchrun)
@@ -166,7 +168,23 @@ class TrainConfig:
             raise ConfigError("--lora-r must be >= 0")
         if self.fsdp and self.lora_r:
             raise ConfigError("--fsdp with --lora-r is not supported; LoRA adapters are small: use DDP")
+        self._check_memory_levers()
         self.loss_spec()
+
+    def _check_memory_levers(self) -> None:
+        if self.optimizer_in_backward and self.grad_clip > 0:
+            raise ConfigError(f"--optimizer-in-backward applies each update before the global gradient norm is "
+                              f"known, so it cannot clip it: pass --grad-clip 0 (now {self.grad_clip:g}) or drop "
+                              f"--optimizer-in-backward")
+        if self.optimizer_in_backward and self.grad_accum > 1:
+            raise ConfigError("--optimizer-in-backward updates at every backward pass; it cannot accumulate "
+                              f"--grad-accum {self.grad_accum} micro-batches: use --grad-accum 1 (a smaller "
+                              "--batch-size) or drop --optimizer-in-backward")
+        if self.fsdp and (self.optimizer not in ("adamw", "rmsprop", "sgd") or self.dtype != "float32"
+                          or self.optimizer_in_backward or self.optimizer_offload):
+            raise ConfigError("--fsdp runs the plain optimizers (adamw, rmsprop, sgd) on float32 weights; "
+                              "the low-bit optimizers, bf16/fp16 weights, "
+                              "--optimizer-in-backward and --optimizer-offload are for one process or DDP")
 
     def loss_spec(self):
         from .losses import make_loss_spec

@@ -31,7 +31,7 @@ from .errors import CacheError, ConfigError, TrainingError
 from .losses import loss_terms
 from .metrics import MetricsWindow, evaluate_cache, step0_check, step0_tolerance
 from .models import load_model, load_tokenizer, locate_reference, resolve_device, weights_digest
-from .optim import make_optimizer, make_schedule
+from .optim import check_optimizer_available, make_optimizer, make_schedule
 from .pairs import PairBatch, count_pairs, epoch_batches, prefetch, token_ids
 from .shards import counts_text
 from . import parallel
@@ -73,6 +73,13 @@ class Trainer:
         self.dist = Dist.from_env(self.device)
         if self.dist.enabled and self.device.startswith("cuda"):
             self.device = f"cuda:{self.dist.local_rank}"
+        if cfg.optimizer_offload and not self.device.startswith("cuda"):
+            raise ConfigError(f"--optimizer-offload moves the optimizer state from the GPU to CPU memory; on "
+                              f"--device {self.device} it is already there: drop it")
+        if cfg.optimizer_in_backward and self.dist.enabled:
+            raise ConfigError("--optimizer-in-backward would update before DDP has averaged the gradients "
+                              "over the processes: run it in one process, or drop it under torchrun")
+        check_optimizer_available(cfg.optimizer)
         self.out = Path(cfg.out)
         self.layout = S.RunLayout(self.out)
         self.cache = Cache.open(cfg.cache)  # verifies every shard's checksum
@@ -259,9 +266,12 @@ class Trainer:
             if weight:
                 tokens += lp.tokens
                 window.add(self.spec, terms, lp.chosen.detach(), lp.rejected.detach(), batch)
-        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], clip)
-        self.grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP
+        if self.cfg.optimizer_in_backward:  # applied during the backward pass, which summed the norm
+            self.grad_norm = math.sqrt(self.optimizer.grad_sq)
+        else:
+            clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+            norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], clip)
+            self.grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP
         self.lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()

@@ -184,7 +184,7 @@ def train(
     label_smoothing: float = typer.Option(_T.label_smoothing, "--label-smoothing", help="Conservative epsilon in [0, 0.5): (1-e) l(clamp(u_raw)) + e l(clamp(-u_raw)), the swapped pair's own clamped log-ratio (BSO.md)."),
     pairs: str = typer.Option(_T.pairs, help="Pair handling: none | safedpo (swap unsafe-chosen/safe-rejected, drop both-unsafe) | drop-both-unsafe."),
     orientation: str = typer.Option(_T.orientation, help="better (chosen = more helpful) | safer (chosen = safer response, PKU-style data)."),
-    optimizer: str = typer.Option(_T.optimizer, help="adamw | rmsprop | sgd."),
+    optimizer: str = typer.Option(_T.optimizer, help="adamw | rmsprop | sgd | adamw8bit | rmsprop8bit (bitsandbytes, 8-bit states) | adamw4bit (torchao, 4-bit states); the low-bit ones need pip install 'bso-cache[lowbit]'."),
     lr: float = typer.Option(_T.lr, help="Peak learning rate."),
     lr_schedule: str = typer.Option(_T.lr_schedule, "--lr-schedule", help="cosine | linear | constant (after warmup)."),
     warmup_ratio: float = typer.Option(_T.warmup_ratio, "--warmup-ratio", help="Share of steps of linear warmup."),
@@ -197,9 +197,11 @@ def train(
     seed: int = typer.Option(_T.seed, help="Seed of shard order, shuffle buffer and init."),
     shuffle: bool = typer.Option(_T.shuffle, "--shuffle/--no-shuffle", help="--no-shuffle: pairs in cache order (shards in order, rows in order, no length bucketing), to match another tool step by step; the seed then changes nothing about the order."),
     shuffle_buffer: int = typer.Option(_T.shuffle_buffer, "--shuffle-buffer", help="Pairs held for shuffling (bounds memory)."),
-    dtype: str = typer.Option(_T.dtype, help="Policy weights dtype: float32 | bfloat16 | float16."),
+    dtype: str = typer.Option(_T.dtype, help="Policy weights dtype: float32 | bfloat16 | float16. With bfloat16/float16 each update is computed in float32 and stochastically rounded to the weights (unbiased), so DPO-size learning rates still learn."),
     autocast: str = typer.Option(_T.autocast, help="Mixed precision: none | bf16 | fp16 (weights stay in --dtype)."),
     gradient_checkpointing: bool = typer.Option(_T.gradient_checkpointing, "--gradient-checkpointing", help="Recompute activations in backward (less memory)."),
+    optimizer_in_backward: bool = typer.Option(_T.optimizer_in_backward, "--optimizer-in-backward", help="Apply each parameter's update as soon as its gradient is ready and free the gradient: the model's gradients are never held at once. Needs --grad-clip 0 and --grad-accum 1; one process."),
+    optimizer_offload: bool = typer.Option(_T.optimizer_offload, "--optimizer-offload", help="Keep the optimizer state in CPU memory and update there (CUDA only); gradients are clipped on the GPU first."),
     device: str = typer.Option(_T.device, help="auto | cpu | cuda[:N]."),
     prefix_sharing: str = typer.Option(_T.prefix_sharing, "--prefix-sharing", help=PREFIX_SHARING_HELP),
     fsdp: bool = typer.Option(_T.fsdp, "--fsdp", help="Under torchrun: shard parameters, gradients and optimizer state over the processes (FSDP2) instead of DDP."),
@@ -236,7 +238,8 @@ def train(
         warmup_ratio=warmup_ratio, weight_decay=weight_decay, grad_clip=grad_clip,
         batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, seed=seed,
         shuffle=shuffle, shuffle_buffer=shuffle_buffer, dtype=dtype, autocast=autocast,
-        gradient_checkpointing=gradient_checkpointing, device=device, prefix_sharing=prefix_sharing, fsdp=fsdp, lora_r=lora_r,
+        gradient_checkpointing=gradient_checkpointing,
+        optimizer_in_backward=optimizer_in_backward, optimizer_offload=optimizer_offload, device=device, prefix_sharing=prefix_sharing, fsdp=fsdp, lora_r=lora_r,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_target=lora_target,
         save_every=save_every, keep_checkpoints=keep_checkpoints, resume=resume,
         overwrite=overwrite, log_every=log_every,
@@ -338,7 +341,7 @@ def sweep(
     label_smoothing: Optional[str] = typer.Option(None, "--label-smoothing", help="Grid of label smoothing epsilons."),
     pairs: Optional[str] = typer.Option(None, help="Grid of pair handlings: none, safedpo, drop-both-unsafe."),
     orientation: Optional[str] = typer.Option(None, help="Grid of orientations: better, safer."),
-    optimizer: Optional[str] = typer.Option(None, help="Grid of optimizers: adamw, rmsprop, sgd."),
+    optimizer: Optional[str] = typer.Option(None, help="Grid of optimizers: adamw, rmsprop, sgd, adamw8bit, rmsprop8bit, adamw4bit."),
     lr: Optional[str] = typer.Option(None, help="Grid of learning rates, e.g. 1e-6,5e-7."),
     batch_size: Optional[str] = typer.Option(None, "--batch-size", help="Grid of batch sizes (pairs per step)."),
     epochs: Optional[str] = typer.Option(None, help="Grid of epoch counts."),
@@ -413,7 +416,13 @@ def demo(
 
 
 def main() -> None:
+    import logging
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # torchao (the adamw4bit extra; transformers imports it when installed) logs at import that its
+    # CUDA-only kernels did not load, and torch that torchao registers an enum: nothing to act on
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     app()
 
 

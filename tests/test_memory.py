@@ -1,0 +1,229 @@
+"""The memory levers of `train`: bf16 weights that learn (stochastic rounding), low-bit optimizer
+states, the optimizer in the backward pass, CPU offload, and their refusals."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from bso_cache.config import TrainConfig
+from bso_cache.errors import ConfigError
+from bso_cache.optim import ParamwiseOptimizer, make_optimizer, stochastic_round
+from bso_cache.train import train
+
+from .conftest import read_jsonl
+
+needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+
+
+def run(cache, out, **kw):
+    cfg = dict(cache=str(cache), out=str(out), progress=False)
+    cfg.update(kw)
+    return train(TrainConfig(**cfg), log=lambda s: None)
+
+
+def weights(path):
+    from safetensors.torch import load_file
+
+    return {k: v.float() for k, v in load_file(str(path / "model.safetensors")).items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, generator=g) * 0.05
+    x[:8] = x[:8].to(dtype).float()  # exactly representable: left as they are
+    draws = torch.stack([stochastic_round(x, dtype, g) for _ in range(4000)])  # (4000, 64)
+    assert draws.dtype == dtype
+    assert torch.equal(draws[:, :8], x[:8].to(dtype).expand(4000, 8))
+    nearest = x.to(dtype)
+    lo = torch.where(nearest.float() <= x, nearest, torch.nextafter(nearest, torch.full_like(nearest, -1.0)))
+    hi = torch.where(nearest.float() <= x, torch.nextafter(nearest, torch.full_like(nearest, 1.0)), nearest)
+    assert ((draws == lo) | (draws == hi)).all()
+    ulp = (hi.float() - lo.float())
+    mean = draws.float().mean(0)
+    # the mean of 4000 draws of a two-point variable within 5 standard errors of x
+    assert ((mean - x).abs() <= 5 * ulp / (2 * 4000 ** 0.5) + 1e-12).all()
+    assert not torch.equal(mean[8:], nearest[8:].float())  # not round-to-nearest
+
+
+def test_an_update_far_below_half_an_ulp_moves_bf16_weights_in_expectation():
+    """RMSprop at lr 1e-6 moves a weight of ~0.08 by ~1e-5, a fiftieth of a bf16 ulp (4.9e-4):
+    torch's optimizer on bf16 weights rounds it away; ours moves the mean by the update."""
+    n = 200_000
+    w0 = torch.full((n,), 0.08)
+    grad = torch.full((n,), 1.0)
+    plain = torch.nn.Parameter(w0.to(torch.bfloat16))
+    plain.grad = grad.to(torch.bfloat16)
+    torch.optim.RMSprop([plain], lr=1e-6).step()
+    assert torch.equal(plain.detach(), w0.to(torch.bfloat16))  # the vanishing update
+    ours = torch.nn.Parameter(w0.to(torch.bfloat16))
+    ours.grad = grad.to(torch.bfloat16)
+    ParamwiseOptimizer([ours], lambda ps: torch.optim.RMSprop(ps, lr=1e-6), lr=1e-6, offload=False,
+                       in_backward=False, seed=0).step()
+    exact = torch.nn.Parameter(w0.clone())
+    exact.grad = grad.clone()
+    torch.optim.RMSprop([exact], lr=1e-6).step()
+    want = float((exact.detach() - w0).mean())  # -1e-5
+    got = float((ours.detach().float() - w0.to(torch.bfloat16).float()).mean())
+    assert want == pytest.approx(-1e-5, rel=1e-3)
+    ulp, p = 2.0 ** -11, 1e-5 / 2.0 ** -11  # bf16 spacing at 0.08; chance of a step down
+    assert got == pytest.approx(want, abs=5 * ulp * (p * (1 - p) / n) ** 0.5)  # 5 standard errors
+
+
+def _displacement_ratio(demo_cache, tmp_path, **kw):
+    """How far bf16 training moved the weights along the float32 run's direction:
+    <dw_bf16, dw_f32> / |dw_f32|^2 (1 = the same update; 0 = the update vanished)."""
+    base = dict(generator="logistic", safety_penalty=0.0, pairs="none", lr=1e-6, batch_size=8, max_steps=4,
+                shuffle=False, optimizer="rmsprop")
+    run(demo_cache, tmp_path / "f32", **base)
+    run(demo_cache, tmp_path / "bf16", **base, dtype="bfloat16", **kw)
+    from safetensors.torch import load_file
+
+    from bso_cache.models import locate_reference
+    from bso_cache.cache import Cache
+
+    ref_dir = locate_reference(Cache.open(demo_cache).manifest.reference)
+    w0 = {k: v.float() for k, v in load_file(f"{ref_dir}/model.safetensors").items()}
+    a, b = weights(tmp_path / "f32"), weights(tmp_path / "bf16")
+    dot = norm = 0.0
+    for k in w0:
+        d32 = a[k] - w0[k]
+        d16 = b[k] - w0[k].to(torch.bfloat16).float()
+        dot += float((d16 * d32).sum())
+        norm += float((d32 * d32).sum())
+    return dot / norm
+
+
+def test_bf16_training_moves_the_weights_as_float32_does(demo_cache, tmp_path):
+    """The default mechanism (stochastic rounding of each update): the bf16 run's displacement along
+    the float32 run's is near 1. Round-to-nearest (the old behaviour) gives a small fraction."""
+    ratio = _displacement_ratio(demo_cache, tmp_path)
+    assert 0.7 < ratio < 1.3, ratio
+
+
+def test_bf16_with_round_to_nearest_would_fail_the_same_check(demo_cache, tmp_path, monkeypatch):
+    """The check above fails when the update is rounded to nearest (what torch does on bf16 weights)."""
+    import bso_cache.optim as optim
+
+    monkeypatch.setattr(optim, "stochastic_round", lambda x, dtype, generator: x.to(dtype))
+    ratio = _displacement_ratio(demo_cache, tmp_path)
+    assert ratio < 0.5, ratio
+
+
+@needs_bnb
+@pytest.mark.parametrize("optimizer", ["rmsprop8bit", "adamw8bit"])
+def test_8bit_states_resume_exactly_with_bf16_weights(demo_cache, tmp_path, optimizer):
+    """bitsandbytes' 8-bit states with bf16 weights: the weights move, and a run resumed from its
+    step-3 checkpoint ends with the same weights, bit for bit (8-bit state, scheduler and the
+    rounding generator all restored)."""
+    kw = dict(generator="sba", optimizer=optimizer, lr=1e-4, batch_size=8, max_steps=6, save_every=3,
+              dtype="bfloat16", warmup_ratio=0.2)
+    run(demo_cache, tmp_path / "full", **kw)
+    run(demo_cache, tmp_path / "part", **kw)
+    part = tmp_path / "part"
+    for f in ("model.safetensors", "summary.json"):
+        (part / f).unlink()
+    assert [p.name for p in (part / "checkpoints").iterdir()] == ["step-00000003"]
+    run(demo_cache, part, **kw, resume=True)
+    a, b = weights(tmp_path / "full"), weights(part)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    state = torch.load(part / "checkpoints" / "step-00000003" / "trainer_state.pt", weights_only=True)
+
+    def tensors(x):
+        if isinstance(x, torch.Tensor):
+            yield x
+        elif isinstance(x, dict):
+            yield from (t for v in x.values() for t in tensors(v))
+        elif isinstance(x, (list, tuple)):
+            yield from (t for v in x for t in tensors(v))
+
+    found = [t for t in tensors(state["optimizer"]["inner"]) if t.dtype == torch.uint8]
+    assert sum(t.numel() for t in found) > 8192  # the states really are 8-bit
+
+
+def test_optimizer_in_backward_equals_the_step_after_backward(demo_cache, tmp_path):
+    """Each parameter updated as its gradient arrives (and the gradient freed) gives the weights
+    of the ordinary step, and logs the same gradient norm."""
+    kw = dict(generator="sba", optimizer="adamw", lr=1e-3, batch_size=8, max_steps=3, grad_clip=0.0)
+    run(demo_cache, tmp_path / "plain", **kw)
+    run(demo_cache, tmp_path / "iib", **kw, optimizer_in_backward=True)
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "iib")
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7), k
+    ra, rb = read_jsonl(tmp_path / "plain" / "metrics.jsonl"), read_jsonl(tmp_path / "iib" / "metrics.jsonl")
+    assert [r["loss"] for r in ra] == pytest.approx([r["loss"] for r in rb], rel=1e-6)
+    assert [r["grad_norm"] for r in ra] == pytest.approx([r["grad_norm"] for r in rb], rel=1e-5)
+
+
+def test_optimizer_in_backward_frees_each_gradient():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = TrainConfig(cache="-", out="-", optimizer="sgd", lr=0.1, grad_clip=0.0, optimizer_in_backward=True)
+    opt = make_optimizer(cfg, list(model.parameters()))
+    seen = []
+    for p in model.parameters():  # registered after ours: sees the parameter once it has been stepped
+        p.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad is None))
+    model(torch.randn(4, 8)).sum().backward()
+    assert seen == [True] * 4
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
+    assert opt.grad_sq > 0
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(optimizer_in_backward=True), "cannot clip it: pass --grad-clip 0"),
+    (dict(optimizer_in_backward=True, grad_clip=0.0, grad_accum=2, batch_size=8), "--grad-accum 1"),
+    (dict(fsdp=True, optimizer="rmsprop8bit"), "--fsdp runs the plain optimizers"),
+    (dict(fsdp=True, dtype="bfloat16"), "--fsdp runs the plain optimizers"),
+    (dict(optimizer="adam8bit"), "valid: adamw, rmsprop, sgd, adamw8bit, rmsprop8bit, adamw4bit"),
+])
+def test_combinations_that_cannot_work_are_refused_in_one_line(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(cache="-", out="-", **kw)
+
+
+def test_offload_on_the_cpu_is_refused_before_any_model_loads(demo_cache, tmp_path):
+    from bso_cache import models
+
+    before = len(models.LOAD_LOG)
+    with pytest.raises(ConfigError, match="--optimizer-offload.*already there"):
+        run(demo_cache, tmp_path / "r", optimizer_offload=True, device="cpu")
+    assert len(models.LOAD_LOG) == before
+
+
+def test_a_missing_low_bit_library_is_one_line_naming_the_extra(demo_cache, tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"needs the `bitsandbytes` package: pip install 'bso-cache\[lowbit\]'"):
+        run(demo_cache, tmp_path / "r", optimizer="rmsprop8bit")
+
+
+def test_offload_path_steps_on_the_cpu_state_device():
+    """The offload mechanism (state and update on the CPU, weights where they are) on CPU weights:
+    the same update as the in-place step, rounded stochastically to bf16."""
+    torch.manual_seed(0)
+    w = torch.randn(300) * 0.1
+    g = torch.randn(300)
+    a = torch.nn.Parameter(w.clone())
+    a.grad = g.clone()
+    opt = ParamwiseOptimizer([a], lambda ps: torch.optim.AdamW(ps, lr=1e-2), lr=1e-2, offload=True,
+                             in_backward=False, seed=0)
+    assert opt._work[0] is not a  # a CPU working copy, not the parameter itself
+    opt.step()
+    b = torch.nn.Parameter(w.clone())
+    b.grad = g.clone()
+    torch.optim.AdamW([b], lr=1e-2).step()
+    assert torch.allclose(a.detach(), b.detach(), rtol=1e-6, atol=1e-8)
+    assert opt._work[0].numel() == 0  # the working copy is freed after the step
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao not installed")
+def test_adamw4bit_trains_with_bf16_weights(demo_cache, tmp_path):
+    run(demo_cache, tmp_path / "r", optimizer="adamw4bit", lr=1e-4, batch_size=8, max_steps=2, dtype="bfloat16")
+    rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)
