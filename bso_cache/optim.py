@@ -28,6 +28,9 @@ from .errors import ConfigError
 FUSED = ("adamw", "sgd")
 FUSED_DEVICES = ("cpu", "cuda")
 # name -> (library, what to install); the HF Trainer's names without the library prefix
+# Elements of one float32 working slice of a bf16 / offloaded parameter (64 MiB; a multiple of
+# bitsandbytes' 2048- and torchao's 128-element quantization blocks, so slicing changes no state).
+SLICE = 1 << 24
 LOW_BIT = {"adamw8bit": ("bitsandbytes", "bitsandbytes"), "rmsprop8bit": ("bitsandbytes", "bitsandbytes"),
            "adamw4bit": ("torchao", "torchao")}
 
@@ -118,11 +121,8 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
         # one generator per device the weights live on, seeded alike on every rank (replicas stay equal)
         self._generators: dict[str, torch.Generator] = {}
         self._seed = seed
-        self._work, self._inner = [], []
-        for p in self.params:
-            work = self._new_work(p)
-            self._work.append(work)
-            self._inner.append(make_inner([work]))
+        # per parameter, its slices: (start, end, working tensor, inner optimizer)
+        self._slots = [self._new_slots(p, make_inner) for p in self.params]
         self.grad_sq = 0.0   # in-backward: the squared global norm of the gradients applied this step
         self._hooks = []
         if in_backward:
@@ -130,18 +130,26 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._hook(i)))
 
     # -------------------------------------------------------------- working tensors
-    def _device_of(self, p):
-        return self.state_device if self.state_device is not None else p.device
+    @property
+    def _inner(self) -> list:
+        return [inner for slots in self._slots for *_, inner in slots]
 
-    def _in_place(self, p) -> bool:
-        """float32 weights, no offload: the inner optimizer steps the parameter itself."""
-        return p.dtype == torch.float32 and not self.offload
+    @property
+    def _work(self) -> list:
+        return [work for slots in self._slots for _, _, work, _ in slots]
 
-    def _new_work(self, p):
-        if self._in_place(p):
-            return p
-        # a handle whose storage is filled from the weights at each step and freed after it
-        return torch.nn.Parameter(torch.empty(0, device=self._device_of(p), dtype=torch.float32))
+    def _new_slots(self, p, make_inner) -> list:
+        if p.dtype == torch.float32 and not self.offload:  # the inner optimizer steps the parameter itself
+            return [(0, p.numel(), p, make_inner([p]))]
+        # handles whose storage is filled from a slice of the weights at each step and freed after it,
+        # so the float32 copies never exceed one slice (a whole non-contiguous parameter)
+        device = self.state_device if self.state_device is not None else p.device
+        step = SLICE if p.is_contiguous() else p.numel()
+        slots = []
+        for start in range(0, p.numel(), step):
+            work = torch.nn.Parameter(torch.empty(0, device=device, dtype=torch.float32))
+            slots.append((start, min(start + step, p.numel()), work, make_inner([work])))
+        return slots
 
     def _generator(self, device):
         key = str(device)
@@ -151,29 +159,34 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
 
     # -------------------------------------------------------------- stepping
     def _step_param(self, i: int) -> None:
-        p, work, inner = self.params[i], self._work[i], self._inner[i]
+        p = self.params[i]
         if p.grad is None:
             return
-        group, lr = inner.param_groups[0], self.param_groups[0]["lr"]
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = lr
-        if work is p:
-            inner.step()
-            return
-        device = work.device
-        with torch.no_grad():
-            work.data = p.detach().to(device, torch.float32, copy=True)
-            work.grad = p.grad.detach().to(device, torch.float32, copy=True)
-            inner.step()
-            work.grad = None
-            new = work.detach().to(p.device, non_blocking=False)
-            if p.dtype == torch.float32:
-                p.copy_(new)
+        lr = self.param_groups[0]["lr"]
+        for start, end, work, inner in self._slots[i]:
+            group = inner.param_groups[0]
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
             else:
-                p.copy_(stochastic_round(new, p.dtype, self._generator(p.device)))
-            work.data = torch.empty(0, device=device, dtype=torch.float32)
+                group["lr"] = lr
+            if work is p:
+                inner.step()
+                continue
+            with torch.no_grad():
+                whole = end - start == p.numel()
+                target = p.detach() if whole else p.detach().view(-1)[start:end]
+                grad = p.grad.detach() if whole else p.grad.detach().reshape(-1)[start:end]
+                work.data = target.to(work.device, torch.float32, copy=True)
+                work.grad = grad.to(work.device, torch.float32, copy=True)
+                inner.step()
+                work.grad = None
+                new = work.detach().to(p.device)
+                if p.dtype == torch.float32:
+                    target.copy_(new)
+                else:
+                    target.copy_(stochastic_round(new, p.dtype, self._generator(p.device)))
+                del new
+                work.data = torch.empty(0, device=work.device, dtype=torch.float32)
 
     def _hook(self, i: int):
         def hook(p) -> None:

@@ -402,6 +402,65 @@ def report(
         typer.echo(str(path))
 
 
+# ---------------------------------------------------------------------------------------- plan
+@app.command()
+def plan(
+    model: str = typer.Option(..., "--model", "-m", help="Model folder or hub id in the local HF cache: only its config.json is read, no weights."),
+    cache: Optional[Path] = typer.Option(None, "--cache", "-c", help="Take the sequence and response lengths from this cache (its longest pair) instead of --max-length."),
+    max_length: int = typer.Option(_DEFAULT_MAX_LENGTH, "--max-length", help="Tokens of prompt + the longer response, without --cache."),
+    response_length: Optional[int] = typer.Option(None, "--response-length", help="Tokens of the longer response, without --cache [default: half of --max-length]."),
+    batch_size: int = typer.Option(_T.batch_size, "--batch-size", help="Pairs per optimizer step."),
+    grad_accum: int = typer.Option(_T.grad_accum, "--grad-accum", help="Micro-batches per step (the forward holds --batch-size / --grad-accum pairs)."),
+    dtype: str = typer.Option(_T.dtype, help="Weights dtype: float32 | bfloat16 | float16."),
+    optimizer: str = typer.Option(_T.optimizer, help="adamw | rmsprop | sgd | adamw8bit | rmsprop8bit | adamw4bit."),
+    lora_r: int = typer.Option(_T.lora_r, "--lora-r", help="LoRA rank on every linear layer (0: full fine-tuning)."),
+    qlora: bool = typer.Option(False, "--qlora", help="The base in 4-bit NF4 with LoRA adapters (rank --lora-r, default 16)."),
+    gradient_checkpointing: bool = typer.Option(_T.gradient_checkpointing, "--gradient-checkpointing", help="Activations recomputed in the backward."),
+    optimizer_in_backward: bool = typer.Option(_T.optimizer_in_backward, "--optimizer-in-backward", help="Gradients applied and freed one tensor at a time."),
+    optimizer_offload: bool = typer.Option(_T.optimizer_offload, "--optimizer-offload", help="Optimizer state in CPU memory."),
+    autocast: str = typer.Option(_T.autocast, help="none | bf16 | fp16 (activations in 16 bits)."),
+    device: str = typer.Option("cuda", help="cuda (adds the CUDA runtime's own memory) | cpu (training memory only)."),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="e.g. 24GiB: also say which lever combinations fit and the largest micro-batch of each."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (the predicted peak under peak_bytes)."),
+    trust_remote_code: bool = typer.Option(_T.trust_remote_code, "--trust-remote-code", help="Allow a config class from the hub."),
+):
+    """Predict the peak memory of `train` by component from the model's config alone (no weights
+    loaded); with --gpu-memory, which memory levers fit and the largest batch for each."""
+    from bso_cache.plan import PlanOptions, lengths_from_cache, parse_bytes, plan as run_plan
+
+    if cache is not None:
+        seq, resp = _run(lengths_from_cache, str(cache))
+    else:
+        seq, resp = max_length, response_length or max(1, max_length // 2)
+    if batch_size < 1 or grad_accum < 1 or batch_size % grad_accum:
+        typer.echo(f"error: --batch-size ({batch_size}) must be a positive multiple of --grad-accum ({grad_accum})", err=True)
+        raise typer.Exit(2)
+    options = PlanOptions(dtype=dtype, optimizer=optimizer, lora_r=lora_r, qlora=qlora,
+                          gradient_checkpointing=gradient_checkpointing, optimizer_in_backward=optimizer_in_backward,
+                          optimizer_offload=optimizer_offload, autocast=autocast, micro_batch=batch_size // grad_accum,
+                          seq_length=seq, response_tokens=resp, device=device)
+    budget = _run(parse_bytes, gpu_memory) if gpu_memory else None
+    res = _run(run_plan, model, options, gpu_memory=budget, trust_remote_code=trust_remote_code)
+    if as_json:
+        _echo_json(res)
+        return
+    gib = 1 << 30
+    typer.echo(f"model {model}: {res['params'] / 1e9:.3f}B parameters, {res['trainable_params'] / 1e9:.3f}B trainable; "
+               f"micro-batch {options.micro_batch} pairs of up to {seq} tokens ({resp} response)")
+    for k in ("weights", "gradients", "optimizer_state", "update", "activations", "head", "runtime"):
+        typer.echo(f"  {k:<16}{res[k] / gib:>9.2f} GiB")
+    how = ("all of them at once" if options.optimizer_in_backward
+           else "weights + optimizer_state + runtime + max(activations + head, gradients + update)")
+    typer.echo(f"  {'peak':<16}{res['peak_bytes'] / gib:>9.2f} GiB (predicted: {how})")
+    if res["offloaded_state_bytes"]:
+        typer.echo(f"  (+ {res['offloaded_state_bytes'] / gib:.2f} GiB of optimizer state in CPU memory)")
+    if budget:
+        typer.echo(f"on {gpu_memory}: {'combination':<38}{'peak':>9}  fits  largest micro-batch")
+        for name, c in res["combinations"].items():
+            typer.echo(f"   {name:<46}{c['peak_bytes'] / gib:>7.1f}G  {'yes' if c['fits'] else 'no ':<4}  "
+                       f"{c['largest_batch']}")
+
+
 # ---------------------------------------------------------------------------------------- demo
 @app.command()
 def demo(

@@ -202,9 +202,12 @@ def test_a_missing_low_bit_library_is_one_line_naming_the_extra(demo_cache, tmp_
         run(demo_cache, tmp_path / "r", optimizer="rmsprop8bit")
 
 
-def test_offload_path_steps_on_the_cpu_state_device():
-    """The offload mechanism (state and update on the CPU, weights where they are) on CPU weights:
-    the same update as the in-place step, rounded stochastically to bf16."""
+def test_offload_path_steps_on_the_cpu_state_device(monkeypatch):
+    """The offload mechanism (state and update on the CPU, weights where they are) on CPU weights,
+    in float32 working slices of 128 elements: the same update as the in-place step on the whole."""
+    import bso_cache.optim as optim
+
+    monkeypatch.setattr(optim, "SLICE", 128)
     torch.manual_seed(0)
     w = torch.randn(300) * 0.1
     g = torch.randn(300)
@@ -212,13 +215,37 @@ def test_offload_path_steps_on_the_cpu_state_device():
     a.grad = g.clone()
     opt = ParamwiseOptimizer([a], lambda ps: torch.optim.AdamW(ps, lr=1e-2), lr=1e-2, offload=True,
                              in_backward=False, seed=0)
-    assert opt._work[0] is not a  # a CPU working copy, not the parameter itself
+    assert len(opt._work) == 3 and opt._work[0] is not a  # CPU working slices, not the parameter itself
     opt.step()
     b = torch.nn.Parameter(w.clone())
     b.grad = g.clone()
     torch.optim.AdamW([b], lr=1e-2).step()
     assert torch.allclose(a.detach(), b.detach(), rtol=1e-6, atol=1e-8)
-    assert opt._work[0].numel() == 0  # the working copy is freed after the step
+    assert all(w.numel() == 0 for w in opt._work)  # the working copies are freed after the step
+
+
+@needs_bnb
+def test_8bit_state_is_the_same_in_slices(monkeypatch):
+    """bitsandbytes' block-wise 8-bit state quantizes blocks of the flattened tensor: slices on a
+    multiple of the block give the same update as the whole tensor."""
+    import bitsandbytes as bnb
+
+    import bso_cache.optim as optim
+
+    monkeypatch.setattr(optim, "SLICE", 8192)
+    torch.manual_seed(0)
+    w, g = torch.randn(6, 4096) * 0.1, torch.randn(6, 4096)
+    whole = torch.nn.Parameter(w.clone())
+    sliced = torch.nn.Parameter(w.clone())
+    a = bnb.optim.RMSprop8bit([whole], lr=1e-3)
+    b = ParamwiseOptimizer([sliced], lambda ps: bnb.optim.RMSprop8bit(ps, lr=1e-3), lr=1e-3, offload=True,
+                           in_backward=False, seed=0)
+    assert len(b._work) == 3
+    for k in range(3):
+        whole.grad, sliced.grad = (g * (k + 1)).clone(), (g * (k + 1)).clone()
+        a.step()
+        b.step()
+    assert torch.equal(whole.detach(), sliced.detach())
 
 
 @pytest.mark.slow
