@@ -79,7 +79,11 @@ class TargetLogProbs(torch.autograd.Function):
         probs, ctx.probs = ctx.probs, None
         h = hidden.to(weight.dtype)
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        # a 16-bit head with the softmax kept (one chunk: nothing to accumulate across chunks) gets its
+        # gradient in blocks of vocabulary rows, each computed in float32 and stored in the weights'
+        # dtype: no (V, H) float32 buffer (196 MiB for the GPT-2 vocabulary at H = 1024)
+        direct_w = need_w and probs is not None and weight.dtype != acc
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w and not direct_w else None
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
         chunk = ctx.chunk if probs is None else max(hidden.shape[0], 1)
         for s in range(0, hidden.shape[0], chunk):
@@ -93,7 +97,12 @@ class TargetLogProbs(torch.autograd.Function):
             d.scatter_add_(1, targets[s:s + chunk, None], g[:, None])          # + g * onehot
             if need_h:
                 grad_h[s:s + chunk] = (d.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_w:
+            if direct_w:
+                grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+                h_acc, rows = h_c.to(acc), max(1, (16 << 20) // (4 * max(h_c.shape[1], 1)))
+                for v in range(0, weight.shape[0], rows):
+                    grad_w[v:v + rows] = d[:, v:v + rows].t() @ h_acc
+            elif need_w:
                 grad_w.addmm_(d.t(), h_c.to(acc))
             if need_b:
                 grad_b += d.sum(0)

@@ -135,14 +135,95 @@ def load_model(name_or_path: str, *, dtype: str = "float32", device: str = "cpu"
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     quiet_transformers()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"could not load a model from '{name_or_path}': {e}") from None
+    model = None if gguf_file else _load_converting(name_or_path, dtype=dtype, device=device,
+                                                      trust_remote_code=trust_remote_code,
+                                                      attn_implementation=attn_implementation)
+    if model is None:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"could not load a model from '{name_or_path}': {e}") from None
     LOAD_LOG.append(str(name_or_path))
     if gguf_file:
         _forget_gguf_quantizer(model, name_or_path)
     return model.to(device)
+
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _safetensors_layout(folder: Path) -> dict[str, tuple[Path, str, list[int], int, int]] | None:
+    """name -> (file, dtype, shape, start, end) of every tensor of a safetensors checkpoint (one file
+    or an index), read from the headers alone; None if the folder holds no such checkpoint."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    elif (folder / "model.safetensors").exists():
+        files = [folder / "model.safetensors"]
+    else:
+        return None
+    layout = {}
+    for f in files:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            if meta["dtype"] not in _SAFETENSORS_DTYPES:
+                return None
+            start, end = meta["data_offsets"]
+            layout[name] = (f, _SAFETENSORS_DTYPES[meta["dtype"]], meta["shape"], 8 + n + start, 8 + n + end)
+    return layout
+
+
+def _load_converting(name_or_path: str, *, dtype: str, device: str, trust_remote_code: bool,
+                     attn_implementation: str | None):
+    """A local safetensors checkpoint stored in another floating dtype than `dtype` (a float32 model
+    trained in bf16), loaded tensor by tensor with plain reads into a model built in `dtype` on
+    `device`: the host holds one tensor of the stored dtype at a time. `from_pretrained` instead
+    maps the whole file and converts from the mapping, so the stored checkpoint's pages and the
+    converted model are resident together (measured: a 206M float32 model loaded as bf16 peaked at
+    1,292 MiB above the runtime, this way at ~600). Returns None where `from_pretrained` is the
+    right path: the same dtype (its mapping costs nothing), no local safetensors checkpoint, or
+    tensor names that are not exactly the model's (transformers renames or converts on load)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers.initialization import no_init_weights
+
+    folder = resolve_dir(name_or_path)
+    layout = _safetensors_layout(folder) if folder is not None else None
+    stored = {d for _, d, *_ in (layout or {}).values() if d.startswith(("float", "bfloat"))}
+    if not layout or stored == {dtype}:
+        return None
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        with no_init_weights(), torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype),
+                                                     trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError):
+        return None
+    model.tie_weights()
+    targets = model.state_dict(keep_vars=True)
+    tied = {name for name, t in targets.items() if any(t is u for other, u in targets.items() if other != name)}
+    if set(layout) - set(targets) or set(targets) - set(layout) - tied:
+        return None
+    with torch.no_grad():
+        for name, (path, stored_dtype, shape, start, end) in layout.items():
+            buf = bytearray(end - start)
+            with open(path, "rb") as fh:
+                fh.seek(start)
+                fh.readinto(buf)
+            src = torch.frombuffer(buf, dtype=getattr(torch, stored_dtype)).reshape(shape) if buf else \
+                torch.empty(shape, dtype=getattr(torch, stored_dtype))
+            targets[name].copy_(src)
+            del src, buf
+    if (folder / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    model.config.name_or_path = model.name_or_path = str(name_or_path)
+    return model.eval()
 
 
 def _forget_gguf_quantizer(model, name_or_path: str) -> None:

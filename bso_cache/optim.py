@@ -28,9 +28,9 @@ from .errors import ConfigError
 FUSED = ("adamw", "sgd")
 FUSED_DEVICES = ("cpu", "cuda")
 # name -> (library, what to install); the HF Trainer's names without the library prefix
-# Elements of one float32 working slice of a bf16 / offloaded parameter (64 MiB; a multiple of
+# Elements of one float32 working slice of a bf16 / offloaded parameter (16 MiB; a multiple of
 # bitsandbytes' 2048- and torchao's 128-element quantization blocks, so slicing changes no state).
-SLICE = 1 << 24
+SLICE = 1 << 22
 LOW_BIT = {"adamw8bit": ("bitsandbytes", "bitsandbytes"), "rmsprop8bit": ("bitsandbytes", "bitsandbytes"),
            "adamw4bit": ("torchao", "torchao")}
 
@@ -93,6 +93,12 @@ def make_optimizer(cfg: TrainConfig, params, *, seed: int | None = None):
 def stochastic_round(x, dtype, generator):
     """x (float32) rounded to `dtype` up or down at random, up with probability (x - lo) / (hi - lo)
     where lo <= x <= hi are the neighbouring values of `dtype`: unbiased, E[result] = x."""
+    if dtype == torch.bfloat16:
+        # bf16 is float32's upper 16 bits: add 16 random low bits to the magnitude and truncate,
+        # which carries into the kept bits with probability (low bits) / 2^16
+        noise = torch.randint(0, 1 << 16, x.shape, generator=generator, device=x.device, dtype=torch.int32)
+        bits = noise.add_(x.contiguous().view(torch.int32)).bitwise_and_(-65536)
+        return bits.view(torch.float32).to(torch.bfloat16)
     nearest = x.to(dtype)
     up = nearest.float() <= x
     toward = torch.where(up, torch.full_like(nearest, math.inf), torch.full_like(nearest, -math.inf))

@@ -10,7 +10,7 @@ previous step's state are all held):
     gradients      trainable parameters x bytes of their dtype (in backward: the largest tensor)
     optimizer      trainable parameters x the optimizer's state bytes (offload: none on the GPU)
     update         bf16/fp16 weights or offload: the float32 working copy and gradient of one slice
-                   (optim.SLICE elements, or the largest tensor if smaller)
+                   (optim.SLICE elements, or the largest tensor if smaller) and its rounding buffers
     activations    per token and layer: ACT_PER_TOKEN_LAYER x hidden x activation bytes
                    (checkpointing: the layer inputs, plus one layer's full activations)
     head           the response positions' float32 softmax kept for the backward (<= 256 MiB) or
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, replace
 from .errors import ConfigError
 from .head import STORED_SOFTMAX_BYTES
 
-SLICE = 1 << 24  # optim.SLICE (not imported: plan runs without torch's optimizers)
+SLICE = 1 << 22  # optim.SLICE (not imported: plan runs without torch's optimizers)
 
 GIB = 1 << 30
 # Saved activations of one Llama-style decoder layer, per token, in units of `hidden` values:
@@ -126,7 +126,8 @@ def predict(shape: ModelShape, o: PlanOptions) -> dict:
     grads = (min(largest, trainable) if o.optimizer_in_backward else trainable) * grad_bytes
     state = 0 if o.optimizer_offload else trainable * STATE_BYTES[o.optimizer]
     paramwise = grad_bytes != 4 or o.optimizer_offload or o.optimizer_in_backward
-    update = 8 * min(largest, SLICE) if paramwise and (grad_bytes != 4 or o.optimizer_offload) else 0
+    # float32 copies of a slice and its gradient, and stochastic rounding's int32 noise and bf16 result
+    update = 14 * min(largest, SLICE) if paramwise and (grad_bytes != 4 or o.optimizer_offload) else 0
     ab = 2 if o.autocast in ("bf16", "fp16") else wb
     tokens = 2 * o.micro_batch * o.seq_length
     per_layer = shape.act_per_token_layer() * ab
@@ -188,12 +189,13 @@ _NO_LEVER = dict(dtype="float32", optimizer="rmsprop", lora_r=0, qlora=False, gr
                  optimizer_in_backward=False, optimizer_offload=False, autocast="none")
 
 
-def load_shape(model: str, *, trust_remote_code: bool = False) -> ModelShape:
-    """The model's shape from its config alone (no weights)."""
+def load_shape(model: str, *, gguf_file: str | None = None, trust_remote_code: bool = False) -> ModelShape:
+    """The model's shape from its config alone (no weights; a GGUF file's header)."""
     from transformers import AutoConfig
 
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        cfg = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        cfg = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as e:
         raise ConfigError(f"--model {model}: no config.json there or in the local Hugging Face cache ({e}); "
                           f"give a model folder or a downloaded hub id") from None
@@ -224,9 +226,9 @@ def lengths_from_cache(cache: str) -> tuple[int, int]:
     return seq, resp
 
 
-def plan(model: str, options: PlanOptions, *, gpu_memory: int | None = None,
+def plan(model: str, options: PlanOptions, *, gpu_memory: int | None = None, gguf_file: str | None = None,
          trust_remote_code: bool = False) -> dict:
-    shape = load_shape(model, trust_remote_code=trust_remote_code)
+    shape = load_shape(model, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     out = {"model": model, "shape": asdict(shape), "options": asdict(options), **predict(shape, options)}
     if gpu_memory:
         out["gpu_memory"] = gpu_memory

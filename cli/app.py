@@ -406,6 +406,7 @@ def report(
 @app.command()
 def plan(
     model: str = typer.Option(..., "--model", "-m", help="Model folder or hub id in the local HF cache: only its config.json is read, no weights."),
+    gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="Read the shape from this GGUF file's header inside --model."),
     cache: Optional[Path] = typer.Option(None, "--cache", "-c", help="Take the sequence and response lengths from this cache (its longest pair) instead of --max-length."),
     max_length: int = typer.Option(_DEFAULT_MAX_LENGTH, "--max-length", help="Tokens of prompt + the longer response, without --cache."),
     response_length: Optional[int] = typer.Option(None, "--response-length", help="Tokens of the longer response, without --cache [default: half of --max-length]."),
@@ -440,7 +441,7 @@ def plan(
                           optimizer_offload=optimizer_offload, autocast=autocast, micro_batch=batch_size // grad_accum,
                           seq_length=seq, response_tokens=resp, device=device)
     budget = _run(parse_bytes, gpu_memory) if gpu_memory else None
-    res = _run(run_plan, model, options, gpu_memory=budget, trust_remote_code=trust_remote_code)
+    res = _run(run_plan, model, options, gpu_memory=budget, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     if as_json:
         _echo_json(res)
         return

@@ -254,3 +254,26 @@ def test_adamw4bit_trains_with_bf16_weights(demo_cache, tmp_path):
     run(demo_cache, tmp_path / "r", optimizer="adamw4bit", lr=1e-4, batch_size=8, max_steps=2, dtype="bfloat16")
     rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
     assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_converting_load_equals_from_pretrained(demo_assets, dtype):
+    """A float32 checkpoint loaded as bf16/fp16 tensor by tensor (one stored tensor on the host at a
+    time) is the model `from_pretrained(dtype=...)` gives: same tensors, ties, outputs, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    from bso_cache.models import _load_converting, load_model
+
+    path = str(demo_assets["model"])
+    ours = load_model(path, dtype=dtype)
+    theirs = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randint(0, 50, (2, 12))
+    assert torch.equal(ours(x).logits, theirs(x).logits)
+    assert not ours.training and ours.config.name_or_path == path
+    assert (ours.get_output_embeddings().weight is ours.get_input_embeddings().weight) == \
+        (theirs.get_output_embeddings().weight is theirs.get_input_embeddings().weight)
+    # the same dtype as stored: from_pretrained's zero-copy mapping is the right path
+    assert _load_converting(path, dtype="float32", device="cpu", trust_remote_code=False,
+                            attn_implementation=None) is None

@@ -52,7 +52,7 @@ def test_components_follow_the_bytes_per_parameter_of_each_lever():
     assert (bf16["weights"], bf16["gradients"], bf16["optimizer_state"]) == (2 * n, 2 * n, n)
     from bso_cache.optim import SLICE
 
-    assert bf16["update"] == 8 * SLICE < 8 * shape.largest_tensor  # the float32 copy and gradient of one slice
+    assert bf16["update"] == 14 * SLICE < 8 * shape.largest_tensor  # float32 copies and rounding buffers of one slice
     iib = predict(shape, replace(o, dtype="bfloat16", optimizer_in_backward=True))
     assert iib["gradients"] == 2 * shape.largest_tensor
     off = predict(shape, replace(o, dtype="bfloat16", optimizer_offload=True))

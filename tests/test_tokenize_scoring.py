@@ -161,6 +161,26 @@ def test_stored_softmax_backward_equals_recompute_and_a_second_backward():
             assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_bf16_head_gradient_without_a_float32_buffer_equals_the_accumulated_one(monkeypatch):
+    """A bf16 head with the softmax kept writes its weight gradient block by block in bf16: the same
+    numbers as the float32 accumulator rounded to bf16 (within one bf16 rounding)."""
+    import bso_cache.head as head
+
+    torch.manual_seed(0)
+    h = torch.randn(40, 32, dtype=torch.bfloat16)
+    w = (torch.randn(3000, 32) * 0.1).to(torch.bfloat16)
+    t = torch.randint(0, 3000, (40,))
+    g = torch.randn(40)
+    got = []
+    for store in (1 << 20, 0):  # kept softmax (direct bf16 blocks), recompute (float32 accumulator)
+        w_ = w.clone().requires_grad_(True)
+        (TargetLogProbs.apply(h, w_, None, t, 64, store) * g).sum().backward()
+        got.append(w_.grad)
+    assert got[0].dtype == torch.bfloat16
+    diff = (got[0].float() - got[1].float()).abs()
+    assert (diff <= 2 ** -7 * got[1].float().abs() + 1e-6).all()
+
+
 def test_padding_and_batch_do_not_change_scores(demo_assets):
     from transformers import AutoModelForCausalLM
 

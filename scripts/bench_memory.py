@@ -1,0 +1,285 @@
+#!/usr/bin/env python
+"""Memory benchmark: the memory levers of `bso-cache train` side by side, against TRL's most
+frugal DPO run on this CPU and against `bso-cache plan`'s predictions.
+
+A random-init Llama of ~200M parameters (GPT-2 tokenizer, tied embeddings), 64 HH-RLHF pairs of
+at most --max-length tokens, batch 2, 5 steps, full fine-tuning unless the row says LoRA. Each
+configuration runs in its own process, which reports:
+- runtime: its RSS after importing torch, transformers, bso-cache (and TRL), before any model;
+- peak: its peak RSS (ru_maxrss) over the whole run;
+- bytes/param: (peak - runtime) / the model's parameters;
+- s/step: the mean of the logged steps after the first.
+`plan` predicts (peak - runtime) from the model's config and the longest pair the 5 steps took.
+
+Usage (needs ../shared for the HH sample and the GPT-2 tokenizer):
+    python scripts/bench_memory.py                  # ~25 minutes on 2 cores
+    python scripts/bench_memory.py --quick          # a tiny model, a smoke test
+    python scripts/bench_memory.py --configs fp32-rmsprop,bf16-8bit
+Writes the table to stdout and into docs/PERFORMANCE.md (between markers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("BSO_SHARED", ROOT.parent / "shared"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(ROOT / "scripts"))
+
+# name -> (train options, the same as `plan` options); "trl" is TRL's DPOTrainer
+CONFIGS = {
+    "fp32-rmsprop": {},
+    "fp32-adamw": {"optimizer": "adamw"},
+    "bf16": {"dtype": "bfloat16"},
+    "bf16-8bit": {"dtype": "bfloat16", "optimizer": "rmsprop8bit"},
+    "bf16-8bit-inbackward": {"dtype": "bfloat16", "optimizer": "rmsprop8bit", "optimizer_in_backward": True,
+                             "grad_clip": 0.0},
+    "bf16-8bit-inbackward-ckpt": {"dtype": "bfloat16", "optimizer": "rmsprop8bit", "optimizer_in_backward": True,
+                                  "grad_clip": 0.0, "gradient_checkpointing": True},
+    "lora-r16-bf16": {"dtype": "bfloat16", "lora_r": 16, "lora_alpha": 32.0},
+    "trl": None,
+}
+PLAN_KEYS = ("dtype", "optimizer", "lora_r", "gradient_checkpointing", "optimizer_in_backward", "optimizer_offload")
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def setup(work: Path, n_pairs: int, max_length: int, quick: bool) -> dict:
+    """The model (random init, saved once), the pairs (HH, nothing truncated) and the float32 cache."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from bso_cache import schemas as S
+    from bso_cache.build import build_cache
+    from bso_cache.config import BuildConfig
+    from bso_cache.formats import Normaliser
+    from bso_cache.sources import open_source
+    from bso_cache.tokenize import PairTokenizer
+
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = work / ("model-tiny" if quick else "model-200m")
+    tok = AutoTokenizer.from_pretrained(str(SHARED / "models" / "gpt2-tokenizer"))
+    tok.pad_token = tok.eos_token
+    if not (model_dir / "model.safetensors").exists():
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64 if quick else 1024,
+                          intermediate_size=128 if quick else 2816, num_hidden_layers=2 if quick else 12,
+                          num_attention_heads=8 if quick else 16, num_key_value_heads=8 if quick else 16,
+                          max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        LlamaForCausalLM(cfg).save_pretrained(str(model_dir))
+        tok.save_pretrained(str(model_dir))
+    ptok, norm = PairTokenizer(tok), Normaliser("hh")
+    rows, trl_rows = [], []
+    for i, raw in enumerate(open_source(str(SHARED / "data" / "harmless_train_sample.jsonl")).rows()):
+        pair = norm(raw, i)
+        if ptok.encode_many([pair])[0].length > max_length:
+            continue
+        prompt, chosen, rejected = ptok.render(pair)
+        rows.append(raw.data)
+        trl_rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        if len(rows) == n_pairs:
+            break
+    data = work / f"hh-{n_pairs}-{max_length}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trl_data = work / f"hh-{n_pairs}-{max_length}-trl.jsonl"
+    trl_data.write_text("".join(json.dumps(r) + "\n" for r in trl_rows))
+    cache = work / f"cache-{model_dir.name}-hh-{n_pairs}-{max_length}"
+    if not (cache / S.MANIFEST_NAME).exists():
+        build_cache(BuildConfig(model=str(model_dir), data=str(data), out=str(cache), max_length=max_length,
+                                batch_size=8, progress=False, overwrite=True), log=lambda s: None)
+    return {"model": str(model_dir), "cache": str(cache), "trl_data": str(trl_data), "pairs": len(rows)}
+
+
+def worker(name: str, info: dict, steps: int, batch_size: int, max_length: int) -> dict:
+    import importlib
+
+    from bso_cache.config import TrainConfig
+    from bso_cache.train import train
+
+    # the runtime's own memory: every library a run imports, loaded before the baseline is read
+    for module in ("torch", "transformers", "pyarrow.parquet", "safetensors.torch", "tqdm.auto", "bso_cache.scoring",
+                   "bso_cache.pairs", "bso_cache.cache", "bitsandbytes", "peft", "transformers.models.llama") + \
+            (("trl", "datasets") if name == "trl" else ()):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
+    runtime = rss_mib()
+    out = Path(info["cache"]).parent / f"run-{name}"
+    if name != "trl":
+        train(TrainConfig(cache=info["cache"], out=str(out), generator="logistic", safety_penalty=0.0, pairs="none",
+                          lr=1e-6, batch_size=batch_size, max_steps=steps, epochs=100, progress=False,
+                          overwrite=True, **CONFIGS[name]), log=lambda s: None)
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        from bso_cache.plan import load_shape
+
+        params = load_shape(info["model"]).params
+        per_step = sum(r["step_seconds"] for r in rows[1:]) / max(1, len(rows) - 1)
+        return {"name": name, "runtime_mib": runtime, "peak_mib": peak_rss_mib(), "s_per_step": per_step,
+                "params": params}
+    return trl_worker(info, out, steps, batch_size, max_length, runtime)
+
+
+def trl_worker(info: dict, out: Path, steps: int, batch_size: int, max_length: int, runtime: float) -> dict:
+    """TRL 1.16 DPOTrainer with its most frugal settings that run on this CPU: bf16 weights, the
+    reference log-probs precomputed (no reference forward in the steps), 8-bit AdamW from
+    bitsandbytes where it runs (else torch's AdamW)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(info["model"])
+    rows = [json.loads(x) for x in Path(info["trl_data"]).read_text().splitlines()]
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    optim = "adamw_bnb_8bit"
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        optim = "adamw_torch"
+    model = AutoModelForCausalLM.from_pretrained(info["model"], dtype=torch.bfloat16)
+    args = DPOConfig(output_dir=str(out), per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=1e-6,
+                     optim=optim, lr_scheduler_type="constant", warmup_steps=0, max_length=max_length,
+                     precompute_ref_log_probs=True, bf16=True, report_to="none", logging_steps=10_000,
+                     save_strategy="no", use_cpu=True, dataloader_num_workers=0, beta=0.1, seed=0,
+                     disable_tqdm=True)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                         callbacks=[Timer()])
+    trainer.train()
+    params = sum(p.numel() for p in model.parameters())
+    return {"name": "trl", "runtime_mib": runtime, "peak_mib": peak_rss_mib(),
+            "s_per_step": sum(times[1:]) / max(1, len(times) - 1), "params": params, "optim": optim}
+
+
+def seen_lengths(info: dict, batch_size: int, steps: int) -> tuple[int, int]:
+    """(longest prompt + longer response, longest response) over the pairs the run's steps took:
+    the same stream as `train` (seed 0, epoch 0, the default shuffle and bucketing)."""
+    from bso_cache.cache import Cache
+    from bso_cache.config import TrainConfig
+    from bso_cache.pairs import epoch_batches
+
+    d = TrainConfig(cache="-", out="-")
+    seq = resp = 0
+    stream = epoch_batches(Cache.open(info["cache"]), mode="none", orientation="better", batch_size=batch_size,
+                           seed=d.seed, epoch=0, shuffle=True, shuffle_buffer=d.shuffle_buffer,
+                           bucket_batches=d.bucket_batches)
+    for _, batch in zip(range(steps), stream):
+        for it in batch:
+            longer = max(len(it.chosen_ids), len(it.rejected_ids))
+            seq, resp = max(seq, len(it.prompt_ids) + longer), max(resp, longer)
+    return seq, resp
+
+
+def predict(name: str, info: dict, batch_size: int, steps: int) -> int | None:
+    from bso_cache.plan import PlanOptions, load_shape, predict as plan_predict
+
+    if CONFIGS.get(name) is None:
+        return None
+    seq, resp = seen_lengths(info, batch_size, steps)
+    kw = {k: v for k, v in CONFIGS[name].items() if k in PLAN_KEYS}
+    opts = PlanOptions(**kw, micro_batch=batch_size, seq_length=seq, response_tokens=resp, device="cpu")
+    return plan_predict(load_shape(info["model"]), opts)["peak_bytes"]
+
+
+def run_worker(name: str, args, info: dict) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, "--info", json.dumps(info), "--steps", str(args.steps),
+           "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"name": name, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    from bench_train import versions, write_section
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker")
+    ap.add_argument("--info")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--pairs", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--work", default=str(ROOT / "bench-out" / "memory"))
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "PERFORMANCE.md"))
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, json.loads(args.info), args.steps, args.batch_size, args.max_length)))
+        return
+    info = setup(Path(args.work), args.pairs, args.max_length, args.quick)
+    from bso_cache.plan import load_shape
+
+    shape = load_shape(info["model"])
+    results = []
+    for name in [c for c in args.configs.split(",") if c]:
+        r = run_worker(name, args, info)
+        r["predicted"] = predict(name, info, args.batch_size, args.steps)
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    base = next((r for r in results if r["name"] == "fp32-rmsprop" and "error" not in r), None)
+    lines = ["| configuration | peak RSS (MiB) | vs fp32 RMSprop | runtime (MiB) | peak - runtime (MiB) | bytes/param "
+             "| plan predicts (MiB) | plan / measured | s/step |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | | | | |")
+            continue
+        used = r["peak_mib"] - r["runtime_mib"]
+        pred = r.get("predicted")
+        pred_cell = f"{pred / 2**20:,.0f}" if pred else "-"
+        ratio_cell = f"{pred / 2**20 / used:.2f}x" if pred else "-"
+        vs = f"{r['peak_mib'] / base['peak_mib']:.2f}x" if base else "-"
+        label = r["name"] + (f" ({r['optim']}, bf16, precomputed reference)" if r["name"] == "trl" else "")
+        lines.append(f"| {label} | {r['peak_mib']:,.0f} | {vs} | {r['runtime_mib']:,.0f} | {used:,.0f} | "
+                     f"{used * 2**20 / r['params']:.1f} | {pred_cell} | {ratio_cell} | {r['s_per_step']:.2f} |")
+    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    allocator = (f"glibc with MALLOC_MMAP_THRESHOLD_={threshold} (freed blocks go back to the OS: RSS follows "
+                 f"the live tensors)" if threshold else "glibc defaults (freed memory is kept for reuse)")
+    cmd = ("MALLOC_MMAP_THRESHOLD_=" + threshold + " " if threshold else "") + \
+        "python scripts/bench_memory.py " + " ".join(sys.argv[1:])
+    text = (f"### Memory levers, full fine-tuning, {allocator.split(' (')[0]} ({time.strftime('%Y-%m-%d')})\n\n"
+            f"{'tiny Llama (quick)' if args.quick else 'random-init Llama'} of {shape.params / 1e6:.0f}M parameters "
+            f"(hidden {shape.hidden}, {shape.layers} layers, intermediate {shape.intermediate}, tied embeddings, GPT-2 "
+            f"tokenizer); {info['pairs']} HH-RLHF pairs of at most {args.max_length} tokens; batch {args.batch_size}; "
+            f"{args.steps} steps; DPO loss (logistic, C = 0), lr 1e-6, default RMSprop unless named; one process per row "
+            f"on the CPU. runtime = RSS after the imports, before any model; bytes/param = (peak - runtime) / "
+            f"parameters; `plan` predicts peak - runtime from the config and the longest pair the steps took. "
+            f"Allocator: {allocator}.\n\n"
+            f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; {versions()}.\n"
+            f"Command: `{cmd.strip()}`\n\n" + "\n".join(lines))
+    print(text)
+    write_section(Path(args.doc), "bench-memory" + ("-quick" if args.quick else "") + ("-mmap" if threshold else ""),
+                  text)
+
+
+if __name__ == "__main__":
+    main()
