@@ -64,58 +64,25 @@ def peak_rss_mib() -> float:
 
 
 def setup(work: Path, n_pairs: int, max_length: int, quick: bool) -> dict:
-    """The model (random init, saved once), the pairs (HH, nothing truncated) and the float32 cache."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """The model (random init, saved once), the HH pairs (nothing truncated) and the float32 cache."""
+    from bench_train import setup as bench_setup
 
-    from bso_cache import schemas as S
-    from bso_cache.build import build_cache
-    from bso_cache.config import BuildConfig
-    from bso_cache.formats import Normaliser
-    from bso_cache.sources import open_source
-    from bso_cache.tokenize import PairTokenizer
-
-    work.mkdir(parents=True, exist_ok=True)
-    model_dir = work / ("model-tiny" if quick else "model-200m")
-    tok = AutoTokenizer.from_pretrained(str(SHARED / "models" / "gpt2-tokenizer"))
-    tok.pad_token = tok.eos_token
-    if not (model_dir / "model.safetensors").exists():
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64 if quick else 1024,
-                          intermediate_size=128 if quick else 2816, num_hidden_layers=2 if quick else 12,
-                          num_attention_heads=8 if quick else 16, num_key_value_heads=8 if quick else 16,
-                          max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        LlamaForCausalLM(cfg).save_pretrained(str(model_dir))
-        tok.save_pretrained(str(model_dir))
-    ptok, norm = PairTokenizer(tok), Normaliser("hh")
-    rows, trl_rows = [], []
-    for i, raw in enumerate(open_source(str(SHARED / "data" / "harmless_train_sample.jsonl")).rows()):
-        pair = norm(raw, i)
-        if ptok.encode_many([pair])[0].length > max_length:
-            continue
-        prompt, chosen, rejected = ptok.render(pair)
-        rows.append(raw.data)
-        trl_rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-        if len(rows) == n_pairs:
-            break
-    data = work / f"hh-{n_pairs}-{max_length}.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    trl_data = work / f"hh-{n_pairs}-{max_length}-trl.jsonl"
-    trl_data.write_text("".join(json.dumps(r) + "\n" for r in trl_rows))
-    cache = work / f"cache-{model_dir.name}-hh-{n_pairs}-{max_length}"
-    if not (cache / S.MANIFEST_NAME).exists():
-        build_cache(BuildConfig(model=str(model_dir), data=str(data), out=str(cache), max_length=max_length,
-                                batch_size=8, progress=False, overwrite=True), log=lambda s: None)
-    return {"model": str(model_dir), "cache": str(cache), "trl_data": str(trl_data), "pairs": len(rows)}
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=8) if quick else \
+        dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
+             num_key_value_heads=16)
+    return bench_setup(work, n_pairs, max_length, quick, "hh", model=("model-tiny" if quick else "model-200m", shape))
 
 
 def worker(name: str, info: dict, steps: int, batch_size: int, max_length: int) -> dict:
     import importlib
 
+    from bso_cache.allocator import return_freed_memory
     from bso_cache.config import TrainConfig
     from bso_cache.train import train
 
+    if not os.environ.get("BENCH_GLIBC_DEFAULTS"):
+        return_freed_memory()  # as `bso-cache train` runs (a MALLOC_* variable in the environment wins)
     # the runtime's own memory: every library a run imports, loaded before the baseline is read
     for module in ("torch", "transformers", "pyarrow.parquet", "safetensors.torch", "tqdm.auto", "bso_cache.scoring",
                    "bso_cache.pairs", "bso_cache.cache", "bitsandbytes", "peft", "transformers.models.llama") + \
@@ -262,10 +229,17 @@ def main() -> None:
         lines.append(f"| {label} | {r['peak_mib']:,.0f} | {vs} | {r['runtime_mib']:,.0f} | {used:,.0f} | "
                      f"{used * 2**20 / r['params']:.1f} | {pred_cell} | {ratio_cell} | {r['s_per_step']:.2f} |")
     threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    allocator = (f"glibc with MALLOC_MMAP_THRESHOLD_={threshold} (freed blocks go back to the OS: RSS follows "
-                 f"the live tensors)" if threshold else "glibc defaults (freed memory is kept for reuse)")
-    cmd = ("MALLOC_MMAP_THRESHOLD_=" + threshold + " " if threshold else "") + \
-        "python scripts/bench_memory.py " + " ".join(sys.argv[1:])
+    if threshold:
+        allocator = (f"glibc with MALLOC_MMAP_THRESHOLD_={threshold} (freed blocks go back to the OS: RSS follows "
+                     f"the live tensors)")
+        prefix, marker = f"MALLOC_MMAP_THRESHOLD_={threshold} ", "-mmap"
+    elif os.environ.get("BENCH_GLIBC_DEFAULTS"):
+        allocator, prefix, marker = "glibc defaults (freed memory is kept for reuse)", "BENCH_GLIBC_DEFAULTS=1 ", \
+            "-glibc"
+    else:
+        allocator, prefix, marker = ("as `bso-cache train` runs it (glibc's mmap threshold fixed at 4 MiB: "
+                                     "bso_cache/allocator.py)"), "", ""
+    cmd = prefix + "python scripts/bench_memory.py " + " ".join(sys.argv[1:])
     text = (f"### Memory levers, full fine-tuning, {allocator.split(' (')[0]} ({time.strftime('%Y-%m-%d')})\n\n"
             f"{'tiny Llama (quick)' if args.quick else 'random-init Llama'} of {shape.params / 1e6:.0f}M parameters "
             f"(hidden {shape.hidden}, {shape.layers} layers, intermediate {shape.intermediate}, tied embeddings, GPT-2 "
@@ -277,8 +251,7 @@ def main() -> None:
             f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; {versions()}.\n"
             f"Command: `{cmd.strip()}`\n\n" + "\n".join(lines))
     print(text)
-    write_section(Path(args.doc), "bench-memory" + ("-quick" if args.quick else "") + ("-mmap" if threshold else ""),
-                  text)
+    write_section(Path(args.doc), "bench-memory-levers" + ("-quick" if args.quick else "") + marker, text)
 
 
 if __name__ == "__main__":

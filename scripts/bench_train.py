@@ -56,8 +56,10 @@ def peak_rss_mib() -> float:
 
 
 # ----------------------------------------------------------------------------------- setup
-def setup(work: Path, n_pairs: int, max_length: int, quick: bool, data: str = "pku") -> dict:
-    """Model (random init, GPT-2 tokenizer), the pairs (PKU or HH, nothing truncated), the cache."""
+def setup(work: Path, n_pairs: int, max_length: int, quick: bool, data: str = "pku",
+          model: tuple[str, dict] | None = None) -> dict:
+    """Model (random init, GPT-2 tokenizer), the pairs (PKU or HH, nothing truncated), the cache.
+    `model`: (folder name, LlamaConfig overrides) instead of the 46M benchmark model."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -66,15 +68,16 @@ def setup(work: Path, n_pairs: int, max_length: int, quick: bool, data: str = "p
     from bso_cache.tokenize import PairTokenizer
 
     work.mkdir(parents=True, exist_ok=True)
-    model_dir = work / ("model-tiny" if quick else "model-46m")
+    model_dir = work / (model[0] if model else "model-tiny" if quick else "model-46m")
     tok = AutoTokenizer.from_pretrained(str(SHARED / "models" / "gpt2-tokenizer"))
     tok.pad_token = tok.eos_token
     if not (model_dir / "model.safetensors").exists():
         torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64 if quick else 512, intermediate_size=128 if quick else 1536,
-                          num_hidden_layers=2 if quick else 6, num_attention_heads=8, num_key_value_heads=8,
-                          max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        shape = model[1] if model else dict(hidden_size=64 if quick else 512, intermediate_size=128 if quick else 1536,
+                                            num_hidden_layers=2 if quick else 6, num_attention_heads=8,
+                                            num_key_value_heads=8)
+        cfg = LlamaConfig(vocab_size=len(tok), **shape, max_position_embeddings=1024, tie_word_embeddings=True,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         LlamaForCausalLM(cfg).save_pretrained(str(model_dir))
         tok.save_pretrained(str(model_dir))
     filename, fmt = DATASETS[data]

@@ -76,3 +76,15 @@ def test_torchrun_train_equals_one_process_with_accumulation(demo_cache, tmp_pat
 
 def test_torchrun_fsdp_train_and_resume(demo_cache, tmp_path):
     two_ranks_vs_one(demo_cache, tmp_path, "fsdp", "adamw", "--fsdp")
+
+
+def test_torchrun_8bit_states_train_and_resume(demo_cache, tmp_path):
+    """bitsandbytes' 8-bit RMSprop under DDP: 2 ranks equal 1 process with --grad-accum 2, also
+    after resuming the 2-rank run from its checkpoint."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes not installed")
+    two_ranks_vs_one(demo_cache, tmp_path, "ddp8", "rmsprop8bit")

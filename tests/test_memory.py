@@ -277,3 +277,17 @@ def test_converting_load_equals_from_pretrained(demo_assets, dtype):
     # the same dtype as stored: from_pretrained's zero-copy mapping is the right path
     assert _load_converting(path, dtype="float32", device="cpu", trust_remote_code=False,
                             attn_implementation=None) is None
+
+
+def test_the_allocator_policy_is_set_unless_the_user_set_one(monkeypatch):
+    import sys
+
+    from bso_cache.allocator import return_freed_memory
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    for k in [k for k in __import__("os").environ if k.startswith("MALLOC_")]:
+        monkeypatch.delenv(k)
+    assert return_freed_memory() is True
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert return_freed_memory() is False
