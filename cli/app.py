@@ -415,7 +415,7 @@ def plan(
     dtype: str = typer.Option(_T.dtype, help="Weights dtype: float32 | bfloat16 | float16."),
     optimizer: str = typer.Option(_T.optimizer, help="adamw | rmsprop | sgd | adamw8bit | rmsprop8bit | adamw4bit."),
     lora_r: int = typer.Option(_T.lora_r, "--lora-r", help="LoRA rank on every linear layer (0: full fine-tuning)."),
-    qlora: bool = typer.Option(False, "--qlora", help="The base in 4-bit NF4 with LoRA adapters (rank --lora-r, default 16)."),
+    qlora: bool = typer.Option(False, "--qlora", help="The base in 4-bit NF4 with LoRA adapters (rank --lora-r, default 16); for comparison: train has no QLoRA option yet."),
     gradient_checkpointing: bool = typer.Option(_T.gradient_checkpointing, "--gradient-checkpointing", help="Activations recomputed in the backward."),
     optimizer_in_backward: bool = typer.Option(_T.optimizer_in_backward, "--optimizer-in-backward", help="Gradients applied and freed one tensor at a time."),
     optimizer_offload: bool = typer.Option(_T.optimizer_offload, "--optimizer-offload", help="Optimizer state in CPU memory."),

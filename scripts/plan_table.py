@@ -67,7 +67,8 @@ def main() -> None:
             f"**Predicted, not measured**: no GPU has run these. Each cell: the predicted peak at a micro-batch of "
             f"1 pair of {args.seq} tokens ({args.response} of response), then the largest micro-batch that fits a "
             f"24 GB and an 80 GB GPU (\"no\": not even one pair). CUDA runtime counted as 1 GiB. The model shapes are "
-            f"the published configs; `python scripts/plan_table.py` rebuilds this table.\n\n" + "\n".join(lines))
+            f"the published configs; `python scripts/plan_table.py` rebuilds this table. The QLoRA row is for "
+            f"comparison: `train` has no QLoRA option yet.\n\n" + "\n".join(lines))
     print(text)
     write_section(Path(args.doc), "plan-what-fits", text)
 
