@@ -167,8 +167,13 @@ def step0_tolerance(cfg, manifest: dict) -> float:
     """
     if cfg.step0_tolerance is not None:
         return cfg.step0_tolerance
-    exact = cfg.dtype == "float32" and cfg.autocast == "none" \
-        and manifest.reference_dtype == "float32"
+    return token_tolerance(cfg.dtype, manifest.reference_dtype, cfg.autocast)
+
+
+def token_tolerance(scoring_dtype: str, cache_dtype: str, autocast: str = "none") -> float:
+    """The one rule for the step-0 check and `verify`: per response token, 1e-3 nats when both the
+    cache and the scoring ran in float32, 0.05 when either ran in bf16/fp16."""
+    exact = scoring_dtype == "float32" and cache_dtype == "float32" and autocast == "none"
     return 1e-3 if exact else 0.05
 
 

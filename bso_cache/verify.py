@@ -6,10 +6,12 @@ import random
 
 from . import schemas as S
 from .cache import Cache, check_tokenizer, read_manifest, verify_shards
+from .metrics import token_tolerance
 
 
 def verify_cache(path, *, model: str | None = None, sample: int = 0, seed: int = 0, device: str = "auto",
-                 batch_size: int = 8, prefix_sharing: str = "auto", log=print) -> dict:
+                 batch_size: int = 8, prefix_sharing: str = "auto", tolerance: float | None = None,
+                 log=print) -> dict:
     manifest = read_manifest(path)
     verify_shards(path, manifest)
     cache = Cache(path, manifest)
@@ -40,11 +42,17 @@ def verify_cache(path, *, model: str | None = None, sample: int = 0, seed: int =
     scorer = PairScorer(lm, prefix_sharing=prefix_sharing, device=dev, pad_id=pad, log=log)
     chosen, rejected, _ = scorer.score_all([r[S.PROMPT_IDS] for r in rows], [r[S.CHOSEN_IDS] for r in rows],
                                            [r[S.REJECTED_IDS] for r in rows], batch_size=batch_size)
-    diffs = [(abs(c - r[S.REF_CHOSEN_LOGP]), r[S.PAIR_ID]) for c, r in zip(chosen, rows)]
-    diffs += [(abs(c - r[S.REF_REJECTED_LOGP]), r[S.PAIR_ID]) for c, r in zip(rejected, rows)]
+    # (|difference| per response token, per sequence, pair id, which response)
+    diffs = [(abs(c - r[S.REF_CHOSEN_LOGP]) / max(1, len(r[S.CHOSEN_IDS])), abs(c - r[S.REF_CHOSEN_LOGP]),
+              r[S.PAIR_ID], "chosen") for c, r in zip(chosen, rows)]
+    diffs += [(abs(c - r[S.REF_REJECTED_LOGP]) / max(1, len(r[S.REJECTED_IDS])), abs(c - r[S.REF_REJECTED_LOGP]),
+               r[S.PAIR_ID], "rejected") for c, r in zip(rejected, rows)]
     worst = max(diffs)
-    result.update(checked=len(rows), max_abs_diff=worst[0], worst_pair=worst[1], model=name)
+    limit = token_tolerance(manifest.reference_dtype, manifest.reference_dtype) if tolerance is None else tolerance
+    result.update(checked=len(rows), max_abs_diff=max(d[1] for d in diffs), max_token_diff=worst[0],
+                  worst_pair=worst[2], worst_response=worst[3], tolerance_per_token=limit, model=name)
     result["prefix_sharing"] = scorer.sharing
     log(f"re-scored {len(rows)} pairs with {name} ({scorer.describe()}): largest |difference| "
-        f"{worst[0]:.3g} nats (pair {worst[1]})")
+        f"{worst[0]:.3g} nats per token ({worst[1]:.3g} for the sequence; pair {worst[2]}, {worst[3]}), "
+        f"tolerance {limit:g} per token for a {manifest.reference_dtype} cache")
     return result

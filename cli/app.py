@@ -261,18 +261,21 @@ def verify(
     sample: int = typer.Option(0, "--sample", help="Pairs to re-score with the reference (0: integrity only)."),
     seed: int = typer.Option(0, help="Seed of the sample."),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N]."),
-    tolerance: float = typer.Option(1e-3, help="Fail if a re-scored log-prob differs by more (nats)."),
+    tolerance: Optional[float] = typer.Option(None, help="Fail if a re-scored log-prob differs by more than this per response token (nats) [default: by the cache's dtype, the step-0 check's rule: 0.001 for float32, 0.05 for bfloat16/float16]."),
     prefix_sharing: str = typer.Option(_T.prefix_sharing, "--prefix-sharing", help=PREFIX_SHARING_HELP),
 ):
     """Check every shard (checksum, size, rows, schema); optionally re-score a sample of pairs."""
     from bso_cache.verify import verify_cache
 
     res = _run(verify_cache, cache, model=model, sample=sample, seed=seed, device=device,
-               prefix_sharing=prefix_sharing, log=_log)
+               prefix_sharing=prefix_sharing, tolerance=tolerance, log=_log)
     _echo_json(res, indent=None)
-    if res.get("max_abs_diff") is not None and res["max_abs_diff"] > tolerance:
-        typer.echo(f"error: re-scored log-probs differ by {res['max_abs_diff']:.3g} > {tolerance}", err=True)
-        raise typer.Exit(1)
+    if res.get("max_token_diff") is not None and res["max_token_diff"] > res["tolerance_per_token"]:
+        typer.echo(f"error: {cache}: pair {res['worst_pair']} ({res['worst_response']}) re-scores "
+                   f"{res['max_token_diff']:.3g} nats per token off the cache (> {res['tolerance_per_token']:g}); "
+                   f"the cache does not match this model: rebuild it, or pass the model it was built with",
+                   err=True)
+        raise typer.Exit(2)
 
 
 # ---------------------------------------------------------------------------------------- eval

@@ -124,3 +124,27 @@ def test_eval_and_verify_refuse_a_foreign_tokenizer(demo_cache, tinystories):
         proc = cli(*args, check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert "not the tokenizer the cache" in proc.stderr and "tinystories-260k" in proc.stderr
+
+
+def test_verify_judges_a_cache_by_its_dtype_and_a_mismatch_is_exit_2(demo_assets, tmp_path):
+    """A bf16 cache re-scored in bf16 passes (tolerance 0.05 per token, the step-0 check's rule);
+    a cache re-scored by other weights fails with exit 2, one line naming the pair and the figure."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = tmp_path / "bf16"
+    cli("build", "--model", demo_assets["model"], "--data", demo_assets["train"], "--out", cache,
+        "--max-length", 128, "--dtype", "bfloat16", "--no-progress")
+    res = json.loads(cli("verify", cache, "--sample", 8).stdout)
+    assert res["checked"] == 8 and res["tolerance_per_token"] == 0.05 and res["max_token_diff"] < 0.05
+    other = tmp_path / "other"
+    model = AutoModelForCausalLM.from_pretrained(str(demo_assets["model"]), dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    model.save_pretrained(str(other))
+    AutoTokenizer.from_pretrained(str(demo_assets["model"])).save_pretrained(str(other))
+    proc = cli("verify", cache, "--sample", 4, "--model", other, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "nats per token off the cache" in err[0] and "pair " in err[0]
