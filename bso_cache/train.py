@@ -171,6 +171,8 @@ class Trainer:
         self.steps_per_epoch = math.ceil(counts.kept / cfg.batch_size)
         total = self.steps_per_epoch * cfg.epochs
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        # which bound ends the run, said in the log and the summary
+        self.stopped_by = "max_steps" if cfg.max_steps and cfg.max_steps < total else "epochs"
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -188,16 +190,25 @@ class Trainer:
                  f"{'; ' + counts_text(counts.reasons) if counts.reasons else ''}")
         self.log(f"loss: {spec.generator} beta={spec.beta} C={spec.safety_penalty} "
                  f"clamp=[{spec.clamp_lower}, {spec.clamp_upper}] lambda={spec.lam} s={spec.scale}; "
-                 f"{self.total_steps} steps of {cfg.batch_size} pairs ({self.steps_per_epoch}/epoch); "
+                 f"{self.total_steps} steps of {min(cfg.batch_size, counts.kept)} pairs ({self.steps_per_epoch}/epoch"
+                 f"{self._bound_text()}); "
                  f"policy {name}{' (= the reference weights)' if self.policy_is_reference else ''}; "
                  f"{self.pair_scorer.describe()}")
         if self.dist.is_main:
             atomic_write_json(self.layout.run_config, {
                 "config": to_dict(cfg), "loss": dataclasses.asdict(spec), "pairs": counts.as_dict(),
-                "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                "total_steps": self.total_steps, "stopped_by": self.stopped_by, "steps_per_epoch": self.steps_per_epoch,
                 "world_size": self.dist.world, "cache_manifest": str(manifest_path(self.cache.path)),
                 "policy": name, "policy_is_reference": self.policy_is_reference,
                 "prefix_sharing": {"used": self.pair_scorer.sharing, "probe": self.pair_scorer.probe}})
+
+    def _bound_text(self) -> str:
+        cfg = self.cfg
+        if self.stopped_by == "max_steps":
+            return f", --max-steps {cfg.max_steps} ends the run before --epochs {cfg.epochs}"
+        if cfg.max_steps:
+            return f", --epochs {cfg.epochs} ends the run before --max-steps {cfg.max_steps}"
+        return f", --epochs {cfg.epochs}"
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self) -> None:
@@ -329,7 +340,8 @@ class Trainer:
 
     def _finish(self, last: dict) -> dict:
         files = self._save_final()
-        summary = {"steps": self.position.step, "final": last, "step0": self.step0, "out": str(self.out),
+        summary = {"steps": self.position.step, "stopped_by": self.stopped_by, "final": last, "step0": self.step0,
+                   "out": str(self.out),
                    "pairs": self.pair_counts.as_dict(), "files": files}
         if self.eval_cache is not None:
             summary["eval"] = self._evaluate()

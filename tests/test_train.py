@@ -203,3 +203,22 @@ def test_overwrite_removes_only_what_a_run_wrote(demo_cache, tmp_path):
     afile.write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
         run(demo_cache, afile, max_steps=1, batch_size=4)
+
+
+def test_the_log_and_summary_say_which_bound_ends_the_run(demo_cache, tmp_path):
+    """96 pairs at batch 64: 2 steps an epoch. --max-steps 1000 with --epochs 1 runs 2 steps and
+    says that --epochs ended it; the step size logged is the real one (the data holds fewer pairs
+    than a batch of 128)."""
+    lines = []
+    cfg = dict(cache=str(demo_cache), out=str(tmp_path / "a"), progress=False, batch_size=64, epochs=1,
+               max_steps=1000, lr=0.0)
+    summary = train(TrainConfig(**cfg), log=lines.append)
+    assert summary["steps"] == 2 and summary["stopped_by"] == "epochs"
+    assert any("--epochs 1 ends the run before --max-steps 1000" in ln for ln in lines), lines
+    lines.clear()
+    summary = train(TrainConfig(**{**cfg, "out": str(tmp_path / "b"), "max_steps": 1, "batch_size": 128, "epochs": 2}),
+                    log=lines.append)
+    assert summary["stopped_by"] == "max_steps"
+    kept = summary["pairs"]["kept"]
+    assert kept < 128 and any(f"1 steps of {kept} pairs" in ln and "--max-steps 1 ends the run" in ln
+                              for ln in lines), lines
