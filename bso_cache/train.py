@@ -173,6 +173,9 @@ class Trainer:
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
         # which bound ends the run, said in the log and the summary
         self.stopped_by = "max_steps" if cfg.max_steps and cfg.max_steps < total else "epochs"
+        steps, epochs = f"--max-steps {cfg.max_steps}", f"--epochs {cfg.epochs}"
+        self.bound_text = (f", {steps} ends the run before {epochs}" if self.stopped_by == "max_steps" else
+                           f", {epochs} ends the run before {steps}" if cfg.max_steps else f", {epochs}")
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -191,7 +194,7 @@ class Trainer:
         self.log(f"loss: {spec.generator} beta={spec.beta} C={spec.safety_penalty} "
                  f"clamp=[{spec.clamp_lower}, {spec.clamp_upper}] lambda={spec.lam} s={spec.scale}; "
                  f"{self.total_steps} steps of {min(cfg.batch_size, counts.kept)} pairs ({self.steps_per_epoch}/epoch"
-                 f"{self._bound_text()}); "
+                 f"{self.bound_text}); "
                  f"policy {name}{' (= the reference weights)' if self.policy_is_reference else ''}; "
                  f"{self.pair_scorer.describe()}")
         if self.dist.is_main:
@@ -201,14 +204,6 @@ class Trainer:
                 "world_size": self.dist.world, "cache_manifest": str(manifest_path(self.cache.path)),
                 "policy": name, "policy_is_reference": self.policy_is_reference,
                 "prefix_sharing": {"used": self.pair_scorer.sharing, "probe": self.pair_scorer.probe}})
-
-    def _bound_text(self) -> str:
-        cfg = self.cfg
-        if self.stopped_by == "max_steps":
-            return f", --max-steps {cfg.max_steps} ends the run before --epochs {cfg.epochs}"
-        if cfg.max_steps:
-            return f", --epochs {cfg.epochs} ends the run before --max-steps {cfg.max_steps}"
-        return f", --epochs {cfg.epochs}"
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self) -> None:
