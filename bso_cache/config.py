@@ -123,7 +123,7 @@ class TrainConfig:
     autocast: Autocast = "none"
     gradient_checkpointing: bool = False
     optimizer_in_backward: bool = False  # apply each parameter's update in the backward pass, free its gradient
-    optimizer_offload: bool = False     # optimizer state (and master weights) in CPU memory, updated there
+    optimizer_offload: bool = False     # optimizer state in CPU memory, updated there (CUDA)
     device: str = "auto"
     prefix_sharing: PrefixSharing = "auto"  # score each prompt once (auto: where it measured faster)
     fsdp: bool = False                  # shard parameters, gradients and optimizer state (torchrun)

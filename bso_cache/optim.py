@@ -27,10 +27,10 @@ from .errors import ConfigError
 
 FUSED = ("adamw", "sgd")
 FUSED_DEVICES = ("cpu", "cuda")
-# name -> (library, what to install); the HF Trainer's names without the library prefix
 # Elements of one float32 working slice of a bf16 / offloaded parameter (16 MiB; a multiple of
 # bitsandbytes' 2048- and torchao's 128-element quantization blocks, so slicing changes no state).
 SLICE = 1 << 22
+# name -> (module, package to install); the HF Trainer's names without the library prefix
 LOW_BIT = {"adamw8bit": ("bitsandbytes", "bitsandbytes"), "rmsprop8bit": ("bitsandbytes", "bitsandbytes"),
            "adamw4bit": ("torchao", "torchao")}
 
@@ -80,14 +80,14 @@ def needs_paramwise(cfg: TrainConfig, params) -> bool:
                 or any(p.dtype != torch.float32 for p in params))
 
 
-def make_optimizer(cfg: TrainConfig, params, *, seed: int | None = None):
+def make_optimizer(cfg: TrainConfig, params):
     """The run's optimizer over `params` (a list of trainable parameters)."""
     params = list(params)
     make = _inner_factory(cfg)
     if not needs_paramwise(cfg, params):
         return make(params)
-    return ParamwiseOptimizer(params, make, lr=cfg.lr, offload=cfg.optimizer_offload, in_backward=cfg.optimizer_in_backward,
-                              seed=cfg.seed if seed is None else seed)
+    return ParamwiseOptimizer(params, make, lr=cfg.lr, offload=cfg.optimizer_offload,
+                              in_backward=cfg.optimizer_in_backward, seed=cfg.seed)
 
 
 def stochastic_round(x, dtype, generator):

@@ -1,10 +1,14 @@
 """`bso-cache plan`: the peak memory of a training run, predicted from the model's config alone.
 
 No weights are loaded: the parameter counts come from the config (`config.json` of a local folder
-or a hub id in the local cache), the token counts from `--max-length` or a cache's lengths. The
-prediction is the sum of its components at the training step's peak (the end of the forward,
-when the activations, the head's stored softmax and, without `--optimizer-in-backward`, the
-previous step's state are all held):
+or a hub id in the local cache), the token counts from `--max-length` or a cache's lengths. Each
+component below is its largest size in a step; the peak is
+
+    weights + optimizer state + runtime + max(activations + head, gradients + update)
+
+since the gradients are made as the backward frees the activations (and dropped before the next
+forward), except with `--optimizer-in-backward`, where one tensor's gradient and one update slice
+live beside the activations: weights + state + runtime + activations + head + gradients + update.
 
     weights        parameters x bytes of --dtype (LoRA: + adapters in float32; QLoRA: 4-bit base)
     gradients      trainable parameters x bytes of their dtype (in backward: the largest tensor)
@@ -26,9 +30,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from .errors import ConfigError
-from .head import STORED_SOFTMAX_BYTES
-
-SLICE = 1 << 22  # optim.SLICE (not imported: plan runs without torch's optimizers)
+from .head import STORED_SOFTMAX_BYTES, default_chunk
+from .optim import SLICE
 
 GIB = 1 << 30
 # Saved activations of one Llama-style decoder layer, per token, in units of `hidden` values:
@@ -143,8 +146,6 @@ def predict(shape: ModelShape, o: PlanOptions) -> dict:
     acts += tokens * shape.hidden * (ab + 4)  # embedding output, final norm input (float32 statistics)
     positions = 2 * o.micro_batch * o.response_tokens
     stored = positions * shape.vocab * 4
-    from .head import default_chunk
-
     head = stored if stored <= STORED_SOFTMAX_BYTES else default_chunk(shape.vocab, o.device) * shape.vocab * 4
     head += positions * shape.hidden * 4  # the gathered hidden states
     if not lora:  # the head's float32 (V, H) gradient accumulator
@@ -194,6 +195,11 @@ _NO_LEVER = dict(dtype="float32", optimizer="rmsprop", lora_r=0, qlora=False, gr
                  optimizer_in_backward=False, optimizer_offload=False, autocast="none")
 
 
+def combination(options: PlanOptions, name: str) -> PlanOptions:
+    """`options` with the levers of LEVERS[name] and no other (the batch and lengths kept)."""
+    return replace(options, **{**_NO_LEVER, **LEVERS[name]})
+
+
 def load_shape(model: str, *, gguf_file: str | None = None, trust_remote_code: bool = False) -> ModelShape:
     """The model's shape from its config alone (no weights; a GGUF file's header)."""
     from transformers import AutoConfig
@@ -238,8 +244,8 @@ def plan(model: str, options: PlanOptions, *, gpu_memory: int | None = None, ggu
     if gpu_memory:
         out["gpu_memory"] = gpu_memory
         out["combinations"] = {}
-        for name, kw in LEVERS.items():  # each from no lever at all, with the run's batch and lengths
-            combo = replace(options, **{**_NO_LEVER, **kw})
+        for name in LEVERS:
+            combo = combination(options, name)
             p = predict(shape, combo)
             out["combinations"][name] = {"fits": p["peak_bytes"] <= gpu_memory, "peak_bytes": p["peak_bytes"],
                                          "largest_batch": largest_batch(shape, combo, gpu_memory)}

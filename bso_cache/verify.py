@@ -43,10 +43,10 @@ def verify_cache(path, *, model: str | None = None, sample: int = 0, seed: int =
     chosen, rejected, _ = scorer.score_all([r[S.PROMPT_IDS] for r in rows], [r[S.CHOSEN_IDS] for r in rows],
                                            [r[S.REJECTED_IDS] for r in rows], batch_size=batch_size)
     # (|difference| per response token, per sequence, pair id, which response)
-    diffs = [(abs(c - r[S.REF_CHOSEN_LOGP]) / max(1, len(r[S.CHOSEN_IDS])), abs(c - r[S.REF_CHOSEN_LOGP]),
-              r[S.PAIR_ID], "chosen") for c, r in zip(chosen, rows)]
-    diffs += [(abs(c - r[S.REF_REJECTED_LOGP]) / max(1, len(r[S.REJECTED_IDS])), abs(c - r[S.REF_REJECTED_LOGP]),
-               r[S.PAIR_ID], "rejected") for c, r in zip(rejected, rows)]
+    diffs = [(abs(v - r[ref]) / max(1, len(r[ids])), abs(v - r[ref]), r[S.PAIR_ID], which)
+             for which, values, ids, ref in (("chosen", chosen, S.CHOSEN_IDS, S.REF_CHOSEN_LOGP),
+                                             ("rejected", rejected, S.REJECTED_IDS, S.REF_REJECTED_LOGP))
+             for v, r in zip(values, rows)]
     worst = max(diffs)
     limit = token_tolerance(manifest.reference_dtype, manifest.reference_dtype) if tolerance is None else tolerance
     result.update(checked=len(rows), max_abs_diff=max(d[1] for d in diffs), max_token_diff=worst[0],

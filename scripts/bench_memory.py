@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -59,10 +58,6 @@ def rss_mib() -> float:
     return float("nan")
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def setup(work: Path, n_pairs: int, max_length: int, quick: bool) -> dict:
     """The model (random init, saved once), the HH pairs (nothing truncated) and the float32 cache."""
     from bench_train import setup as bench_setup
@@ -76,6 +71,8 @@ def setup(work: Path, n_pairs: int, max_length: int, quick: bool) -> dict:
 
 def worker(name: str, info: dict, steps: int, batch_size: int, max_length: int) -> dict:
     import importlib
+
+    from bench_train import peak_rss_mib
 
     from bso_cache.allocator import return_freed_memory
     from bso_cache.config import TrainConfig
@@ -115,6 +112,8 @@ def trl_worker(info: dict, out: Path, steps: int, batch_size: int, max_length: i
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
+
+    from bench_train import peak_rss_mib
 
     tok = AutoTokenizer.from_pretrained(info["model"])
     rows = [json.loads(x) for x in Path(info["trl_data"]).read_text().splitlines()]

@@ -12,7 +12,6 @@ import argparse
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +38,7 @@ def main() -> None:
     from transformers import LlamaConfig, Qwen2Config
 
     from bench_train import write_section
-    from bso_cache.plan import _NO_LEVER, LEVERS, PlanOptions, largest_batch, load_shape, predict
+    from bso_cache.plan import LEVERS, PlanOptions, combination, largest_batch, load_shape, predict
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq", type=int, default=1024, help="tokens of prompt + the longer response")
@@ -55,10 +54,10 @@ def main() -> None:
             shapes[name] = load_shape(str(folder))
     lines = ["| lever | " + " | ".join(f"{m} ({shapes[m].params / 1e9:.2f}B)" for m in MODELS) + " |",
              "|---|" + "---|" * len(MODELS)]
-    for lever, kw in LEVERS.items():
+    for lever in LEVERS:
         cells = []
         for m in MODELS:
-            o = replace(base, **{**_NO_LEVER, **kw})
+            o = combination(base, lever)
             peak = predict(shapes[m], o)["peak_bytes"] / 10**9
             fits = [f"{g}: {largest_batch(shapes[m], o, b) or 'no'}" for g, b in GPUS.items()]
             cells.append(f"{peak:.1f} GB; " + ", ".join(fits))
