@@ -16,6 +16,8 @@ Tensor = torch.Tensor
 # With gradients, the head keeps the (N, V) softmax for the backward when it takes at most this
 # much (HH batch of 4 on the GPT-2 vocabulary: ~70 MiB), instead of recomputing the logits.
 STORED_SOFTMAX_BYTES = 256 << 20
+# A 16-bit head's weight gradient is computed in float32 blocks of vocabulary rows of this size.
+GRAD_BLOCK_BYTES = 16 << 20
 
 
 def default_chunk(vocab_size: int, device: torch.device | str = "cpu") -> int:
@@ -99,7 +101,7 @@ class TargetLogProbs(torch.autograd.Function):
                 grad_h[s:s + chunk] = (d.to(weight.dtype) @ weight).to(hidden.dtype)
             if direct_w:
                 grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-                h_acc, rows = h_c.to(acc), max(1, (16 << 20) // (4 * max(h_c.shape[1], 1)))
+                h_acc, rows = h_c.to(acc), max(1, GRAD_BLOCK_BYTES // (4 * max(h_c.shape[1], 1)))
                 for v in range(0, weight.shape[0], rows):
                     grad_w[v:v + rows] = d[:, v:v + rows].t() @ h_acc
             elif need_w:

@@ -166,6 +166,7 @@ def test_bf16_head_gradient_without_a_float32_buffer_equals_the_accumulated_one(
     numbers as the float32 accumulator rounded to bf16 (within one bf16 rounding)."""
     import bso_cache.head as head
 
+    monkeypatch.setattr(head, "GRAD_BLOCK_BYTES", 4 * 32 * 1000)  # blocks of 1,000 vocabulary rows: 3 of them
     torch.manual_seed(0)
     h = torch.randn(40, 32, dtype=torch.bfloat16)
     w = (torch.randn(3000, 32) * 0.1).to(torch.bfloat16)
