@@ -257,14 +257,21 @@ def test_adamw4bit_trains_with_bf16_weights(demo_cache, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_converting_load_equals_from_pretrained(demo_assets, dtype):
+def test_converting_load_equals_from_pretrained(demo_assets, dtype, tmp_path):
     """A float32 checkpoint loaded as bf16/fp16 tensor by tensor (one stored tensor on the host at a
-    time) is the model `from_pretrained(dtype=...)` gives: same tensors, ties, outputs, eval mode."""
-    from transformers import AutoModelForCausalLM
+    time) is the model `from_pretrained(dtype=...)` gives: same tensors, ties, outputs, eval mode.
+    Every tensor of the checkpoint is moved off its initial value, so none can pass unread."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bso_cache.models import _load_converting, load_model
 
-    path = str(demo_assets["model"])
+    model = AutoModelForCausalLM.from_pretrained(str(demo_assets["model"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(str(tmp_path / "m"))
+    AutoTokenizer.from_pretrained(str(demo_assets["model"])).save_pretrained(str(tmp_path / "m"))
+    path = str(tmp_path / "m")
     ours = load_model(path, dtype=dtype)
     theirs = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     a, b = ours.state_dict(), theirs.state_dict()
