@@ -43,20 +43,26 @@ class TargetLogProbs(torch.autograd.Function):
     forward keeps the softmax for the backward (3 matmuls of N x H x V in all; ~1/3 faster on the
     CPU); otherwise it saves (hidden, weight, bias, targets, logsumexp) and the backward recomputes
     each chunk's logits (4 matmuls; one (chunk, V) block at a time whatever N is).
+
+    `matmul_dtype` (bf16/fp16 for float32 weights under autocast) runs the matmuls in that dtype,
+    as autocast runs the model's own output layer; the log-softmax stays in float32. Without it a
+    float32 head under autocast ran three float32 N x H x V matmuls a step: on an H200 at a 152k
+    vocabulary ~90 of the step's ~235 ms (docs/PERFORMANCE.md, "GPU check").
     """
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int,
-                store_bytes: int = 0):
+                store_bytes: int = 0, matmul_dtype: torch.dtype | None = None):
         n = hidden.shape[0]
         acc = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 for checks
+        mm = matmul_dtype or weight.dtype
         store = n * weight.shape[0] * acc.itemsize <= store_bytes
         probs = torch.empty(n, weight.shape[0], dtype=acc, device=hidden.device) if store else None
         out = torch.empty(n, dtype=acc, device=hidden.device)
         lse = torch.empty(n, dtype=acc, device=hidden.device)
-        h = hidden.to(weight.dtype)
+        h, w, b = hidden.to(mm), weight.to(mm), None if bias is None else bias.to(mm)
         for s in range(0, n, chunk):
-            logits = _logits(h[s:s + chunk], weight, bias, acc, None if probs is None else probs[s:s + chunk])
+            logits = _logits(h[s:s + chunk], w, b, acc, None if probs is None else probs[s:s + chunk])
             target = logits.gather(1, targets[s:s + chunk, None]).squeeze(1)
             top = logits.amax(dim=-1, keepdim=True)
             # logsumexp in place: no second (c, V) block
@@ -67,7 +73,7 @@ class TargetLogProbs(torch.autograd.Function):
             lse[s:s + chunk] = lse_c
             out[s:s + chunk] = target - lse_c
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk, ctx.probs = chunk, probs
+        ctx.chunk, ctx.probs, ctx.mm = chunk, probs, mm
         return out
 
     @staticmethod
@@ -79,7 +85,8 @@ class TargetLogProbs(torch.autograd.Function):
         # the stored softmax is used up (in place) by the first backward; a second one through the
         # same graph (retain_graph) recomputes it from the saved log-sum-exp
         probs, ctx.probs = ctx.probs, None
-        h = hidden.to(weight.dtype)
+        mm = ctx.mm
+        h, w, b = hidden.to(mm), weight.to(mm), None if bias is None else bias.to(mm)
         grad_h = torch.empty_like(hidden) if need_h else None
         # a 16-bit head with the softmax kept (one chunk: nothing to accumulate across chunks) gets its
         # gradient in blocks of vocabulary rows, each computed in float32 and stored in the weights'
@@ -92,21 +99,23 @@ class TargetLogProbs(torch.autograd.Function):
             h_c = h[s:s + chunk]
             g = grad_out[s:s + chunk].to(acc)
             if probs is None:
-                d = _logits(h_c, weight, bias, acc).sub_(lse[s:s + chunk, None]).exp_()  # the softmax again
+                d = _logits(h_c, w, b, acc).sub_(lse[s:s + chunk, None]).exp_()  # the softmax again
             else:
                 d = probs[s:s + chunk]
             d.mul_(-g[:, None])                                                # -g * softmax, in place
             d.scatter_add_(1, targets[s:s + chunk, None], g[:, None])          # + g * onehot
             if need_h:
-                grad_h[s:s + chunk] = (d.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_h[s:s + chunk] = (d.to(mm) @ w).to(hidden.dtype)
             if direct_w:
                 grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
                 h_acc, rows = h_c.to(acc), max(1, GRAD_BLOCK_BYTES // (4 * max(h_c.shape[1], 1)))
                 for v in range(0, weight.shape[0], rows):
                     grad_w[v:v + rows] = d[:, v:v + rows].t() @ h_acc
+            elif need_w and mm != weight.dtype:  # float32 weights under autocast: the matmul in its dtype
+                grad_w.add_(d.to(mm).t() @ h_c)
             elif need_w:
                 grad_w.addmm_(d.t(), h_c.to(acc))
             if need_b:
                 grad_b += d.sum(0)
         return (grad_h, grad_w.to(weight.dtype) if need_w else None,
-                grad_b.to(bias.dtype) if need_b else None, None, None, None)
+                grad_b.to(bias.dtype) if need_b else None, None, None, None, None)

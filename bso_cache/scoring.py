@@ -98,6 +98,14 @@ def _attention_implementation(model: nn.Module) -> str | None:
     return getattr(getattr(_unwrap(model), "config", None), "_attn_implementation", None)
 
 
+def _autocast_dtype(weight: Tensor) -> torch.dtype | None:
+    """The dtype autocast runs a float32 linear layer's matmul in here, or None outside autocast."""
+    kind = weight.device.type
+    if weight.dtype == torch.float32 and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
 class SequenceScorer(nn.Module):
     """Wraps a causal LM; forward(layout tensors) -> summed log-probs (2B,) in float64.
 
@@ -133,7 +141,7 @@ class SequenceScorer(nn.Module):
             needs_grad = torch.is_grad_enabled() and (picked.requires_grad or head.weight.requires_grad)
             token_logps = TargetLogProbs.apply(picked, head.weight, head.bias, targets,
                                                self.chunk or default_chunk(head.weight.shape[0], head.weight.device),
-                                               self.store_bytes if needs_grad else 0)
+                                               self.store_bytes if needs_grad else 0, _autocast_dtype(head.weight))
         # the per-token values are float32; their sum runs in float64 (exact to ~1e-9 for any length)
         return torch.zeros(n_sequences, dtype=torch.float64, device=token_logps.device
                            ).index_add_(0, sequence, token_logps.double())
