@@ -24,7 +24,7 @@ from .dist import Dist
 from .errors import CacheError, ConfigError, DataError
 from .shards import EmptyBuild, build_lock, counts_text, read_state, record_sharing, release_memory, remove_build_files, \
     sidecar, sidecar_done, write_manifest, write_state
-from .models import load_model, load_tokenizer, model_identity, resolve_device, weights_digest
+from .models import load_model, load_tokenizer, model_identity, resolve_attention, resolve_device, weights_digest
 from .tokenize import PairTokens, PairTokenizer, apply_length_policy, tokenizer_digest
 
 BUILD_STATE = S.BUILD_STATE_NAME
@@ -259,7 +259,8 @@ def _score_todo(plan: _Plan, todo: list[int]) -> dict:
     records about the model beyond its identity."""
     cfg = plan.cfg
     model = load_model(cfg.model, dtype=cfg.dtype, device=plan.device, gguf_file=cfg.gguf_file,
-                       trust_remote_code=cfg.trust_remote_code)
+                       trust_remote_code=cfg.trust_remote_code, log=plan.log,
+                       attn_implementation=resolve_attention(cfg.attn_implementation, plan.device, training=False))
     model.eval()
     reference = plan.identity["reference"]
     ref_info = {k: v for k, v in model_identity(cfg.model, cfg.gguf_file, model, reference["weights_digest"]).items()

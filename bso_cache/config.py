@@ -25,10 +25,12 @@ OptimizerName = Literal["adamw", "rmsprop", "sgd", "adamw8bit", "rmsprop8bit", "
 Schedule = Literal["cosine", "linear", "constant"]
 Autocast = Literal["none", "bf16", "fp16"]
 PrefixSharing = Literal["auto", "on", "off"]   # see scoring.PairScorer
+Attention = Literal["auto", "sdpa", "eager", "flex_attention"]  # transformers' names; see models.resolve_attention
 
 FORMATS, TEMPLATE_MODES, OVERLONG, DTYPES = get_args(Format), get_args(TemplateMode), get_args(Overlong), get_args(DType)
 PAIR_MODES, ORIENTATIONS, OPTIMIZERS = get_args(PairMode), get_args(Orientation), get_args(OptimizerName)
 SCHEDULES, AUTOCAST, PREFIX_SHARING = get_args(Schedule), get_args(Autocast), get_args(PrefixSharing)
+ATTENTION = get_args(Attention)
 
 
 def _check_choices(cfg, choices: dict[str, tuple]) -> None:
@@ -65,6 +67,7 @@ class BuildConfig:
     dtype: DType = "float32"
     device: str = "auto"
     prefix_sharing: PrefixSharing = "auto"  # score each prompt once (auto: where it measured faster)
+    attn_implementation: Attention = "auto"
     skip_bad_rows: bool = False
     overwrite: bool = False
     trust_remote_code: bool = False
@@ -75,7 +78,7 @@ class BuildConfig:
 
     def validate(self) -> None:
         _check_choices(self, {"format": FORMATS, "template": TEMPLATE_MODES, "overlong": OVERLONG, "dtype": DTYPES,
-                              "prefix_sharing": PREFIX_SHARING})
+                              "prefix_sharing": PREFIX_SHARING, "attn_implementation": ATTENTION})
         for name in ("batch_size", "rows_per_shard"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
@@ -126,6 +129,7 @@ class TrainConfig:
     optimizer_offload: bool = False     # optimizer state in CPU memory, updated there (CUDA)
     device: str = "auto"
     prefix_sharing: PrefixSharing = "auto"  # score each prompt once (auto: where it measured faster)
+    attn_implementation: Attention = "auto"
     fsdp: bool = False                  # shard parameters, gradients and optimizer state (torchrun)
     lora_r: int = 0
     lora_alpha: float = 16.0
@@ -150,7 +154,7 @@ class TrainConfig:
     def validate(self) -> None:
         _check_choices(self, {"pairs": PAIR_MODES, "orientation": ORIENTATIONS, "optimizer": OPTIMIZERS,
                               "lr_schedule": SCHEDULES, "autocast": AUTOCAST, "dtype": DTYPES,
-                              "prefix_sharing": PREFIX_SHARING})
+                              "prefix_sharing": PREFIX_SHARING, "attn_implementation": ATTENTION})
         if self.lr < 0:
             raise ConfigError("--lr must be >= 0")
         if not 0 <= self.warmup_ratio < 1:

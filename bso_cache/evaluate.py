@@ -13,15 +13,16 @@ from .metrics import evaluate_cache
 def run_eval(*, model: str, cache: Path, out: Path | None, batch_size: int, max_pairs: int | None, device: str,
              dtype: str, generate: bool, cost_model: str | None, reward_model: str | None, max_prompts: int,
              max_new_tokens: int, temperature: float, top_p: float, generations: Path | None, seed: int,
-             prefix_sharing: str = "auto") -> dict:
+             prefix_sharing: str = "auto", attn_implementation: str = "auto") -> dict:
     from .generation import cache_prompts, generation_eval
-    from .models import load_model, load_tokenizer, resolve_device
+    from .models import load_model, load_tokenizer, resolve_attention, resolve_device
 
     c = Cache.open(cache)
     tok = load_tokenizer(model)
     check_tokenizer(cache, c.manifest, tok, model)
     dev = resolve_device(device)
-    lm = load_model(model, dtype=dtype, device=dev)
+    lm = load_model(model, dtype=dtype, device=dev,
+                    attn_implementation=resolve_attention(attn_implementation, dev, training=False))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     res = evaluate_cache(lm, c, batch_size=batch_size, device=dev, pad_id=pad, max_pairs=max_pairs,
                          prefix_sharing=prefix_sharing)

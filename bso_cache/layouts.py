@@ -46,12 +46,18 @@ def _check_prompts(prompts: Sequence) -> None:
                          "every prompt needs at least one token")
 
 
+def padded_width(width: int, multiple: int = 1) -> int:
+    """`width` rounded up to a multiple of `multiple` (fewer distinct shapes: see WIDTH_MULTIPLE in scoring)."""
+    return -(-width // multiple) * multiple
+
+
 def make_token_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
-                     pad_id: int = 0) -> TokenBatch:
-    """Sequences prompt + response, right-padded to the longest, scored on the response positions."""
+                     pad_id: int = 0, multiple: int = 1) -> TokenBatch:
+    """Sequences prompt + response, right-padded to the longest (rounded up to `multiple`), scored on
+    the response positions."""
     _check_prompts(prompts)
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-    width = max(lengths)
+    width = padded_width(max(lengths), multiple)
     ids = np.full((len(lengths), width), pad_id, dtype=np.int64)
     attn = np.zeros((len(lengths), width), dtype=np.int64)
     score = np.zeros((len(lengths), width), dtype=bool)
@@ -74,31 +80,83 @@ class ScoringLayout:
     """
 
     input_ids: Tensor            # (R, T) int64
-    attention_mask: Tensor       # (R, T) int64 padding mask, or (R, 1, T, T) bool: True = may attend
+    padding_mask: Tensor         # (R, T) int64: 1 = a token, 0 = padding
     position_ids: Tensor | None  # (R, T) int64; None: 0..T-1 in every row
     source: Tensor               # (N,) int64
     targets: Tensor              # (N,) int64
     sequence: Tensor             # (N,) int64 in [0, 2B)
     n_pairs: int
     tokens: int                  # non-padding tokens fed to the model
+    # shared layout: the pair of each token (-1 = padding) and its part (0 prompt, 1 chosen, 2
+    # rejected), from which `pair_mask` (dense, for SDPA/eager) or `flex_pair_mask` (FlexAttention's
+    # block mask) is built on the device; None for the unshared layout (a plain padding mask)
+    segments: Tensor | None = None  # (R, T) int64
+    parts: Tensor | None = None     # (R, T) int8
 
     @property
     def padded_tokens(self) -> int:
         return self.input_ids.numel()
 
+    @property
+    def attention_mask(self) -> Tensor:
+        """(R, T) padding mask (unshared) or (R, 1, T, T) bool: True = may attend (shared)."""
+        return self.padding_mask if self.segments is None else pair_mask(self.segments, self.parts)
+
     def to(self, device) -> "ScoringLayout":
         def move(t):
             return None if t is None else t.to(device, non_blocking=True)
 
-        return ScoringLayout(move(self.input_ids), move(self.attention_mask), move(self.position_ids),
+        return ScoringLayout(move(self.input_ids), move(self.padding_mask), move(self.position_ids),
                              move(self.source), move(self.targets), move(self.sequence), self.n_pairs,
-                             self.tokens)
+                             self.tokens, move(self.segments), move(self.parts))
 
 
-def unshared_layout(prompts: Sequence, chosen: Sequence, rejected: Sequence, pad_id: int = 0) -> ScoringLayout:
+def pair_mask(segments: Tensor, parts: Tensor) -> Tensor:
+    """The shared layout's mask, (R, 1, T, T) bool on the tensors' device: causal within a pair; a
+    token sees the prompt and its own part (a rejected token never sees the chosen response); a
+    padding query sees itself only (no fully masked row: its softmax would be NaN)."""
+    width = segments.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril_()
+    same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] >= 0)
+    branch = (parts[:, None, :] == 0) | (parts[:, None, :] == parts[:, :, None])
+    mask = causal & same & branch
+    mask |= torch.eye(width, dtype=torch.bool, device=segments.device) & (segments < 0)[:, :, None]
+    return mask[:, None]
+
+
+def flex_pair_mask(segments: Tensor, parts: Tensor):
+    """`pair_mask` as FlexAttention's BlockMask (the same rule, evaluated per block: blocks that
+    no query may see are skipped, so the shared rows cost attention only where pairs attend)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q, kv):
+        sq, skv = segments[b, q], segments[b, kv]
+        pkv = parts[b, kv]
+        seen = (q >= kv) & (sq == skv) & (skv >= 0) & ((pkv == 0) | (pkv == parts[b, q]))
+        return seen | ((q == kv) & (sq < 0))
+
+    rows, width = segments.shape
+    return create_block_mask(mask_mod, rows, None, width, width, device=segments.device)
+
+
+def padding_mask_mod(padding_mask: Tensor):
+    """FlexAttention's BlockMask for right-padded causal rows (the unshared layout)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    lengths = padding_mask.sum(1)
+
+    def mask_mod(b, h, q, kv):
+        return ((q >= kv) & (kv < lengths[b])) | (q == kv)
+
+    rows, width = padding_mask.shape
+    return create_block_mask(mask_mod, rows, None, width, width, device=padding_mask.device)
+
+
+def unshared_layout(prompts: Sequence, chosen: Sequence, rejected: Sequence, pad_id: int = 0,
+                    multiple: int = 1) -> ScoringLayout:
     """2B right-padded rows: prompt + chosen for each pair, then prompt + rejected."""
     b = len(prompts)
-    tb = make_token_batch(list(prompts) * 2, list(chosen) + list(rejected), pad_id)
+    tb = make_token_batch(list(prompts) * 2, list(chosen) + list(rejected), pad_id, multiple)
     width = tb.input_ids.shape[1]
     rows, cols = tb.score_mask[:, 1:].nonzero(as_tuple=True)  # token at cols + 1, predicted at cols
     return ScoringLayout(tb.input_ids, tb.attention_mask, None, rows * width + cols,
@@ -125,7 +183,7 @@ def _pack_rows(lengths: list[int], pack: bool) -> list[list[int]]:
 
 
 def shared_layout(prompts: Sequence, chosen: Sequence, rejected: Sequence, pad_id: int = 0, *,
-                  pack: bool = False) -> ScoringLayout:
+                  pack: bool = False, multiple: int = 1) -> ScoringLayout:
     """One segment [prompt, chosen, rejected] per pair, the prompt scored once.
 
     The block mask lets every token attend causally within its own pair, and a rejected token
@@ -139,7 +197,7 @@ def shared_layout(prompts: Sequence, chosen: Sequence, rejected: Sequence, pad_i
     b = len(prompts)
     lengths = [pair_length(p, c, r, True) for p, c, r in zip(prompts, chosen, rejected)]
     rows = _pack_rows(lengths, pack)
-    width = max(sum(lengths[i] for i in row) for row in rows)
+    width = padded_width(max(sum(lengths[i] for i in row) for row in rows), multiple)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     pos = np.zeros((len(rows), width), dtype=np.int64)
     seg = np.full((len(rows), width), -1, dtype=np.int64)   # pair index of each token, -1 = padding
@@ -167,13 +225,7 @@ def shared_layout(prompts: Sequence, chosen: Sequence, rejected: Sequence, pad_i
             sequence.append(np.full(c, i, dtype=np.int64))
             sequence.append(np.full(j, b + i, dtype=np.int64))
             o += p + c + j
-    seg_t, part_t = torch.from_numpy(seg), torch.from_numpy(part)
-    causal = torch.ones(width, width, dtype=torch.bool).tril_()                   # (T, T)
-    same = (seg_t[:, :, None] == seg_t[:, None, :]) & (seg_t[:, None, :] >= 0)    # (R, T, T)
-    branch = (part_t[:, None, :] == 0) | (part_t[:, None, :] == part_t[:, :, None])
-    mask = causal & same & branch
-    # a padding query attends to itself only: no fully masked row (its softmax would be NaN)
-    mask |= torch.eye(width, dtype=torch.bool) & (seg_t < 0)[:, :, None]
-    return ScoringLayout(torch.from_numpy(ids), mask[:, None], torch.from_numpy(pos),
+    return ScoringLayout(torch.from_numpy(ids), torch.from_numpy((seg >= 0).astype(np.int64)), torch.from_numpy(pos),
                          torch.from_numpy(np.concatenate(source)), torch.from_numpy(np.concatenate(targets)),
-                         torch.from_numpy(np.concatenate(sequence)), b, sum(lengths))
+                         torch.from_numpy(np.concatenate(sequence)), b, sum(lengths),
+                         torch.from_numpy(seg), torch.from_numpy(part))

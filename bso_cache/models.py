@@ -121,10 +121,47 @@ def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None, trust_rem
     return tok
 
 
+# `--attn-implementation auto`, by device kind (docs/PERFORMANCE.md, "GPU check"): on an H200
+# FlexAttention's layouts were exact but slower than SDPA's (build 0.45-0.67x the throughput, a
+# training step 11x the time), so SDPA there too; the CPU has no FlexAttention backward.
+AUTO_ATTENTION = {"cpu": "sdpa", "cuda": "sdpa"}
+
+
+def resolve_attention(choice: str, device: str, *, training: bool) -> str:
+    """transformers' attention implementation for --attn-implementation on this device."""
+    kind = str(device).split(":")[0]
+    name = AUTO_ATTENTION.get(kind, "sdpa") if choice == "auto" else choice
+    if name == "flex_attention":
+        import torch
+
+        try:
+            from torch.nn.attention import flex_attention  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"--attn-implementation flex_attention needs FlexAttention (torch >= 2.5); this is "
+                              f"torch {torch.__version__}: use sdpa") from None
+        if training and kind == "cpu":
+            raise ConfigError(f"--attn-implementation flex_attention: torch {torch.__version__} has no FlexAttention "
+                              f"backward on the CPU, so training with it needs a GPU; train with sdpa here (build, "
+                              f"eval and verify can use flex_attention on the CPU)")
+    return name
+
+
 def load_model(name_or_path: str, *, dtype: str = "float32", device: str = "cpu",
                gguf_file: str | None = None, trust_remote_code: bool = False,
-               attn_implementation: str | None = None):
-    """Load a causal LM (and record the load in LOAD_LOG)."""
+               attn_implementation: str | None = None, log=None):
+    """Load a causal LM (and record the load in LOAD_LOG). A model whose transformers class has no
+    FlexAttention support loads with sdpa instead, with one line through `log`."""
+    try:
+        return _load_model(name_or_path, dtype=dtype, device=device, gguf_file=gguf_file,
+                           trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+    except _NoFlex as e:
+        (log or print)(f"attention: {e}; using sdpa")
+        return _load_model(name_or_path, dtype=dtype, device=device, gguf_file=gguf_file,
+                           trust_remote_code=trust_remote_code, attn_implementation="sdpa")
+
+
+def _load_model(name_or_path: str, *, dtype: str, device: str, gguf_file: str | None, trust_remote_code: bool,
+                attn_implementation: str | None):
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
@@ -142,11 +179,17 @@ def load_model(name_or_path: str, *, dtype: str = "float32", device: str = "cpu"
         try:
             model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
         except (OSError, ValueError) as e:
+            if attn_implementation == "flex_attention" and "flex" in str(e).lower():
+                raise _NoFlex(f"{name_or_path} has no FlexAttention support in transformers") from None
             raise ConfigError(f"could not load a model from '{name_or_path}': {e}") from None
     LOAD_LOG.append(str(name_or_path))
     if gguf_file:
         _forget_gguf_quantizer(model, name_or_path)
     return model.to(device)
+
+
+class _NoFlex(Exception):
+    pass
 
 
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16", "I64": "int64",

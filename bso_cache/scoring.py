@@ -28,7 +28,7 @@ from torch import nn
 
 from .config import PREFIX_SHARING as PREFIX_SHARING_MODES
 from .head import STORED_SOFTMAX_BYTES, TargetLogProbs, default_chunk
-from .layouts import TokenBatch, shared_layout, unshared_layout
+from .layouts import TokenBatch, flex_pair_mask, pair_mask, shared_layout, unshared_layout
 from .tokenize import pair_length
 
 Tensor = torch.Tensor
@@ -36,13 +36,19 @@ Tensor = torch.Tensor
 # Models whose logits are not a plain linear projection of the last hidden state.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
-# Where `auto` may share prompts, by device kind (docs/PERFORMANCE.md): on the CPU it then
-# estimates both layouts' cost on the first batch (`layout_cost`) and shares where that is lower;
-# the GPU has not been measured yet, so `auto` leaves it off there until scripts/gpu_check.sh
-# shows it pays.
-AUTO_PREFIX_SHARING = {"cpu": True, "cuda": False}
-# Attention implementations that take a custom 4D mask as given (transformers passes it through).
-MASK_ATTENTION = ("sdpa", "eager")
+# Where `auto` may share prompts, by device kind (docs/PERFORMANCE.md): it then estimates both
+# layouts' cost on the first batch (`layout_cost`) and shares where that is lower. On CUDA
+# scripts/gpu_check.sh measured the shared training step at 0.86x the unshared one (H200, 0.5B,
+# SDPA; the build the same speed either way), where the estimate says 0.78x: shared.
+AUTO_PREFIX_SHARING = {"cpu": True, "cuda": True}
+# Attention implementations that take the shared layout's mask as given (transformers passes a 4D
+# mask, or FlexAttention's BlockMask, through).
+MASK_ATTENTION = ("sdpa", "eager", "flex_attention")
+# Rows are padded to a multiple of this many tokens, by device kind: each new (rows, width) shape
+# costs a GPU attention kernel a one-off plan (cuDNN) or compilation (FlexAttention), so fewer
+# distinct widths make a build or a run cheaper there (docs/PERFORMANCE.md, "GPU check"); the CPU
+# has no per-shape cost, and padding would only add work.
+WIDTH_MULTIPLE = {"cpu": 1, "cuda": 64}
 # The prefix-sharing probe: pairs scored both ways, and the largest per-token difference that
 # still counts as the same numbers (float32; bf16/fp16), as in the trainer's step-0 check.
 PROBE_PAIRS = 2
@@ -98,6 +104,33 @@ def _attention_implementation(model: nn.Module) -> str | None:
     return getattr(getattr(_unwrap(model), "config", None), "_attn_implementation", None)
 
 
+@contextlib.contextmanager
+def _eager_flex_on_cpu(impl: str | None, device: torch.device):
+    """FlexAttention on the CPU runs uncompiled: torch 2.13's inductor fails to compile the CPU
+    flex kernel once shapes vary (a C++ compile error after the first dynamic-shape recompile), and
+    a static compile per width would take seconds each. On a GPU transformers' compiled flex runs."""
+    if impl != "flex_attention" or device.type != "cpu":
+        yield
+        return
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+    from transformers.integrations import flex_attention as tf_flex
+
+    wrapper = getattr(tf_flex, "WrappedFlexAttention", None)
+    saved = getattr(wrapper, "__call__", None)
+    if saved is None:
+        yield
+        return
+    wrapper.__call__ = lambda self: flex_attention  # transformers asks its wrapper for the compiled function
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention.*")
+            yield
+    finally:
+        wrapper.__call__ = saved
+
+
 def _autocast_dtype(weight: Tensor) -> torch.dtype | None:
     """The dtype autocast runs a float32 linear layer's matmul in here, or None outside autocast."""
     kind = weight.device.type
@@ -120,16 +153,25 @@ class SequenceScorer(nn.Module):
         self.store_bytes = store_bytes
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None,
-                source: Tensor, targets: Tensor, sequence: Tensor, n_sequences: int) -> Tensor:
+                source: Tensor, targets: Tensor, sequence: Tensor, n_sequences: int,
+                segments: Tensor | None = None, segment_parts: Tensor | None = None) -> Tensor:
         inner = _unwrap(self.lm)
         parts = _backbone_and_head(inner)
-        if attention_mask.dim() == 4 and _attention_implementation(inner) == "eager":
+        impl = _attention_implementation(inner)
+        if segments is not None:  # the shared layout: its mask, built here on the device
+            attention_mask = (flex_pair_mask(segments, segment_parts) if impl == "flex_attention"
+                              else pair_mask(segments, segment_parts))
+        if impl == "eager" and attention_mask.dim() == 4:
             # eager attention adds the mask to the scores: 0 where allowed, the float minimum elsewhere
             attention_mask = torch.zeros(attention_mask.shape, dtype=torch.float32, device=input_ids.device
                                          ).masked_fill_(~attention_mask, torch.finfo(torch.float32).min)
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
+        with _eager_flex_on_cpu(impl, input_ids.device):
+            return self._score(parts, kwargs, source, targets, sequence, n_sequences)
+
+    def _score(self, parts, kwargs, source, targets, sequence, n_sequences) -> Tensor:
         if parts is None:  # logits are not a plain projection: the full (R, T, V) logits, then pick
             logits = self.lm(**kwargs).logits                                     # (R, T, V)
             picked = logits.reshape(-1, logits.shape[-1])[source]                 # (N, V)
@@ -185,20 +227,23 @@ class PairLogps:
 
 def score_pairs(model: nn.Module, prompts: Sequence, chosen: Sequence, rejected: Sequence, *,
                 pad_id: int = 0, prefix_sharing: bool = False, pack: bool = False, device=None,
-                autocast: str = "none", chunk: int | None = None) -> PairLogps:
+                autocast: str = "none", chunk: int | None = None, multiple: int | None = None) -> PairLogps:
     """log pi(chosen | prompt) and log pi(rejected | prompt) for each pair, in one forward.
 
     `model` is a causal LM or a (DDP/FSDP-wrapped) `SequenceScorer`; gradients flow when enabled.
-    With `prefix_sharing` the prompt runs once per pair (`shared_layout`), else twice.
+    With `prefix_sharing` the prompt runs once per pair (`shared_layout`), else twice. Rows are
+    padded to a multiple of `multiple` tokens (default: WIDTH_MULTIPLE for the device).
     """
-    layout = (shared_layout(prompts, chosen, rejected, pad_id, pack=pack) if prefix_sharing
-              else unshared_layout(prompts, chosen, rejected, pad_id))
-    device = _model_device(model) if device is None else device
+    device = torch.device(_model_device(model) if device is None else device)
+    multiple = WIDTH_MULTIPLE.get(device.type, 1) if multiple is None else multiple
+    layout = (shared_layout(prompts, chosen, rejected, pad_id, pack=pack, multiple=multiple) if prefix_sharing
+              else unshared_layout(prompts, chosen, rejected, pad_id, multiple))
     layout = layout.to(device)
     b = layout.n_pairs
     with autocast_context(device, autocast):
-        sums = _as_scorer(model, chunk)(layout.input_ids, layout.attention_mask, layout.position_ids,
-                                        layout.source, layout.targets, layout.sequence, 2 * b)
+        sums = _as_scorer(model, chunk)(layout.input_ids, layout.padding_mask, layout.position_ids,
+                                        layout.source, layout.targets, layout.sequence, 2 * b,
+                                        layout.segments, layout.parts)
     return PairLogps(sums[:b], sums[b:], layout.tokens, layout.padded_tokens)
 
 

@@ -30,7 +30,7 @@ from .dist import Dist
 from .errors import CacheError, ConfigError, TrainingError
 from .losses import loss_terms
 from .metrics import MetricsWindow, evaluate_cache, step0_check, step0_tolerance
-from .models import load_model, load_tokenizer, locate_reference, resolve_device, weights_digest
+from .models import load_model, load_tokenizer, locate_reference, resolve_attention, resolve_device, weights_digest
 from .optim import check_optimizer_available, make_optimizer, make_schedule
 from .pairs import PairBatch, count_pairs, epoch_batches, prefetch, token_ids
 from .shards import counts_text
@@ -66,8 +66,7 @@ def _lora(cfg: TrainConfig, model):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, log=print):
-        self.cfg = cfg
-        self.log = log
+        self.cfg, self.log = cfg, log
         self.spec = cfg.loss_spec()
         self.device = resolve_device(cfg.device)
         self.dist = Dist.from_env(self.device)
@@ -120,7 +119,8 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         _set_seed(cfg.seed)
         model = load_model(name, dtype=cfg.dtype, device=self.device, gguf_file=gguf,
-                           trust_remote_code=cfg.trust_remote_code)
+                           trust_remote_code=cfg.trust_remote_code, log=self.log,
+                           attn_implementation=resolve_attention(cfg.attn_implementation, self.device, training=True))
         _disable_dropout(model)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -11,7 +11,7 @@ from .metrics import token_tolerance
 
 def verify_cache(path, *, model: str | None = None, sample: int = 0, seed: int = 0, device: str = "auto",
                  batch_size: int = 8, prefix_sharing: str = "auto", tolerance: float | None = None,
-                 log=print) -> dict:
+                 attn_implementation: str = "auto", log=print) -> dict:
     manifest = read_manifest(path)
     verify_shards(path, manifest)
     cache = Cache(path, manifest)
@@ -20,7 +20,7 @@ def verify_cache(path, *, model: str | None = None, sample: int = 0, seed: int =
     result = {"shards": len(manifest.shards), "pairs": cache.num_pairs, "checked": 0, "max_abs_diff": None}
     if not sample:
         return result
-    from .models import load_model, load_tokenizer, locate_reference, resolve_device
+    from .models import load_model, load_tokenizer, locate_reference, resolve_attention, resolve_device
     from .scoring import PairScorer
 
     name = model or locate_reference(manifest.reference)
@@ -37,7 +37,8 @@ def verify_cache(path, *, model: str | None = None, sample: int = 0, seed: int =
                 rows.append(r)
             i += 1
     dev = resolve_device(device)
-    lm = load_model(name, dtype=manifest.reference_dtype, device=dev, gguf_file=gguf).eval()
+    lm = load_model(name, dtype=manifest.reference_dtype, device=dev, gguf_file=gguf, log=log,
+                    attn_implementation=resolve_attention(attn_implementation, dev, training=False)).eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     scorer = PairScorer(lm, prefix_sharing=prefix_sharing, device=dev, pad_id=pad, log=log)
     chosen, rejected, _ = scorer.score_all([r[S.PROMPT_IDS] for r in rows], [r[S.CHOSEN_IDS] for r in rows],

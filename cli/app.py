@@ -42,9 +42,14 @@ def _run(fn: Callable, *args, **kwargs):
 
 
 PREFIX_SHARING_HELP = ("Score each prompt once for both responses (one sequence prompt+chosen+rejected with a "
-                       "block mask): auto (CPU: where the estimated cost for this model and data is lower; CUDA: "
-                       "off until measured) | on | off. The numbers are the same either way; a model whose attention "
+                       "block mask): auto (where the estimated cost for this model and data is lower: measured on "
+                       "the CPU and an H200) | on | off. The numbers are the same either way; a model whose attention "
                        "cannot take the mask falls back to off with one printed line.")
+
+
+ATTN_HELP = ("transformers' attention: auto (the measured best per device: docs/PERFORMANCE.md) | sdpa | eager | "
+             "flex_attention (prefix sharing with FlexAttention's block mask; training with it needs a GPU). A "
+             "model without FlexAttention support uses sdpa, with one printed line.")
 
 
 def _log(line: str) -> None:
@@ -99,6 +104,7 @@ def build(
     dtype: str = typer.Option(_B.dtype, help="Reference dtype: float32 | bfloat16 | float16 (log-softmax is float32 regardless)."),
     device: str = typer.Option(_B.device, help="auto | cpu | cuda[:N]."),
     prefix_sharing: str = typer.Option(_B.prefix_sharing, "--prefix-sharing", help=PREFIX_SHARING_HELP),
+    attn_implementation: str = typer.Option(_B.attn_implementation, "--attn-implementation", help=ATTN_HELP),
     skip_bad_rows: bool = typer.Option(_B.skip_bad_rows, "--skip-bad-rows", help="Count malformed rows as dropped (with the reason) instead of stopping."),
     overwrite: bool = typer.Option(_B.overwrite, "--overwrite", help="Discard an existing cache in --out made with other settings."),
     trust_remote_code: bool = typer.Option(_B.trust_remote_code, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
@@ -116,7 +122,8 @@ def build(
                       chat_template=str(chat_template) if chat_template else None,
                       system_prompt=system_prompt, max_length=max_length, overlong=overlong,
                       batch_size=batch_size, rows_per_shard=rows_per_shard, dtype=dtype,
-                      device=device, prefix_sharing=prefix_sharing, skip_bad_rows=skip_bad_rows, overwrite=overwrite,
+                      device=device, prefix_sharing=prefix_sharing, attn_implementation=attn_implementation,
+                      skip_bad_rows=skip_bad_rows, overwrite=overwrite,
                       trust_remote_code=trust_remote_code, progress=progress)
     _run(build_cache, cfg, log=_log)
 
@@ -204,6 +211,7 @@ def train(
     optimizer_offload: bool = typer.Option(_T.optimizer_offload, "--optimizer-offload", help="Keep the optimizer state in CPU memory and update there (CUDA only); gradients are clipped on the GPU first."),
     device: str = typer.Option(_T.device, help="auto | cpu | cuda[:N]."),
     prefix_sharing: str = typer.Option(_T.prefix_sharing, "--prefix-sharing", help=PREFIX_SHARING_HELP),
+    attn_implementation: str = typer.Option(_T.attn_implementation, "--attn-implementation", help=ATTN_HELP),
     fsdp: bool = typer.Option(_T.fsdp, "--fsdp", help="Under torchrun: shard parameters, gradients and optimizer state over the processes (FSDP2) instead of DDP."),
     lora_r: int = typer.Option(_T.lora_r, "--lora-r", help="LoRA rank (0: full fine-tuning). Needs peft."),
     lora_alpha: float = typer.Option(_T.lora_alpha, "--lora-alpha", help="LoRA scaling alpha (the update is scaled by alpha / r)."),
@@ -239,7 +247,8 @@ def train(
         batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, seed=seed,
         shuffle=shuffle, shuffle_buffer=shuffle_buffer, dtype=dtype, autocast=autocast,
         gradient_checkpointing=gradient_checkpointing,
-        optimizer_in_backward=optimizer_in_backward, optimizer_offload=optimizer_offload, device=device, prefix_sharing=prefix_sharing, fsdp=fsdp, lora_r=lora_r,
+        optimizer_in_backward=optimizer_in_backward, optimizer_offload=optimizer_offload, device=device, prefix_sharing=prefix_sharing,
+        attn_implementation=attn_implementation, fsdp=fsdp, lora_r=lora_r,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_target=lora_target,
         save_every=save_every, keep_checkpoints=keep_checkpoints, resume=resume,
         overwrite=overwrite, log_every=log_every,
@@ -263,12 +272,13 @@ def verify(
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N]."),
     tolerance: Optional[float] = typer.Option(None, help="Fail if a re-scored log-prob differs by more than this per response token (nats) [default: by the cache's dtype, the step-0 check's rule: 0.001 for float32, 0.05 for bfloat16/float16]."),
     prefix_sharing: str = typer.Option(_T.prefix_sharing, "--prefix-sharing", help=PREFIX_SHARING_HELP),
+    attn_implementation: str = typer.Option(_T.attn_implementation, "--attn-implementation", help=ATTN_HELP),
 ):
     """Check every shard (checksum, size, rows, schema); optionally re-score a sample of pairs."""
     from bso_cache.verify import verify_cache
 
     res = _run(verify_cache, cache, model=model, sample=sample, seed=seed, device=device,
-               prefix_sharing=prefix_sharing, tolerance=tolerance, log=_log)
+               prefix_sharing=prefix_sharing, tolerance=tolerance, attn_implementation=attn_implementation, log=_log)
     _echo_json(res, indent=None)
     if res.get("max_token_diff") is not None and res["max_token_diff"] > res["tolerance_per_token"]:
         typer.echo(f"error: {cache}: pair {res['worst_pair']} ({res['worst_response']}) re-scores "
@@ -299,6 +309,7 @@ def eval_cmd(
     generations: Optional[Path] = typer.Option(None, "--generations", help="Save generations here as JSONL [default: next to --out]."),
     seed: int = typer.Option(0, help="Seed of the sampling."),
     prefix_sharing: str = typer.Option(_T.prefix_sharing, "--prefix-sharing", help=PREFIX_SHARING_HELP),
+    attn_implementation: str = typer.Option(_T.attn_implementation, "--attn-implementation", help=ATTN_HELP),
 ):
     """Preference and safety accuracy from cached reference log-probs (no reference loaded);
     with --generate, harmless rate and mean reward of sampled responses."""
@@ -307,7 +318,8 @@ def eval_cmd(
     res = _run(run_eval, model=model, cache=cache, out=out, batch_size=batch_size, max_pairs=max_pairs,
                device=device, dtype=dtype, generate=generate, cost_model=cost_model, reward_model=reward_model,
                max_prompts=max_prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-               generations=generations, seed=seed, prefix_sharing=prefix_sharing)
+               generations=generations, seed=seed, prefix_sharing=prefix_sharing,
+               attn_implementation=attn_implementation)
     if as_json:
         _echo_json(res)
         return

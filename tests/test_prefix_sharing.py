@@ -8,6 +8,7 @@ whose attention cannot take the block mask.
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -335,3 +336,85 @@ def test_auto_shares_where_the_estimated_cost_is_lower_and_stays_off_on_cuda(tin
         BuildConfig(model="m", data="d", out="o", prefix_sharing="always").validate()
     with pytest.raises(ConfigError, match="--prefix-sharing"):
         TrainConfig(cache="c", out="o", prefix_sharing="yes").validate()
+
+
+# ---------------------------------------------------------------------------------- FlexAttention
+
+@pytest.fixture
+def compiled_flex(monkeypatch):
+    """FlexAttention compiled, as transformers runs it on a GPU: one static compile per shape (the
+    CPU inductor cannot compile flex with dynamic shapes in torch 2.13; scoring runs it eagerly)."""
+    import torch._dynamo
+
+    monkeypatch.setattr(scoring, "_eager_flex_on_cpu", lambda impl, device: contextlib.nullcontext())
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("model_name,data", [("tinystories", "pku"), ("tinystories", "hh"), ("chat", "pku"),
+                                             ("chat", "hh")])
+def test_flex_layouts_equal_the_unshared_layout(shared_caches, tinystories, chat_model, model_name, data):
+    """The shared and the packed layout as FlexAttention block masks, and the unshared one under
+    flex, give the unshared SDPA values within 2e-4 nats per sequence (float32); flex runs eagerly
+    on the CPU, as bso-cache runs it there."""
+    _check_flex_layouts(shared_caches, tinystories, chat_model, model_name, data)
+
+
+@pytest.mark.parametrize("model_name,data", [("tinystories", "pku"), ("chat", "hh")])
+def test_compiled_flex_layouts_equal_the_unshared_layout(shared_caches, tinystories, chat_model, model_name, data,
+                                                         compiled_flex):
+    """The same with transformers' compiled FlexAttention (the GPU's path)."""
+    _check_flex_layouts(shared_caches, tinystories, chat_model, model_name, data)
+
+
+def _check_flex_layouts(shared_caches, tinystories, chat_model, model_name, data):
+    from transformers import AutoModelForCausalLM
+
+    path = tinystories if model_name == "tinystories" else chat_model
+    sdpa = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="sdpa").eval()
+    flex = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="flex_attention").eval()
+    P, C, R, items = cache_pairs(shared_caches[(model_name, data)], n=8)
+    with torch.no_grad():
+        base = score_pairs(sdpa, P, C, R, prefix_sharing=False)
+        for kw in ({"prefix_sharing": True}, {"prefix_sharing": True, "pack": True}, {}):
+            got = score_pairs(flex, P, C, R, **kw)
+            worst = max(float((got.chosen - base.chosen).abs().max()), float((got.rejected - base.rejected).abs().max()))
+            assert worst <= SEQ_ATOL, (kw, worst)
+
+
+def test_flex_block_mask_is_the_dense_mask():
+    """The BlockMask's rule, evaluated densely, is the SDPA mask, packing and padding included."""
+    from bso_cache.layouts import flex_pair_mask, pair_mask
+
+    prompts, chosen, rejected = [[1, 2, 3, 4], [5], [6], [7, 8]], [[7, 8], [9], [10], [1]], [[11], [12], [13, 14], [2, 3]]
+    for pack in (False, True):
+        layout = shared_layout(prompts, chosen, rejected, pad_id=0, pack=pack, multiple=16)
+        block = flex_pair_mask(layout.segments, layout.parts)
+        rows, width = layout.segments.shape
+        q = torch.arange(width)[:, None].expand(width, width)
+        kv = torch.arange(width)[None, :].expand(width, width)
+        dense = torch.stack([block.mask_mod(torch.tensor(r), torch.tensor(0), q, kv) for r in range(rows)])
+        assert torch.equal(dense, pair_mask(layout.segments, layout.parts)[:, 0])
+
+
+def test_training_with_flex_on_the_cpu_is_refused_in_one_line(demo_cache, demo_assets, tmp_path):
+    from bso_cache.train import train
+
+    cfg = TrainConfig(cache=str(demo_cache), out=str(tmp_path / "run"), policy=str(demo_assets["model"]),
+                      attn_implementation="flex_attention", device="cpu", max_steps=1, progress=False)
+    with pytest.raises(ConfigError, match="no FlexAttention backward on the CPU.*train with sdpa"):
+        train(cfg, log=lambda s: None)
+
+
+def test_a_model_without_flex_support_loads_with_sdpa_and_says_so(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from bso_cache.models import load_model
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32)).save_pretrained(tmp_path)
+    lines = []
+    model = load_model(str(tmp_path), attn_implementation="flex_attention", log=lines.append)
+    assert model.config._attn_implementation == "sdpa"
+    assert len(lines) == 1 and "no FlexAttention support" in lines[0] and "using sdpa" in lines[0]
