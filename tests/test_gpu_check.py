@@ -18,7 +18,7 @@ import sys, runpy
 # like the GPU image: no polars, no datasets, and bso_cache not installed (a bare checkout)
 class Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("polars", "datasets"):
+        if name.split(".")[0] in ("polars", "datasets", "bitsandbytes"):
             raise ImportError("blocked " + name)
         return None
 sys.meta_path[:] = [f for f in sys.meta_path if "Editable" not in getattr(f, "__name__", type(f).__name__)]
@@ -34,14 +34,26 @@ def test_gpu_check_runs_tiny_on_cpu_from_a_bare_checkout(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "gpu_check.json").read_text())
-    for key in ("build", "build_shared", "build_shared_packed", "build_plain_forward", "train_bso_cache",
-                "train_bso_cache_shared", "train_reference_online", "train_policy_only"):
-        assert res[key]["tokens_per_s"] > 0
-    # the shared runs really shared (the probe agreed), the unshared ones did not
-    assert res["build_shared"]["prefix_sharing"] and res["train_bso_cache_shared"]["prefix_sharing"]
-    assert res["build"]["prefix_sharing"] is False and res["train_bso_cache"]["prefix_sharing"] is False
+    assert res["errors"] == {} and res["skipped"] == {}
+    for key in ("unshared_w64", "unshared_w1", "shared_sdpa", "packed_sdpa", "unshared_flex", "shared_flex",
+                "packed_flex", "plain_forward"):
+        assert res["build"][key]["pairs_per_s"] > 0, key
+    # every layout equals unshared SDPA on this device (flex: values only, it has no CPU backward)
+    for key, row in res["exactness"].items():
+        assert row["max_abs_seq_diff"] <= 2e-4, key
+        assert (row["grad_rel_diff"] is None) == key.endswith("flex"), key
+    train = res["train"]
+    assert train["shared_sdpa"]["prefix_sharing"] and train["unshared"]["prefix_sharing"] is False
+    assert train["shared_flex"]["skipped"] == "CUDA only" and train["bf16_offload_inbwd_ckpt"]["skipped"] == "CUDA only"
+    # a lever whose library is missing is a row saying so, never left out (bitsandbytes is blocked above)
+    assert train["bf16_adamw8bit"]["skipped"] == "bitsandbytes is not installed here"
+    for key in ("unshared", "bf16", "bf16_inbwd", "ckpt", "reference_online", "policy_only"):
+        assert train[key]["step_seconds"] > 0, key
+    assert train["trl"]["skipped"] == "datasets is not installed here"
+    assert res["rule"]["attention"] in ("sdpa", "flex_attention")
     text = (tmp_path / "gpu_check.md").read_text()
-    assert "| bso-cache train, prefix sharing |" in text and "| bso-cache, prefix sharing + packing |" in text
+    assert "| shared + packed, FlexAttention block mask |" in text and "| bf16 + 8-bit AdamW | skipped" in text
+    assert "Rule outcome" in text
 
 
 @pytest.mark.gpu
