@@ -162,4 +162,38 @@ def clear_run_folder(layout: RunLayout) -> None:
                           f"which no training run wrote; --overwrite removes only a run's own files. Choose "
                           f"another --out, or move those files away")
     for p in root.iterdir():
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if p.name != RunLayout.LOCK:  # held by this run: a new lock file would let a second writer in
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+# Options a resumed run may change: they decide where and how it reports, not what it computes.
+RESUME_FREE = frozenset({"out", "cache", "resume", "overwrite", "progress", "log_every", "save_every",
+                         "keep_checkpoints", "tensorboard", "eval_cache", "eval_every", "device",
+                         "prefix_sharing", "attn_implementation", "step0_tolerance", "trust_remote_code"})
+
+
+def changed_settings(layout: RunLayout, config: dict) -> list[str]:
+    """The options (`--name old -> new`) in which `config` differs from the run's run_config.json."""
+    try:
+        started = json.loads(layout.run_config.read_text())["config"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return []
+    return [f"--{k.replace('_', '-')} {started[k]!r} -> {v!r}" for k, v in config.items()
+            if k not in RESUME_FREE and k in started and started[k] != v]
+
+
+def refuse_changed(layout: RunLayout, config: dict) -> None:
+    changed = changed_settings(layout, config)
+    if changed:
+        raise ConfigError(f"--resume: {layout.root} was started with other settings ({'; '.join(changed)}); "
+                          f"resume it with the run's own settings, or start again with --overwrite or another --out")
+
+
+def finished_run(layout: RunLayout, config: dict) -> dict | None:
+    """A finished run's summary (after refusing changed settings), or None when it is not finished."""
+    try:
+        summary = json.loads(layout.summary.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    refuse_changed(layout, config)
+    return {**summary, "nothing_to_do": True}

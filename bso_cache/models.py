@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from pathlib import Path
 
 from .config import DTYPES
@@ -319,3 +320,31 @@ def model_identity(name_or_path: str, gguf_file: str | None, model, weights: str
         "vocab_size": getattr(model.config, "vocab_size", None),
         "num_parameters": sum(p.numel() for p in model.parameters()),
     }
+
+
+def set_seed(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def disable_dropout(model) -> None:
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def add_lora(cfg, model):
+    """`cfg.lora_r` adapters on `cfg.lora_target` (peft)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ConfigError("--lora-r needs the `peft` package: pip install 'bso-cache[lora]'") from None
+    target = "all-linear" if cfg.lora_target == "all-linear" else cfg.lora_target.split(",")
+    return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                            target_modules=target, task_type="CAUSAL_LM"))

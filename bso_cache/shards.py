@@ -3,12 +3,8 @@ manifest folded from them once every shard is done (then the sidecars and build.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -19,6 +15,7 @@ from .config import BuildConfig, to_dict
 from .dist import Dist
 from .errors import CacheError
 from .hashing import file_sha256
+from .locks import folder_lock
 
 
 def counts_text(counts: dict[str, int]) -> str:
@@ -119,31 +116,10 @@ def _sharing_summary(sides: list[dict]):
     return used.pop() if len(used) == 1 else ("mixed" if used else None)
 
 
-@contextlib.contextmanager
 def build_lock(out: Path, take: bool):
-    """One build at a time into a folder: an exclusive lock on OUT/.build.lock (released by the
-    system when the process dies, so a killed build never blocks the next one)."""
-    if not take:
-        yield
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / S.BUILD_LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise CacheError(f"{out}: another build is writing this cache ({holder}); wait for it to finish, "
-                         f"or choose another --out") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
-                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-        os.close(fd)
+    """One build at a time into a folder (OUT/.build.lock; `locks.folder_lock`)."""
+    return folder_lock(out, S.BUILD_LOCK_NAME, take=take, refuse=lambda holder: CacheError(
+        f"{out}: another build is writing this cache ({holder}); wait for it to finish, or choose another --out"))
 
 
 def remove_build_files(out: Path) -> None:

@@ -97,6 +97,17 @@ def plan_runs(grid: dict[str, list], baselines: list[str]) -> list[tuple[str, di
 
 def run_sweep(cache: str, out: str, grid: dict[str, list], baselines: list[str], base: dict,
               eval_cache: str | None = None, log=print, plots: bool = True) -> list[dict]:
+    """The sweep, holding its folder's lock (one sweep at a time in a folder)."""
+    from .locks import folder_lock
+
+    refuse = lambda holder: ConfigError(f"{out}: another sweep is running in this folder ({holder}); wait for "  # noqa: E731
+                                        f"it to finish, or choose another --out")
+    with folder_lock(Path(out), S.SweepLayout.LOCK, refuse=refuse):
+        return _run_sweep(cache, out, grid, baselines, base, eval_cache, log, plots)
+
+
+def _run_sweep(cache: str, out: str, grid: dict[str, list], baselines: list[str], base: dict,
+               eval_cache: str | None, log, plots: bool) -> list[dict]:
     from .checkpoint import list_checkpoints
     from .models import LOAD_LOG
     from .train import train

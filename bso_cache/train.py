@@ -14,54 +14,29 @@ The loop, top to bottom: `Trainer.run` -> `setup` (policy, scorer, optimizer, sc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-import random
 import time
 from pathlib import Path
 
 from . import schemas as S
 from .cache import Cache, atomic_write_json, check_tokenizer, follow_umask, manifest_path
-from .checkpoint import Position, clear_run_folder, list_checkpoints, listed_files, load_checkpoint, \
-    save_checkpoint, truncate_metrics
+from .checkpoint import Position, clear_run_folder, finished_run, list_checkpoints, listed_files, load_checkpoint, \
+    refuse_changed, save_checkpoint, truncate_metrics
 from .config import TrainConfig, to_dict
 from .dist import Dist
 from .errors import CacheError, ConfigError, TrainingError
 from .losses import loss_terms
 from .metrics import MetricsWindow, evaluate_cache, step0_check, step0_tolerance
-from .models import load_model, load_tokenizer, locate_reference, resolve_attention, resolve_device, weights_digest
+from .models import add_lora, disable_dropout, load_model, load_tokenizer, locate_reference, resolve_attention, \
+    resolve_device, set_seed, weights_digest
 from .optim import check_optimizer_available, make_optimizer, make_schedule
 from .pairs import PairBatch, count_pairs, epoch_batches, prefetch, token_ids
+from .locks import folder_lock
 from .shards import counts_text
 from . import parallel
-
-
-def _set_seed(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _disable_dropout(model) -> None:
-    import torch
-
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-
-
-def _lora(cfg: TrainConfig, model):
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise ConfigError("--lora-r needs the `peft` package: pip install 'bso-cache[lora]'") from None
-    target = "all-linear" if cfg.lora_target == "all-linear" else cfg.lora_target.split(",")
-    return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                            target_modules=target, task_type="CAUSAL_LM"))
 
 
 class Trainer:
@@ -86,6 +61,7 @@ class Trainer:
         self.eval_cache = Cache.open(cfg.eval_cache) if cfg.eval_cache else None
         self.position = Position()
         self._not_ours: set[str] = set()
+        self._lock = contextlib.ExitStack()  # the run folder's lock, held from _prepare_out to the end of run
 
     # ------------------------------------------------------------------ setup
     def _policy_source(self) -> tuple[str, str | None]:
@@ -97,12 +73,18 @@ class Trainer:
         if self.dist.is_main:
             if self.out.exists() and not self.out.is_dir():
                 raise ConfigError(f"--out {self.out} is a file; give a folder for the run")
-            existing = self.out.exists() and any(self.out.iterdir())
+            self._lock.enter_context(folder_lock(self.out, S.RunLayout.LOCK, refuse=lambda holder: ConfigError(
+                f"{self.out}: another training run is writing this folder ({holder}); wait for it to finish, "
+                f"or choose another --out")))
+            existing = any(p.name != S.RunLayout.LOCK for p in self.out.iterdir())
             if existing and not self.cfg.resume:
                 if not self.cfg.overwrite:
-                    raise ConfigError(f"{self.out} is not empty; pass --resume to continue the run "
-                                      f"there, --overwrite to replace it, or another --out")
+                    finished = " holds a finished run" if self.layout.summary.exists() else " is not empty"
+                    raise ConfigError(f"{self.out}{finished}; pass --resume to continue the run there (a finished "
+                                      f"one has nothing to do), --overwrite to replace it, or another --out")
                 clear_run_folder(self.layout)
+            elif existing:
+                refuse_changed(self.layout, to_dict(self.cfg))
             self.out.mkdir(parents=True, exist_ok=True)
             # what the folder holds that this run did not write (a --resume'd folder's own files aside)
             self._not_ours = ({p.name for p in self.out.iterdir()} - S.RunLayout.own_names()
@@ -117,15 +99,15 @@ class Trainer:
         check_tokenizer(self.cache.path, self.manifest, self.tokenizer, name)
         self.policy_is_reference = weights_digest(name, gguf) == self.manifest.weights_digest
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        _set_seed(cfg.seed)
+        set_seed(cfg.seed)
         model = load_model(name, dtype=cfg.dtype, device=self.device, gguf_file=gguf,
                            trust_remote_code=cfg.trust_remote_code, log=self.log,
                            attn_implementation=resolve_attention(cfg.attn_implementation, self.device, training=True))
-        _disable_dropout(model)
+        disable_dropout(model)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
-        self.model = _lora(cfg, model) if cfg.lora_r else model
+        self.model = add_lora(cfg, model) if cfg.lora_r else model
         self.model.train()
         return name
 
@@ -301,6 +283,12 @@ class Trainer:
         return row
 
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            self._lock.close()
+
+    def _run(self) -> dict:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -397,4 +385,9 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, *, log=print) -> dict:
+    """Train; with --resume on a finished run (same settings), say so and change nothing."""
+    done = finished_run(S.RunLayout(Path(cfg.out)), to_dict(cfg)) if cfg.resume else None
+    if done is not None:
+        log(f"{cfg.out}: this run is finished ({done.get('steps')} steps); nothing to do (--overwrite trains it again)")
+        return done
     return Trainer(cfg, log=log).run()

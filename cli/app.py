@@ -257,7 +257,8 @@ def train(
         trust_remote_code=trust_remote_code, progress=progress)
     summary = _run(run_train, cfg, log=_log)
     final = summary["final"] or {}
-    typer.echo(f"trained {summary['steps']} steps -> {summary['out']}; final loss "
+    typer.echo(f"{'finished earlier' if summary.get('nothing_to_do') else 'trained'} {summary['steps']} steps -> "
+               f"{summary['out']}; final loss "
                f"{final.get('loss', float('nan')):.6g}, preference accuracy "
                f"{final.get('preference_accuracy', float('nan')):.3f}")
 

@@ -296,6 +296,7 @@ class RunLayout:
     CHECKPOINT_STATE = "state.json"          # inside checkpoints/step-N/
     CHECKPOINT_WEIGHTS = "model.safetensors"
     TRAINER_STATE = "trainer_state.pt"       # optimizer, scheduler, RNG (torch.load with weights_only=True)
+    LOCK = ".run.lock"                       # held while a run writes the folder (locks.folder_lock)
 
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root))
@@ -335,12 +336,14 @@ class RunLayout:
     def own_names(cls) -> frozenset[str]:
         """The entries of a run folder that a run writes under fixed names."""
         return frozenset({cls.RUN_CONFIG, cls.METRICS, cls.SUMMARY, cls.CHECKPOINTS, cls.TENSORBOARD,
-                          cls.ADAPTER, cls.PLOTS, cls.RUN_CONFIG + ".tmp", cls.SUMMARY + ".tmp"})
+                          cls.ADAPTER, cls.PLOTS, cls.RUN_CONFIG + ".tmp", cls.SUMMARY + ".tmp", cls.LOCK})
 
 
 @dataclass(frozen=True)
 class SweepLayout:
     """A sweep folder (`bso-cache sweep --out`): one run folder per configuration, and the summary."""
+
+    LOCK = ".sweep.lock"  # held while a sweep runs in the folder (locks.folder_lock)
 
     root: Path
 

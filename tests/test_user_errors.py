@@ -280,3 +280,57 @@ def test_version_1_caches_still_read_and_train(demo_cache, tmp_path):
     cli("verify", old)
     cli("train", "--cache", old, "--out", tmp_path / "r", "--max-steps", 1, "--batch-size", 4, "--no-progress")
     assert "written 96" in cli("inspect", old).stdout
+
+
+def _digests(folder):
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_resume_on_a_finished_run_changes_nothing_and_other_settings_are_refused(demo_cache, tmp_path):
+    """A finished run (no checkpoints: --save-every 0) is complete: --resume says so and changes
+    nothing; resuming with other settings is refused naming them; without --resume the refusal
+    does not send the user to a retrain."""
+    out = tmp_path / "run"
+    args = ("train", "--cache", demo_cache, "--out", out, "--max-steps", 2, "--batch-size", 4, "--no-progress")
+    cli(*args)
+    before = _digests(out)
+    proc = cli(*args, "--resume")
+    assert "finished earlier 2 steps" in proc.stdout and "nothing to do" in proc.stderr
+    assert _digests(out) == before
+    one_line_error(cli(*args, "--resume", "--lr", "5e-6", check=False), "started with other settings",
+                   "--lr 1e-06 -> 5e-06")
+    one_line_error(cli(*args, check=False), "holds a finished run")
+    assert _digests(out) == before
+
+
+def test_resuming_an_unfinished_run_with_other_settings_is_refused(demo_cache, tmp_path):
+    out = tmp_path / "run"
+    args = ("train", "--cache", demo_cache, "--out", out, "--batch-size", 4, "--save-every", 1, "--no-progress")
+    cli(*args, "--max-steps", 2)
+    (out / S.RunLayout.SUMMARY).unlink()  # as if killed after its checkpoint at step 1
+    before = _digests(out)
+    one_line_error(cli(*args, "--max-steps", 2, "--resume", "--beta", "0.2", check=False),
+                   "started with other settings", "--beta 0.1 -> 0.2")
+    assert _digests(out) == before
+    proc = cli(*args, "--max-steps", 2, "--resume", "--log-every", 5)  # reporting options may change
+    assert "trained 2 steps" in proc.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_a_second_writer_of_a_run_or_sweep_folder_says_who_holds_it(demo_cache, tmp_path, command):
+    out = tmp_path / "f"
+    out.mkdir()
+    lock = S.RunLayout.LOCK if command == "train" else S.SweepLayout.LOCK
+    args = (("train", "--cache", demo_cache, "--out", out, "--max-steps", 1, "--no-progress") if command == "train"
+            else ("sweep", "--cache", demo_cache, "--out", out, "--max-steps", 1, "--lr", "1e-6"))
+    with open(out / lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write("pid 4242 on testhost, since now")
+        f.flush()
+        one_line_error(cli(*args, check=False), "is writing this folder" if command == "train" else "another sweep",
+                       "pid 4242 on testhost")
+    assert [p.name for p in out.iterdir()] == [lock]  # nothing written
+    cli(*args)  # released: it runs, and removes its lock file
+    assert not (out / lock).exists()
