@@ -301,7 +301,7 @@ def test_training_a_fallback_model_passes_the_step0_check(shared_caches, tinysto
     from bso_cache.models import load_model
 
     impl = _register_mask_ignoring_attention()
-    monkeypatch.setattr(train_mod, "load_model", lambda *a, **k: load_model(*a, attn_implementation=impl, **k))
+    monkeypatch.setattr(train_mod, "load_model", lambda *a, **k: load_model(*a, **{**k, "attn_implementation": impl}))
     logs = []
     summary = train_mod.train(TrainConfig(cache=str(shared_caches[("tinystories", "hh")]), out=str(tmp_path / "r"),
                                           prefix_sharing="on", max_steps=2, batch_size=4, progress=False),
@@ -312,7 +312,7 @@ def test_training_a_fallback_model_passes_the_step0_check(shared_caches, tinysto
     assert len(read_jsonl(tmp_path / "r" / "metrics.jsonl")) == 2
 
 
-def test_auto_shares_where_the_estimated_cost_is_lower_and_stays_off_on_cuda(tinystories):
+def test_auto_shares_where_the_estimated_cost_is_lower_and_stays_off_where_unmeasured(tinystories):
     """Deterministic: long prompts share, short prompts with long responses on an attention-bound
     model (tinystories: 8 heads of 8) do not; the same data decide the same way every run."""
     from types import SimpleNamespace
@@ -330,7 +330,8 @@ def test_auto_shares_where_the_estimated_cost_is_lower_and_stays_off_on_cuda(tin
     assert scoring.layout_cost(wide, *short_prompt, shared=True) > scoring.layout_cost(wide, *short_prompt,
                                                                                        shared=False)
     assert PairScorer(model, prefix_sharing="on", device="cpu").decide(*short_prompt) is True  # on: forced
-    assert PairScorer(model, prefix_sharing="auto", device="cuda").decide([[1, 2]], [[3]], [[4]]) is False
+    # a device kind no check has measured (CPU and CUDA have: docs/PERFORMANCE.md) does not share on auto
+    assert PairScorer(model, prefix_sharing="auto", device="xpu").decide([[1, 2]], [[3]], [[4]]) is False
     assert PairScorer(model, prefix_sharing="off", device="cpu").decide([[1, 2]], [[3]], [[4]]) is False
     with pytest.raises(ConfigError, match="--prefix-sharing"):
         BuildConfig(model="m", data="d", out="o", prefix_sharing="always").validate()
