@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from . import schemas as S
-from .cache import atomic_write_json, empty_columns, manifest_path, read_manifest, write_shard
+from .cache import atomic_write_json, empty_columns, manifest_path, read_manifest, refuse_nesting, write_shard
 from .config import DEFAULT_MAX_LENGTH, DEFAULT_ROWS_PER_SHARD, BuildConfig
 from .formats import Normaliser, Pair
 from .sources import open_source
@@ -85,10 +85,22 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+# what a build writes into its folder besides its shards
+_OURS = (BUILD_STATE, S.MANIFEST_NAME, S.MANIFEST_NAME_V1, BUILD_STATE + ".tmp", S.MANIFEST_NAME + ".tmp",
+         S.BUILD_LOCK_NAME)
+
+
+def _stray(out: Path) -> list[str]:
+    return [p.name for p in out.iterdir() if not p.name.startswith("part-") and p.name not in _OURS]
+
+
 def _prepare_out(out: Path, identity: dict, overwrite: bool, dist: Dist) -> dict | None:
     """Returns the finished manifest when this exact build is already complete."""
     manifest_file, state_path = manifest_path(out), out / BUILD_STATE  # a version-1 cache's manifest too
     if dist.is_main:
+        if overwrite and out.exists() and _stray(out):  # checked before anything is removed
+            raise CacheError(f"{out} holds {_stray(out)[0]}, which no build wrote; --overwrite removes only a "
+                             f"cache's own files, so nothing was removed: move it away, or choose another --out")
         if overwrite and out.exists():
             for p in out.iterdir():
                 if p.name in (S.MANIFEST_NAME, S.MANIFEST_NAME_V1, BUILD_STATE) or p.name.startswith("part-"):
@@ -111,9 +123,7 @@ def _prepare_out(out: Path, identity: dict, overwrite: bool, dist: Dist) -> dict
                                  f"another --out")
             if path == manifest_file:
                 return read_manifest(out)
-    ours = (BUILD_STATE, S.MANIFEST_NAME, S.MANIFEST_NAME_V1, BUILD_STATE + ".tmp", S.MANIFEST_NAME + ".tmp",
-            S.BUILD_LOCK_NAME)
-    stray = [p.name for p in out.iterdir() if not p.name.startswith("part-") and p.name not in ours]
+    stray = _stray(out)
     if stray and not state_path.exists():
         raise CacheError(f"{out} is not empty and is not a bso-cache cache (found {stray[0]}); "
                          f"choose an empty or new --out")
@@ -200,6 +210,7 @@ def build_cache(cfg: BuildConfig, *, log=print) -> S.Manifest:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the cache")
+    refuse_nesting(out, "--out", "cache")
     source = open_source(cfg.data, split=cfg.split, hf_config=cfg.hf_config)
     tokenizer = load_tokenizer(cfg.model, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code)
     ptok = _pair_tokenizer(cfg, tokenizer)

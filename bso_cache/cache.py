@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from . import schemas as S
-from .errors import CacheError
+from .errors import CacheError, ConfigError
 from .hashing import file_sha256
 
 ROW_GROUP_ROWS = 512
@@ -103,6 +103,28 @@ def manifest_path(cache_dir: Path) -> Path:
     cache_dir = Path(cache_dir)
     v1 = cache_dir / S.MANIFEST_NAME_V1
     return v1 if v1.exists() and not (cache_dir / S.MANIFEST_NAME).exists() else cache_dir / S.MANIFEST_NAME
+
+
+def enclosing(path: Path, what: str, *, itself: bool = True) -> Path | None:
+    """The nearest folder at or above `path` (above only, unless `itself`) that is a cache (a
+    manifest or an unfinished build's state) or a training run (its run_config.json), or None."""
+    markers = {"cache": (S.MANIFEST_NAME, S.MANIFEST_NAME_V1, S.BUILD_STATE_NAME), "run": (S.RunLayout.RUN_CONFIG,)}
+    path = Path(path).resolve()
+    for folder in ([path] if itself else []) + list(path.parents):
+        if any((folder / m).is_file() for m in markers[what]):
+            return folder
+    return None
+
+
+def refuse_nesting(out: Path, option: str, kind: str) -> None:
+    """A cache and a run never live inside one another: a run folder inside a cache breaks the readers
+    of the cache's folder (pyarrow.parquet.read_table), and --overwrite of one would reach into the other."""
+    cache = enclosing(out, "cache", itself=kind != "cache")
+    run = enclosing(out, "run", itself=kind != "run")
+    for found, what in ((cache, "cache"), (run, "training run")):
+        if found is not None:
+            raise ConfigError(f"{option} {out} is inside the {what} {found}; a {kind} there would mix with its files: "
+                              f"choose a folder outside it")
 
 
 def read_manifest(cache_dir: Path) -> S.Manifest:

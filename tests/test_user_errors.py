@@ -334,3 +334,25 @@ def test_a_second_writer_of_a_run_or_sweep_folder_says_who_holds_it(demo_cache, 
     assert [p.name for p in out.iterdir()] == [lock]  # nothing written
     cli(*args)  # released: it runs, and removes its lock file
     assert not (out / lock).exists()
+
+
+def test_caches_and_runs_never_nest_and_overwrite_checks_before_it_deletes(demo_assets, demo_cache, tmp_path):
+    """A run folder inside a cache (or a cache inside a run) is refused up front; `build --overwrite`
+    of a cache folder holding something no build wrote refuses before removing anything."""
+    cache = tmp_path / "cache"
+    shutil.copytree(demo_cache, cache)
+    one_line_error(cli("train", "--cache", cache, "--out", cache / "run", "--max-steps", 1, "--no-progress",
+                       check=False), "is inside the cache", "choose a folder outside it")
+    assert not (cache / "run").exists()
+    one_line_error(cli("sweep", "--cache", cache, "--out", cache, "--max-steps", 1, check=False), "is inside the cache")
+    run = tmp_path / "run"
+    cli("train", "--cache", cache, "--out", run, "--max-steps", 1, "--batch-size", 4, "--no-progress")
+    build = ("build", "--model", demo_assets["model"], "--data", demo_assets["train"], "--max-length", 128,
+             "--no-progress")
+    one_line_error(cli(*build, "--out", run / "c", check=False), "is inside the training run")
+    assert not (run / "c").exists()
+    (cache / "notes.txt").write_text("mine")
+    before = _digests(cache)
+    one_line_error(cli(*build, "--out", cache, "--overwrite", "--batch-size", 2, check=False),
+                   "holds notes.txt, which no build wrote", "nothing was removed")
+    assert _digests(cache) == before
