@@ -127,6 +127,14 @@ def refuse_nesting(out: Path, option: str, kind: str) -> None:
                               f"choose a folder outside it")
 
 
+def other_reference(what: str, reference: str, start: str) -> str:
+    """The refusal of rewards measured against another reference than the one a model started from."""
+    return (f"{what} was built with the reference {reference}, but the model started from {start}: the implicit "
+            f"rewards (log pi - log pi_ref) against that reference are not the ones it was trained on. Use a cache "
+            f"built with the model it started from, or pass --allow-other-reference to report them relative to "
+            f"{reference}")
+
+
 def read_manifest(cache_dir: Path) -> S.Manifest:
     """Read and check a finished cache's manifest; errors name the file and the field."""
     cache_dir = Path(cache_dir)

@@ -142,6 +142,7 @@ class TrainConfig:
     log_every: int = 1
     eval_cache: str | None = None
     eval_every: int = 0
+    allow_other_reference: bool = False  # --eval-cache built with another reference: report against it
     tensorboard: bool = False
     step0_tolerance: float | None = None  # None: by dtype (see metrics.step0_tolerance)
     trust_remote_code: bool = False

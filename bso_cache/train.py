@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from . import schemas as S
-from .cache import Cache, atomic_write_json, check_tokenizer, follow_umask, manifest_path, refuse_nesting
+from .cache import Cache, atomic_write_json, check_tokenizer, follow_umask, manifest_path, other_reference, \
+    refuse_nesting
 from .checkpoint import Position, clear_run_folder, finished_run, list_checkpoints, listed_files, load_checkpoint, \
     refuse_changed, save_checkpoint, truncate_metrics
 from .config import TrainConfig, to_dict
@@ -59,6 +60,10 @@ class Trainer:
         self.cache = Cache.open(cfg.cache)  # verifies every shard's checksum
         self.manifest = self.cache.manifest
         self.eval_cache = Cache.open(cfg.eval_cache) if cfg.eval_cache else None
+        if self.eval_cache and self.eval_cache.manifest.weights_digest != self.manifest.weights_digest \
+                and not cfg.allow_other_reference:
+            raise ConfigError(other_reference(f"--eval-cache {cfg.eval_cache}", self.eval_cache.manifest.reference_name,
+                                              f"the reference of --cache, {self.manifest.reference_name}"))
         self.position = Position()
         self._not_ours: set[str] = set()
         self._lock = contextlib.ExitStack()  # the run folder's lock, held from _prepare_out to the end of run
@@ -98,7 +103,8 @@ class Trainer:
         name, gguf = self._policy_source()
         self.tokenizer = load_tokenizer(name, gguf_file=gguf, trust_remote_code=cfg.trust_remote_code)
         check_tokenizer(self.cache.path, self.manifest, self.tokenizer, name)
-        self.policy_is_reference = weights_digest(name, gguf) == self.manifest.weights_digest
+        self.start_digest = weights_digest(name, gguf)  # recorded: eval compares it with a cache's reference
+        self.policy_is_reference = self.start_digest == self.manifest.weights_digest
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         set_seed(cfg.seed)
         model = load_model(name, dtype=cfg.dtype, device=self.device, gguf_file=gguf,
@@ -185,7 +191,7 @@ class Trainer:
                 "config": to_dict(cfg), "loss": dataclasses.asdict(spec), "pairs": counts.as_dict(),
                 "total_steps": self.total_steps, "stopped_by": self.stopped_by, "steps_per_epoch": self.steps_per_epoch,
                 "world_size": self.dist.world, "cache_manifest": str(manifest_path(self.cache.path)),
-                "policy": name, "policy_is_reference": self.policy_is_reference,
+                "policy": name, "policy_is_reference": self.policy_is_reference, "start_weights_digest": self.start_digest,
                 "prefix_sharing": {"used": self.pair_scorer.sharing, "probe": self.pair_scorer.probe}})
 
     # ------------------------------------------------------------------ checkpoints

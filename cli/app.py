@@ -224,6 +224,7 @@ def train(
     log_every: int = typer.Option(_T.log_every, "--log-every", help="Write metrics every N steps."),
     eval_cache: Optional[Path] = typer.Option(_T.eval_cache, "--eval-cache", help="A held-out cache to evaluate on."),
     eval_every: int = typer.Option(_T.eval_every, "--eval-every", help="Evaluate on --eval-cache every N steps."),
+    allow_other_reference: bool = typer.Option(_T.allow_other_reference, "--allow-other-reference", help="Accept an --eval-cache built with another reference than --cache (its rewards are then relative to that reference)."),
     tensorboard: bool = typer.Option(_T.tensorboard, "--tensorboard", help="Also log to OUT/tensorboard."),
     step0_tolerance: Optional[float] = typer.Option(_T.step0_tolerance, "--step0-tolerance", help="Max |log pi - log pi_ref| per response token at step 0 when the policy is the reference [default: 0.001 nats with float32 on both sides, 0.05 otherwise]."),
     trust_remote_code: bool = typer.Option(_T.trust_remote_code, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
@@ -253,6 +254,7 @@ def train(
         save_every=save_every, keep_checkpoints=keep_checkpoints, resume=resume,
         overwrite=overwrite, log_every=log_every,
         eval_cache=str(eval_cache) if eval_cache else None, eval_every=eval_every,
+        allow_other_reference=allow_other_reference,
         tensorboard=tensorboard, step0_tolerance=step0_tolerance,
         trust_remote_code=trust_remote_code, progress=progress)
     summary = _run(run_train, cfg, log=_log)
@@ -311,6 +313,7 @@ def eval_cmd(
     seed: int = typer.Option(0, help="Seed of the sampling."),
     prefix_sharing: str = typer.Option(_T.prefix_sharing, "--prefix-sharing", help=PREFIX_SHARING_HELP),
     attn_implementation: str = typer.Option(_T.attn_implementation, "--attn-implementation", help=ATTN_HELP),
+    allow_other_reference: bool = typer.Option(False, "--allow-other-reference", help="Evaluate a run that started from other weights than the cache's reference (its rewards are then relative to that reference)."),
 ):
     """Preference and safety accuracy from cached reference log-probs (no reference loaded);
     with --generate, harmless rate and mean reward of sampled responses."""
@@ -320,10 +323,11 @@ def eval_cmd(
                device=device, dtype=dtype, generate=generate, cost_model=cost_model, reward_model=reward_model,
                max_prompts=max_prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                generations=generations, seed=seed, prefix_sharing=prefix_sharing,
-               attn_implementation=attn_implementation)
+               attn_implementation=attn_implementation, allow_other_reference=allow_other_reference)
     if as_json:
         _echo_json(res)
         return
+    typer.echo(f"rewards relative to {res['reference']['name_or_path']} ({res['reference']['relation']})")
     typer.echo(f"pairs {res['pairs']}   preference_accuracy {res['preference_accuracy']:.4f}   "
                f"safety_accuracy {_figure(res['safety_accuracy'])} (over {res['safety_pairs']} pairs)   "
                f"mean margin {res['mean_margin']:.3f}")

@@ -129,3 +129,46 @@ def test_report_and_verify(demo_cache, tmp_path):
     assert all(is_png(f) for f in files)
     res = verify_cache(demo_cache, sample=10, log=lambda s: None)
     assert res["checked"] == 10 and res["max_abs_diff"] < 1e-4
+
+
+def test_eval_never_gives_rewards_against_another_reference_silently(demo_assets, demo_cache, tmp_path):
+    """The implicit reward is log pi - log pi_ref of the cache's reference. A run that started from
+    other weights than that reference is refused (naming both) unless --allow-other-reference, and
+    the result says which reference the numbers are relative to; train --eval-cache alike."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bso_cache.build import build_cache
+    from bso_cache.config import BuildConfig
+
+    from .test_cli import cli
+    from .test_user_errors import one_line_error
+
+    other = tmp_path / "other-model"  # the same tokenizer, other weights
+    model = AutoModelForCausalLM.from_pretrained(str(demo_assets["model"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(str(other))
+    AutoTokenizer.from_pretrained(str(demo_assets["model"])).save_pretrained(str(other))
+    other_cache = tmp_path / "other-cache"
+    build_cache(BuildConfig(model=str(other), data=str(demo_assets["eval"]), out=str(other_cache), max_length=128,
+                            batch_size=8, progress=False), log=lambda s: None)
+    run = tmp_path / "run"
+    cli("train", "--cache", demo_cache, "--out", run, "--max-steps", 1, "--batch-size", 4, "--no-progress")
+    proc = cli("eval", "--model", run, "--cache", other_cache, check=False)
+    one_line_error(proc, "was built with the reference", str(other), "--allow-other-reference")
+    res = json.loads(cli("eval", "--model", run, "--cache", other_cache, "--allow-other-reference", "--json").stdout)
+    assert res["reference"] == {"name_or_path": str(other), "relation": "another model (allowed)"}
+    res = json.loads(cli("eval", "--model", run, "--cache", demo_cache, "--json").stdout)
+    assert res["reference"]["relation"] == "the run's starting point"
+    res = json.loads(cli("eval", "--model", demo_assets["model"], "--cache", demo_cache, "--json").stdout)
+    assert res["reference"]["relation"] == "the model itself"
+    args = ("train", "--cache", demo_cache, "--eval-cache", other_cache, "--max-steps", 1, "--batch-size", 4,
+            "--no-progress")
+    one_line_error(cli(*args, "--out", tmp_path / "r2", check=False), "--eval-cache", "was built with the reference")
+    cli(*args, "--out", tmp_path / "r3", "--allow-other-reference")
+    # --generate without a model to score the generations is refused before the evaluation runs
+    one_line_error(cli("eval", "--model", run, "--cache", demo_cache, "--generate", "--out", tmp_path / "e.json",
+                       check=False), "--generate needs --cost-model")
+    assert not (tmp_path / "e.json").exists()
