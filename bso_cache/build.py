@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from . import schemas as S
-from .cache import atomic_write_json, empty_columns, manifest_path, read_manifest, refuse_nesting, write_shard
+from .cache import atomic_write_json, check_out, empty_columns, manifest_path, read_manifest, write_shard
 from .config import DEFAULT_MAX_LENGTH, DEFAULT_ROWS_PER_SHARD, BuildConfig
 from .formats import Normaliser, Pair
 from .sources import open_source
@@ -210,7 +210,7 @@ def build_cache(cfg: BuildConfig, *, log=print) -> S.Manifest:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the cache")
-    refuse_nesting(out, "--out", "cache")
+    check_out(out, "cache")
     source = open_source(cfg.data, split=cfg.split, hf_config=cfg.hf_config)
     tokenizer = load_tokenizer(cfg.model, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code)
     ptok = _pair_tokenizer(cfg, tokenizer)

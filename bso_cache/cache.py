@@ -9,9 +9,12 @@ only complete shards behind.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -60,6 +63,28 @@ def strict_json(obj):
 def to_json(obj, **kwargs) -> str:
     """Strict JSON (null, never NaN) of a result or record."""
     return json.dumps(strict_json(obj), allow_nan=False, **kwargs)
+
+
+def require_writable(path: Path, option: str, *, file: bool = False) -> None:
+    """Refuse, before any work, an output folder (or `file`'s folder) that cannot be created or
+    written: make the missing folders and a probe file, then remove what the probe made."""
+    path = Path(path)
+    folder = path.parent if file else path
+    made = [p for p in [folder, *folder.parents] if not p.exists()][::-1]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+        if file and path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(errno.EACCES, "not writable", str(path))
+    except OSError as e:
+        raise ConfigError(f"{option} {path}: cannot be written ({e.strerror or e}); choose a writable place, or fix "
+                          f"the permissions or the mount") from None
+    finally:
+        for p in reversed(made):
+            with contextlib.suppress(OSError):
+                p.rmdir()
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -125,6 +150,12 @@ def refuse_nesting(out: Path, option: str, kind: str) -> None:
         if found is not None:
             raise ConfigError(f"{option} {out} is inside the {what} {found}; a {kind} there would mix with its files: "
                               f"choose a folder outside it")
+
+
+def check_out(out: Path, kind: str) -> None:
+    """An output folder (`--out`) of a cache, run or sweep: not nested in the other kind, writable."""
+    refuse_nesting(out, "--out", kind)
+    require_writable(out, "--out")
 
 
 def other_reference(what: str, reference: str, start: str) -> str:

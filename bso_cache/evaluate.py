@@ -3,10 +3,11 @@ and optionally the generation-based evaluation (generation.py); results as JSON.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from .cache import Cache, atomic_write_json, check_tokenizer, other_reference
-from .errors import ConfigError
+from .cache import Cache, atomic_write_json, check_tokenizer, other_reference, require_writable
+from .errors import CacheError, ConfigError
 from .metrics import evaluate_cache
 
 
@@ -20,6 +21,11 @@ def run_eval(*, model: str, cache: Path, out: Path | None, batch_size: int, max_
 
     if generate and not (cost_model or reward_model):  # before any work, so no result is computed and lost
         raise ConfigError("--generate needs --cost-model and/or --reward-model to score the responses")
+    if generate and generations is None:
+        generations = (out.with_suffix(".generations.jsonl") if out else Path("generations.jsonl"))
+    for path, option in ((out, "--out"), (generations if generate else None, "--generations")):
+        if path is not None:
+            require_writable(Path(path), option, file=True)
     c = Cache.open(cache)
     relation = reference_relation(model, cache, c.manifest, allow_other_reference)
     tok = load_tokenizer(model)
@@ -32,15 +38,17 @@ def run_eval(*, model: str, cache: Path, out: Path | None, batch_size: int, max_
                          prefix_sharing=prefix_sharing)
     res["reference"] = {"name_or_path": c.manifest.reference_name, "relation": relation}
     if generate:
-        if generations is None:
-            generations = (out.with_suffix(".generations.jsonl") if out else Path("generations.jsonl"))
         res["generation"] = generation_eval(lm, tok, cache_prompts(c, max_prompts), cost_model=cost_model,
                                             reward_model=reward_model, out_jsonl=generations, device=dev,
                                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                             seed=seed)
         res["generation"]["generations"] = str(generations)
     if out is not None:
-        atomic_write_json(Path(out), res)
+        try:
+            atomic_write_json(Path(out), res)
+        except CacheError:  # written late and failed (a full disk): the result is not lost
+            print(json.dumps(res, allow_nan=False))
+            raise
     return res
 
 
@@ -53,7 +61,6 @@ def reference_relation(model: str, cache: Path, manifest, allow: bool) -> str:
     model's starting point. A training run records it (run_config.json); a run that started from
     other weights is refused unless `allow`; a plain model is either the reference itself or of
     unknown origin (reported as such)."""
-    import json
 
     from .models import resolve_dir, weights_digest
     from .schemas import RunLayout

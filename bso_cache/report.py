@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .cache import require_writable
 from .errors import ConfigError
 from .schemas import PAIR_TYPES, RunLayout, SweepLayout
 
@@ -49,6 +50,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     out = Path(out) if out else RunLayout(run_dir).plots
+    require_writable(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))

@@ -102,9 +102,9 @@ def run_sweep(cache: str, out: str, grid: dict[str, list], baselines: list[str],
 
     refuse = lambda holder: ConfigError(f"{out}: another sweep is running in this folder ({holder}); wait for "  # noqa: E731
                                         f"it to finish, or choose another --out")
-    from .cache import refuse_nesting
+    from .cache import check_out
 
-    refuse_nesting(Path(out), "--out", "sweep")
+    check_out(Path(out), "sweep")
     with folder_lock(Path(out), S.SweepLayout.LOCK, refuse=refuse):
         return _run_sweep(cache, out, grid, baselines, base, eval_cache, log, plots)
 

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from . import schemas as S
-from .cache import Cache, atomic_write_json, check_tokenizer, follow_umask, manifest_path, other_reference, \
-    refuse_nesting
+from .cache import Cache, atomic_write_json, check_out, check_tokenizer, follow_umask, manifest_path, \
+    other_reference
 from .checkpoint import Position, clear_run_folder, finished_run, list_checkpoints, listed_files, load_checkpoint, \
     refuse_changed, save_checkpoint, truncate_metrics
 from .config import TrainConfig, to_dict
@@ -78,7 +78,7 @@ class Trainer:
         if self.dist.is_main:
             if self.out.exists() and not self.out.is_dir():
                 raise ConfigError(f"--out {self.out} is a file; give a folder for the run")
-            refuse_nesting(self.out, "--out", "run")
+            check_out(self.out, "run")
             self._lock.enter_context(folder_lock(self.out, S.RunLayout.LOCK, refuse=lambda holder: ConfigError(
                 f"{self.out}: another training run is writing this folder ({holder}); wait for it to finish, "
                 f"or choose another --out")))

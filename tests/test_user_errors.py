@@ -356,3 +356,32 @@ def test_caches_and_runs_never_nest_and_overwrite_checks_before_it_deletes(demo_
     one_line_error(cli(*build, "--out", cache, "--overwrite", "--batch-size", 2, check=False),
                    "holds notes.txt, which no build wrote", "nothing was removed")
     assert _digests(cache) == before
+
+
+@pytest.fixture
+def unwritable(tmp_path):
+    """A folder nothing can be written into, root included (mode 555 does not stop root): immutable."""
+    import subprocess
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    yield folder
+    subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_an_unwritable_out_is_one_line_before_any_work(demo_assets, demo_cache, unwritable, tmp_path):
+    run = tmp_path / "run"
+    cli("train", "--cache", demo_cache, "--out", run, "--max-steps", 1, "--batch-size", 4, "--no-progress")
+    for args in (("build", "--model", demo_assets["model"], "--data", demo_assets["train"], "--out", unwritable / "c"),
+                 ("build", "--model", demo_assets["model"], "--data", demo_assets["train"],
+                  "--out", unwritable / "a" / "b"),
+                 ("train", "--cache", demo_cache, "--out", unwritable / "run", "--max-steps", 1),
+                 ("sweep", "--cache", demo_cache, "--out", unwritable / "sw", "--max-steps", 1, "--lr", "1e-6"),
+                 ("eval", "--model", run, "--cache", demo_cache, "--out", unwritable / "e.json"),
+                 ("report", run, "--out", unwritable / "plots")):
+        proc = cli(*args, check=False)
+        one_line_error(proc, f"--out {args[args.index('--out') + 1]}: cannot be written")
+        assert "step-0 check" not in proc.stderr and "re-scored" not in proc.stderr  # nothing ran first
+    assert list(unwritable.iterdir()) == []
