@@ -344,6 +344,7 @@ TRAIN_VARIANTS = [  # key, label, TrainConfig overrides, library needed
      {"dtype": "bfloat16", "autocast": "none", "optimizer_offload": True, "optimizer_in_backward": True,
       "grad_clip": 0.0, "gradient_checkpointing": True}, "cuda"),
     ("lora", "LoRA r16 on bf16 weights", {"dtype": "bfloat16", "autocast": "none", "lora_r": 16}, "peft"),
+    ("qlora", "QLoRA r16 (4-bit base)", {}, "qlora"),
 ]
 
 
@@ -361,6 +362,8 @@ def _missing(need: str | None, device: str) -> str | None:
         return None
     if need == "cuda":
         return None if device.startswith("cuda") else "CUDA only"
+    if need == "qlora":
+        return "bso-cache train has no QLoRA option yet (issue 17)"
     return None if importable(need) else f"{need} is not installed here"
 
 

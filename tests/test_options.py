@@ -75,3 +75,9 @@ def test_bf16_cache_with_float32_policy_passes_step0(demo_assets, tmp_path):
     step0 = summary["step0"]
     assert step0["policy_is_reference"] and step0["tolerance_per_token"] == 0.05
     assert 0 < step0["max_per_token"] < 0.05
+    # bf16 end to end: a bf16 policy on the bf16 cache passes the same check (other batches than the
+    # build's, so the padding and hence the bf16 rounding differ: not 0)
+    summary = run(tmp_path / "c", tmp_path / "r16", max_steps=1, batch_size=8, dtype="bfloat16")
+    step0 = summary["step0"]
+    assert step0["policy_is_reference"] and step0["tolerance_per_token"] == 0.05
+    assert step0["max_per_token"] < 0.05
