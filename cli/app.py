@@ -52,6 +52,16 @@ ATTN_HELP = ("transformers' attention: auto (the measured best per device: docs/
              "model without FlexAttention support uses sdpa, with one printed line.")
 
 
+RECIPE_HELP = ("A recipe file (YAML, TOML or JSON; a run's run_config.json too): keys are this command's option "
+               "names, flags given here override it.")
+
+
+def _use_recipe(ctx: typer.Context, param, value):
+    from .recipes import use_recipe
+
+    return use_recipe(ctx, param, value)
+
+
 def _log(line: str) -> None:
     """A progress line on stderr, written above any progress bar instead of through it."""
     import sys
@@ -87,6 +97,7 @@ def _echo_json(obj, indent: int | None = 2) -> None:
 # --------------------------------------------------------------------------------------- build
 @app.command()
 def build(
+    config: Optional[Path] = typer.Option(None, "--config", help=RECIPE_HELP, is_eager=True, callback=_use_recipe),
     model: str = typer.Option(..., "--model", "-m", help="Reference model: local folder or hub id (in the local HF cache)."),
     data: str = typer.Option(..., "--data", "-d", help="Input: JSONL/JSON/Parquet/CSV file or folder, a save_to_disk folder, or a HF dataset name."),
     out: Path = typer.Option(..., "--out", "-o", help="Cache folder to write (resumed if unfinished)."),
@@ -175,6 +186,7 @@ def _train_config(**kw):
 
 @app.command()
 def train(
+    config: Optional[Path] = typer.Option(None, "--config", help=RECIPE_HELP, is_eager=True, callback=_use_recipe),
     cache: Path = typer.Option(..., "--cache", "-c", help="Cache folder from `bso-cache build`."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: final model (from_pretrained format), metrics.jsonl, run_config.json, checkpoints/."),
     policy: Optional[str] = typer.Option(_T.policy, "--policy", help="Policy to train [default: the reference recorded in the manifest]. Must share the cache's tokenizer."),
@@ -347,6 +359,7 @@ def _figure(value) -> str:
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def sweep(
     ctx: typer.Context,
+    config: Optional[Path] = typer.Option(None, "--config", help=RECIPE_HELP + " Any train option may be in it too.", is_eager=True, callback=_use_recipe),
     cache: Path = typer.Option(..., "--cache", "-c", help="Cache folder from `bso-cache build` (one for every run)."),
     out: Path = typer.Option(..., "--out", "-o", help="Sweep folder: one subfolder per run, summary.csv/.json, PNG plots."),
     baselines: Optional[str] = typer.Option(None, help="Comma-separated: dpo-helpful, dpo-harmless, safedpo, bso (BSO.md settings)."),
@@ -380,7 +393,7 @@ def sweep(
     """
     from bso_cache.sweep import parse_grid, run_sweep
 
-    passed = _train_options(ctx.args)
+    passed = {**ctx.meta.get("recipe_train_options", {}), **_train_options(ctx.args)}
     grid = _run(parse_grid, {"generator": generator, "beta": beta, "safety_penalty": safety_penalty, "lam": lam,
                              "scale": scale, "mu": mu, "clamp": clamp, "label_smoothing": label_smoothing,
                              "pairs": pairs, "orientation": orientation, "optimizer": optimizer, "lr": lr,

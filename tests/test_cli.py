@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -148,3 +149,76 @@ def test_verify_judges_a_cache_by_its_dtype_and_a_mismatch_is_exit_2(demo_assets
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and "nats per token off the cache" in err[0] and "pair " in err[0]
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "docs" / "recipes"
+
+
+def _config(run):
+    return json.loads((Path(run) / "run_config.json").read_text())["config"]
+
+
+@pytest.mark.parametrize("name", ["bso", "safedpo", "dpo-helpful", "dpo-harmless"])
+def test_shipped_train_recipes_load_validate_and_run(demo_cache, tmp_path, name):
+    import yaml
+
+    recipe = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
+    cli("train", "--config", RECIPES / f"{name}.yaml", "--cache", demo_cache, "--out", tmp_path / "r",
+        "--max-steps", 1, "--batch-size", 4, "--no-progress")
+    config = _config(tmp_path / "r")
+    for key, value in recipe.items():
+        if key != "batch-size":  # overridden on the command line above
+            assert config[key.replace("-", "_")] == value, key
+    assert config["batch_size"] == 4
+
+
+def test_a_recipe_equals_its_flags_flags_override_it_and_a_run_config_reproduces_the_run(demo_cache, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"cache: {demo_cache}\ngenerator: logistic\nsafety-penalty: 10\nlr: 2.0e-6\nmax_steps: 2\n"
+                      f"batch-size: 4\nshuffle: false\nprogress: false\n")
+    cli("train", "--config", recipe, "--out", tmp_path / "a")
+    cli("train", "--cache", demo_cache, "--generator", "logistic", "--safety-penalty", 10, "--lr", "2e-6",
+        "--max-steps", 2, "--batch-size", 4, "--no-shuffle", "--no-progress", "--out", tmp_path / "b")
+    a, b = _config(tmp_path / "a"), _config(tmp_path / "b")
+    assert {k: (a[k], b[k]) for k in a if a[k] != b[k]} == {"out": (str(tmp_path / "a"), str(tmp_path / "b"))}
+    cli("train", "--config", recipe, "--out", tmp_path / "c", "--lr", "3e-6")  # a flag beats the file
+    assert _config(tmp_path / "c")["lr"] == 3e-6
+    # the saved run_config.json is itself a recipe: the same run again
+    cli("train", "--config", tmp_path / "a" / "run_config.json", "--out", tmp_path / "d")
+    d = _config(tmp_path / "d")
+    assert {k: (a[k], d[k]) for k in a if a[k] != d[k]} == {"out": (str(tmp_path / "a"), str(tmp_path / "d"))}
+    summaries = [json.loads((tmp_path / x / "summary.json").read_text())["final"]["loss"] for x in "ad"]
+    assert summaries[0] == summaries[1]
+    # TOML too
+    toml = tmp_path / "r.toml"
+    toml.write_text('generator = "logistic"\nmax-steps = 1\nbatch-size = 4\nprogress = false\n')
+    cli("train", "--config", toml, "--cache", demo_cache, "--out", tmp_path / "e")
+    assert _config(tmp_path / "e")["max_steps"] == 1
+
+
+def test_a_bad_recipe_is_one_line_naming_the_key_and_the_file(demo_cache, tmp_path):
+    from .test_user_errors import one_line_error
+
+    for body, needles in (("learning_rate: 1e-6\n", ("unknown key 'learning_rate'", "r.yaml")),
+                          ("lr: fast\n", ("key 'lr'", "r.yaml")),
+                          ("- lr\n", ("holds no mapping", "r.yaml")),
+                          ("lr: [1\n", ("not a valid YAML file", "r.yaml"))):
+        (tmp_path / "r.yaml").write_text(body)
+        proc = cli("train", "--config", tmp_path / "r.yaml", "--cache", demo_cache, "--out", tmp_path / "x",
+                   check=False)
+        one_line_error(proc, *needles)
+    assert not (tmp_path / "x").exists()
+
+
+def test_build_and_sweep_take_recipes_and_a_sweep_recipe_passes_train_options(demo_assets, demo_cache, tmp_path):
+    cli("build", "--config", RECIPES / "build-pku.toml", "--model", demo_assets["model"], "--data",
+        demo_assets["train"], "--out", tmp_path / "c", "--max-length", 128, "--dtype", "float32", "--no-progress")
+    manifest = json.loads((tmp_path / "c" / ".manifest.json").read_text())
+    # the file's split and batch size, the command line's data, length and dtype
+    assert manifest["input"]["split"] == "train" and manifest["build_config"]["batch_size"] == 8
+    assert manifest["tokenization"]["max_length"] == 128 and manifest["reference_pass"]["dtype"] == "float32"
+    recipe = tmp_path / "s.yaml"
+    recipe.write_text("generator: logistic,sba\nmax-steps: '1'\ngrad-clip: 5.0\nbatch-size: '4'\n")
+    cli("sweep", "--config", recipe, "--cache", demo_cache, "--out", tmp_path / "sw")
+    runs = sorted(p for p in (tmp_path / "sw").iterdir() if (p / "run_config.json").exists())
+    assert len(runs) == 2 and all(_config(r)["grad_clip"] == 5.0 for r in runs)
