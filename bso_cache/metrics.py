@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from .cache import Cache
-from .errors import CacheError, MismatchError
+from .errors import CacheError, ConfigError, MismatchError
 from .losses import pair_diagnostics
 from .schemas import PAIR_TYPES, pair_type
 from .pairs import epoch_batches, token_ids
@@ -204,3 +204,12 @@ def step0_check(batch, lp, *, tolerance: float, policy_is_reference: bool, log=p
             f"built from other weights or another tokenizer/template, or in another dtype ({hint}). Rebuild "
             f"the cache, or raise --step0-tolerance if the difference is intended")
     return figure
+
+
+def tensorboard_writer(layout):
+    """`--tensorboard`: a SummaryWriter into the run's tensorboard folder."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("--tensorboard needs the `tensorboard` package: pip install 'bso-cache[tensorboard]'") from None
+    return SummaryWriter(str(layout.tensorboard))

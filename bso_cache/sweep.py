@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import schemas as S
 from .config import BASELINES, TrainConfig
+from .card import sweep_card
 from .errors import ConfigError
 
 SWEEPABLE = ("generator", "beta", "safety_penalty", "lam", "scale", "mu", "clamp", "clamp_lower", "clamp_upper",
@@ -179,3 +180,4 @@ def _write_summary(out_dir: Path, rows: list[dict]) -> None:
         for r in rows:
             w.writerow(r)
     layout.summary_json.write_text(json.dumps(rows, indent=2))
+    (out_dir / "README.md").write_text(sweep_card(rows))

@@ -30,7 +30,8 @@ from .config import TrainConfig, to_dict
 from .dist import Dist
 from .errors import CacheError, ConfigError, TrainingError
 from .losses import loss_terms
-from .metrics import MetricsWindow, evaluate_cache, step0_check, step0_tolerance
+from .card import write_cards
+from .metrics import MetricsWindow, evaluate_cache, step0_check, step0_tolerance, tensorboard_writer
 from .models import add_lora, disable_dropout, load_model, load_tokenizer, locate_reference, resolve_attention, \
     resolve_device, set_seed, weights_digest
 from .optim import check_optimizer_available, make_optimizer, make_schedule
@@ -301,7 +302,7 @@ class Trainer:
         cfg = self.cfg
         self.setup()
         stream = prefetch(self._step_batches())
-        tb = self._tensorboard()
+        tb = tensorboard_writer(self.layout) if cfg.tensorboard and self.dist.is_main else None
         bar = tqdm(total=self.total_steps, initial=self.position.step, unit="step", desc="training",
                    disable=not (cfg.progress and self.dist.is_main), dynamic_ncols=True)
         window = MetricsWindow()
@@ -331,11 +332,11 @@ class Trainer:
     def _finish(self, last: dict) -> dict:
         files = self._save_final()
         summary = {"steps": self.position.step, "stopped_by": self.stopped_by, "final": last, "step0": self.step0,
-                   "out": str(self.out),
-                   "pairs": self.pair_counts.as_dict(), "files": files}
+                   "out": str(self.out), "pairs": self.pair_counts.as_dict(), "files": files}
         if self.eval_cache is not None:
             summary["eval"] = self._evaluate()
-        if self.dist.is_main:
+        if self.dist.is_main:  # the model card (README.md) is one of the run's files
+            summary["files"] = sorted(set(files) | set(write_cards(self.layout, summary, manifest_path(self.cache.path))))
             atomic_write_json(self.layout.summary, summary)
         if self.dist.enabled:
             # DDP's reducer (C++ threads) must go before the process group, or the process can
@@ -362,15 +363,6 @@ class Trainer:
     def _evaluate(self) -> dict:
         return evaluate_cache(self.pair_scorer.with_module(self._eval_model), self.eval_cache,
                               batch_size=self.cfg.micro_batch)
-
-    def _tensorboard(self):
-        if not (self.cfg.tensorboard and self.dist.is_main):
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ConfigError("--tensorboard needs the `tensorboard` package: pip install 'bso-cache[tensorboard]'") from None
-        return SummaryWriter(str(self.layout.tensorboard))
 
     def _save_final(self) -> list[str]:
         """The final model and tokenizer in from_pretrained format; returns the names written."""

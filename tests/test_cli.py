@@ -222,3 +222,5 @@ def test_build_and_sweep_take_recipes_and_a_sweep_recipe_passes_train_options(de
     cli("sweep", "--config", recipe, "--cache", demo_cache, "--out", tmp_path / "sw")
     runs = sorted(p for p in (tmp_path / "sw").iterdir() if (p / "run_config.json").exists())
     assert len(runs) == 2 and all(_config(r)["grad_clip"] == 5.0 for r in runs)
+    card = (tmp_path / "sw" / "README.md").read_text()  # the sweep's summary table as a card
+    assert card.count("| generator-") == 2 and "| run |" in card

@@ -81,3 +81,26 @@ def test_bf16_cache_with_float32_policy_passes_step0(demo_assets, tmp_path):
     step0 = summary["step0"]
     assert step0["policy_is_reference"] and step0["tolerance_per_token"] == 0.05
     assert step0["max_per_token"] < 0.05
+
+
+def test_every_saved_model_folder_has_a_hub_model_card(demo_cache, tmp_path):
+    """README.md with YAML front matter (library, the bso tag), the loss, the cache, the options and
+    the final metrics equal to summary.json's, in the model folder and the LoRA adapter folder."""
+    import yaml
+
+    from bso_cache.card import model_card
+
+    pytest.importorskip("peft")
+    summary = run(demo_cache, tmp_path / "r", max_steps=2, batch_size=4, lora_r=4)
+    for folder, library in ((tmp_path / "r", "transformers"), (tmp_path / "r" / "adapter", "peft")):
+        text = (folder / "README.md").read_text()
+        front = yaml.safe_load(text.split("---")[1])
+        assert front["library_name"] == library and "bso" in front["tags"] and "base_model" not in front  # a local path
+        assert f"| loss | {summary['final']['loss']} |" in text and "| generator | sba |" in text
+        assert "@article{bso2026" in text
+    assert "README.md" in summary["files"]
+    # a hub id as the starting point becomes base_model; a hub dataset becomes datasets
+    card = model_card({"policy": "Qwen/Qwen2.5-0.5B-Instruct", "config": {}, "loss": {}}, {"final": {}},
+                      {"input": {"hf_name": "PKU-Alignment/PKU-SafeRLHF"}})
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == "Qwen/Qwen2.5-0.5B-Instruct" and front["datasets"] == ["PKU-Alignment/PKU-SafeRLHF"]
