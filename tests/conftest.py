@@ -130,3 +130,17 @@ def pku_cache(pku_path, tinystories, tmp_path_factory) -> Path:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def perturbed_copy(model_dir: Path, out: Path, scale: float = 0.05) -> Path:
+    """The model with other weights (every parameter moved by scale x N(0, 1)) and the same tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    model.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(out))
+    return out

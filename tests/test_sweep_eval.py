@@ -135,22 +135,14 @@ def test_eval_never_gives_rewards_against_another_reference_silently(demo_assets
     """The implicit reward is log pi - log pi_ref of the cache's reference. A run that started from
     other weights than that reference is refused (naming both) unless --allow-other-reference, and
     the result says which reference the numbers are relative to; train --eval-cache alike."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from bso_cache.build import build_cache
     from bso_cache.config import BuildConfig
 
+    from .conftest import perturbed_copy
     from .test_cli import cli
     from .test_user_errors import one_line_error
 
-    other = tmp_path / "other-model"  # the same tokenizer, other weights
-    model = AutoModelForCausalLM.from_pretrained(str(demo_assets["model"]))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(str(other))
-    AutoTokenizer.from_pretrained(str(demo_assets["model"])).save_pretrained(str(other))
+    other = perturbed_copy(demo_assets["model"], tmp_path / "other-model")  # the same tokenizer, other weights
     other_cache = tmp_path / "other-cache"
     build_cache(BuildConfig(model=str(other), data=str(demo_assets["eval"]), out=str(other_cache), max_length=128,
                             batch_size=8, progress=False), log=lambda s: None)

@@ -108,15 +108,9 @@ def test_step0_check_catches_a_wrong_cache(demo_cache, tmp_path):
 
 
 def test_other_policy_weights_are_allowed_and_reported(demo_assets, demo_cache, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .conftest import perturbed_copy
 
-    other = tmp_path / "other"
-    model = AutoModelForCausalLM.from_pretrained(str(demo_assets["model"]))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(str(other))
-    AutoTokenizer.from_pretrained(str(demo_assets["model"])).save_pretrained(str(other))
+    other = perturbed_copy(demo_assets["model"], tmp_path / "other")
     summary = run(demo_cache, tmp_path / "r", policy=str(other), max_steps=2, batch_size=4)
     assert not summary["step0"]["policy_is_reference"] and summary["step0"]["max_abs_diff"] > 0.05
 
