@@ -22,7 +22,7 @@ from .formats import Normaliser, Pair
 from .sources import open_source
 from .dist import Dist
 from .errors import CacheError, ConfigError, DataError
-from .shards import EmptyBuild, build_lock, counts_text, read_state, record_sharing, release_memory, remove_build_files, \
+from .shards import EmptyBuild, build_lock, counts_text, drop_warning, read_state, record_sharing, release_memory, remove_build_files, \
     sidecar, sidecar_done, write_manifest, write_state
 from .models import load_model, load_tokenizer, model_identity, resolve_attention, resolve_device, weights_digest
 from .tokenize import PairTokens, PairTokenizer, apply_length_policy, tokenizer_digest
@@ -299,7 +299,11 @@ def _fold(plan: _Plan, n_blocks: int, ref_info: dict | None) -> S.Manifest:
     plan.log(f"wrote {out}: {r['written']} pairs in {len(manifest.shards)} shards; dropped {dropped}{reasons}; "
              f"{stats['pairs_per_s']} pairs/s, {stats['tokens_per_s']} tokens/s, "
              f"padding {100 * stats['padding_share']:.1f}%, prefix sharing {_on_off(stats['prefix_sharing'])}")
+    warning = drop_warning(r["dropped"], plan.n_input, plan.cfg.max_length or plan.max_length)
+    if warning:
+        plan.log(warning)
     return manifest
+
 
 
 def _score_blocks(cfg: BuildConfig, source, fmt: str, ptok: PairTokenizer, scorer, todo: list[int], R: int,

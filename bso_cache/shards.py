@@ -170,3 +170,25 @@ def record_sharing(out: Path, sharing: bool | None) -> None:
     state = read_state(out)
     if sharing is not None and state and state.get("prefix_sharing") is None:
         atomic_write_json(out / S.BUILD_STATE_NAME, {**state, "prefix_sharing": sharing})
+
+
+# A build that drops more than this share of its input says so, with the main reason and its fix.
+DROP_WARNING_SHARE = 0.2
+_DROP_FIXES = {"overlong": "a larger --max-length, or --overlong truncate",
+               "prompt_too_long": "a larger --max-length (the prompt alone does not fit)",
+               "missing_field": "--format naming the data's layout (README, \"Input formats\")",
+               "template_boundary": "--template plain, or a --chat-template that renders prompts as prefixes",
+               "template_error": "--template plain, or a --chat-template that accepts these messages",
+               "invalid_json": "fixing the file (--skip-bad-rows counted these)"}
+
+
+def drop_warning(dropped: dict[str, int], n_input: int, max_length: int) -> str | None:
+    """A line when most of the input was dropped: the main reason and what changes it."""
+    total = sum(dropped.values())
+    if not n_input or total <= DROP_WARNING_SHARE * n_input:
+        return None
+    reason, n = max(dropped.items(), key=lambda kv: kv[1])
+    fix = _DROP_FIXES.get(reason)
+    return (f"warning: {total} of {n_input} input rows ({100 * total / n_input:.1f}%) were dropped, most as "
+            f"{reason} ({n}){f' (at --max-length {max_length})' if reason in ('overlong', 'prompt_too_long') else ''}"
+            f"{f'; try {fix}' if fix else ''}; the manifest lists every reason")

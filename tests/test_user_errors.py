@@ -385,3 +385,14 @@ def test_an_unwritable_out_is_one_line_before_any_work(demo_assets, demo_cache, 
         one_line_error(proc, f"--out {args[args.index('--out') + 1]}: cannot be written")
         assert "step-0 check" not in proc.stderr and "re-scored" not in proc.stderr  # nothing ran first
     assert list(unwritable.iterdir()) == []
+
+
+def test_a_build_that_drops_most_of_its_input_says_why_and_what_to_change(demo_assets, tmp_path):
+    args = ("build", "--model", demo_assets["model"], "--data", demo_assets["train"], "--no-progress")
+    proc = cli(*args, "--out", tmp_path / "short", "--max-length", 40)
+    assert proc.returncode == 0
+    warning = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "were dropped, most as overlong" in warning[0] and "--max-length 40" in warning[0]
+    assert "--overlong truncate" in warning[0]
+    proc = cli(*args, "--out", tmp_path / "full", "--max-length", 128)  # nothing (or little) dropped: no warning
+    assert "warning:" not in proc.stderr
