@@ -15,7 +15,7 @@ def run_eval(*, model: str, cache: Path, out: Path | None, batch_size: int, max_
              dtype: str, generate: bool, cost_model: str | None, reward_model: str | None, max_prompts: int,
              max_new_tokens: int, temperature: float, top_p: float, generations: Path | None, seed: int,
              prefix_sharing: str = "auto", attn_implementation: str = "auto",
-             allow_other_reference: bool = False) -> dict:
+             allow_other_reference: bool = False, gguf_file: str | None = None) -> dict:
     from .generation import cache_prompts, generation_eval
     from .models import load_model, load_tokenizer, resolve_attention, resolve_device
 
@@ -27,11 +27,11 @@ def run_eval(*, model: str, cache: Path, out: Path | None, batch_size: int, max_
         if path is not None:
             require_writable(Path(path), option, file=True)
     c = Cache.open(cache)
-    relation = reference_relation(model, cache, c.manifest, allow_other_reference)
-    tok = load_tokenizer(model)
+    relation = reference_relation(model, cache, c.manifest, allow_other_reference, gguf_file)
+    tok = load_tokenizer(model, gguf_file=gguf_file)
     check_tokenizer(cache, c.manifest, tok, model)
     dev = resolve_device(device)
-    lm = load_model(model, dtype=dtype, device=dev,
+    lm = load_model(model, dtype=dtype, device=dev, gguf_file=gguf_file,
                     attn_implementation=resolve_attention(attn_implementation, dev, training=False))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     res = evaluate_cache(lm, c, batch_size=batch_size, device=dev, pad_id=pad, max_pairs=max_pairs,
@@ -56,7 +56,7 @@ def run_eval(*, model: str, cache: Path, out: Path | None, batch_size: int, max_
 RELATIONS = ("the run's starting point", "the model itself", "another model (allowed)", "unknown")
 
 
-def reference_relation(model: str, cache: Path, manifest, allow: bool) -> str:
+def reference_relation(model: str, cache: Path, manifest, allow: bool, gguf_file: str | None = None) -> str:
     """The implicit reward is log pi - log pi_ref with the cache's reference: meaningful against the
     model's starting point. A training run records it (run_config.json); a run that started from
     other weights is refused unless `allow`; a plain model is either the reference itself or of
@@ -81,6 +81,6 @@ def reference_relation(model: str, cache: Path, manifest, allow: bool) -> str:
                                                   f"{run.get('policy')} (run_config.json of {model})"))
             return RELATIONS[2]
     try:
-        return RELATIONS[1] if weights_digest(model) == manifest.weights_digest else RELATIONS[3]
+        return RELATIONS[1] if weights_digest(model, gguf_file) == manifest.weights_digest else RELATIONS[3]
     except (OSError, ValueError, ConfigError):
         return RELATIONS[3]

@@ -326,6 +326,7 @@ def eval_cmd(
     prefix_sharing: str = typer.Option(_T.prefix_sharing, "--prefix-sharing", help=PREFIX_SHARING_HELP),
     attn_implementation: str = typer.Option(_T.attn_implementation, "--attn-implementation", help=ATTN_HELP),
     allow_other_reference: bool = typer.Option(False, "--allow-other-reference", help="Evaluate a run that started from other weights than the cache's reference (its rewards are then relative to that reference)."),
+    gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="Load the model from this GGUF file inside --model."),
 ):
     """Preference and safety accuracy from cached reference log-probs (no reference loaded);
     with --generate, harmless rate and mean reward of sampled responses."""
@@ -335,7 +336,8 @@ def eval_cmd(
                device=device, dtype=dtype, generate=generate, cost_model=cost_model, reward_model=reward_model,
                max_prompts=max_prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                generations=generations, seed=seed, prefix_sharing=prefix_sharing,
-               attn_implementation=attn_implementation, allow_other_reference=allow_other_reference)
+               attn_implementation=attn_implementation, allow_other_reference=allow_other_reference,
+               gguf_file=gguf_file)
     if as_json:
         _echo_json(res)
         return

@@ -117,6 +117,10 @@ def test_real_chat_model_end_to_end(smollm2_tokenizer, pku_path, tmp_path):
     assert "agree" in out.stderr
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "r"))
     assert getattr(model.config, "quantization_config", None) is None
+    # the GGUF reference itself can be evaluated on its cache (rewards 0: the model is the reference)
+    res = json.loads(cli("eval", "--model", pkg, "--gguf-file", gguf, "--cache", tmp_path / "c", "--json").stdout)
+    assert res["reference"]["relation"] == "the model itself" and res["pairs"] == 6
+    assert abs(res["mean_margin"]) < 0.05
 
 
 def test_eval_and_verify_refuse_a_foreign_tokenizer(demo_cache, tinystories):
