@@ -91,7 +91,7 @@ def test_sweep_on_pku_then_eval_matches_independent_computation(pku_cache, tmp_p
 def test_eval_cli_json_and_generation_with_tiny_classifiers(demo_assets, demo_cache, tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-    from .test_cli import cli
+    from .test_cli import cli_in_process
 
     tok = AutoTokenizer.from_pretrained(str(demo_assets["model"]))
     for name, seed in (("cost", 1), ("reward", 2)):
@@ -101,7 +101,7 @@ def test_eval_cli_json_and_generation_with_tiny_classifiers(demo_assets, demo_ca
         LlamaForSequenceClassification(cfg).save_pretrained(str(tmp_path / name))
         tok.save_pretrained(str(tmp_path / name))
     out = tmp_path / "eval.json"
-    proc = cli("eval", "--model", demo_assets["model"], "--cache", demo_cache, "--json", "--out", out,
+    proc = cli_in_process("eval", "--model", demo_assets["model"], "--cache", demo_cache, "--json", "--out", out,
                "--generate", "--cost-model", tmp_path / "cost", "--reward-model", tmp_path / "reward",
                "--max-prompts", 6, "--max-new-tokens", 8)
     res = json.loads(proc.stdout)
@@ -139,7 +139,7 @@ def test_eval_never_gives_rewards_against_another_reference_silently(demo_assets
     from bso_cache.config import BuildConfig
 
     from .conftest import perturbed_copy
-    from .test_cli import cli
+    from .test_cli import cli_in_process as cli
     from .test_user_errors import one_line_error
 
     other = perturbed_copy(demo_assets["model"], tmp_path / "other-model")  # the same tokenizer, other weights

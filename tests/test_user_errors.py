@@ -14,7 +14,8 @@ import pytest
 
 from bso_cache import schemas as S
 
-from .test_cli import ENV, cli
+from .test_cli import ENV
+from .test_cli import cli_in_process as cli
 
 
 def one_line_error(proc, *needles):
