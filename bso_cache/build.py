@@ -18,7 +18,7 @@ from pathlib import Path
 from . import schemas as S
 from .cache import atomic_write_json, check_out, empty_columns, manifest_path, read_manifest, write_shard
 from .config import DEFAULT_MAX_LENGTH, DEFAULT_ROWS_PER_SHARD, BuildConfig
-from .formats import Normaliser, Pair
+from .formats import Normaliser, Pair, scan_input
 from .sources import open_source
 from .dist import Dist
 from .errors import CacheError, ConfigError, DataError
@@ -131,25 +131,6 @@ def _prepare_out(out: Path, identity: dict, overwrite: bool, dist: Dist) -> dict
     return None
 
 
-def _validate_rows(source, fmt: str, skip_bad_rows: bool) -> tuple[int, str]:
-    """A quick pass over the input (no tokenizing): counts the rows, detects the format from the
-    first readable row, and stops at the first bad row unless they are to be skipped."""
-    from .formats import detect_format
-
-    normalise = Normaliser(fmt)
-    n = 0
-    for n, raw in enumerate(source.rows(), start=1):
-        if normalise.format == "auto" and raw.data is not None:
-            normalise.format = detect_format(raw.data)
-        if not skip_bad_rows:
-            normalise(raw, n - 1)  # raises DataError naming file, row, field
-    if n == 0:
-        raise DataError("the input has no rows", reason="empty_input", source=source.spec)
-    if normalise.format == "auto":
-        raise DataError("no row of the input could be read", reason="unreadable", source=source.spec)
-    return n, normalise.format
-
-
 def _pair_columns(pairs: list[Pair], encoded: list[PairTokens], chosen: list[float],
                   rejected: list[float]) -> dict[str, list]:
     cols = empty_columns()
@@ -215,10 +196,10 @@ def build_cache(cfg: BuildConfig, *, log=print) -> S.Manifest:
     tokenizer = load_tokenizer(cfg.model, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code)
     ptok = _pair_tokenizer(cfg, tokenizer)
     max_length = _max_length(cfg)
-    n_input, fmt = _validate_rows(source, cfg.format, cfg.skip_bad_rows)
+    n_input, fmt, duplicates = scan_input(source, cfg.format, cfg.skip_bad_rows)
     R = cfg.rows_per_shard or min(DEFAULT_ROWS_PER_SHARD, math.ceil(n_input / dist.world))
     plan = _Plan(cfg, out, device, dist, source, fmt, tokenizer, ptok, max_length, n_input, R,
-                 _identity(cfg, source, ptok, max_length, device, R), log)
+                 _identity(cfg, source, ptok, max_length, device, R), log, duplicates)
     try:
         with build_lock(out, dist.is_main):
             return _build(plan)
@@ -243,6 +224,7 @@ class _Plan:
     rows_per_shard: int
     identity: dict
     log: object
+    duplicates: int = 0  # input rows repeating an earlier row's prompt and responses
 
 
 def _build(plan: _Plan) -> S.Manifest:
@@ -289,7 +271,8 @@ def _fold(plan: _Plan, n_blocks: int, ref_info: dict | None) -> S.Manifest:
     """Rank 0: the manifest from every shard's sidecar, and the closing line."""
     out = plan.out
     try:
-        manifest = write_manifest(out, plan.identity, plan.cfg, plan.n_input, n_blocks, ref_info)
+        manifest = write_manifest(out, plan.identity, plan.cfg, plan.n_input, n_blocks, ref_info,
+                                  {"duplicate_rows": plan.duplicates} if plan.duplicates else {})
     except EmptyBuild:
         remove_build_files(out)  # nothing to resume: an empty result is not a cache
         raise
@@ -302,6 +285,9 @@ def _fold(plan: _Plan, n_blocks: int, ref_info: dict | None) -> S.Manifest:
     warning = drop_warning(r["dropped"], plan.n_input, plan.cfg.max_length or plan.max_length)
     if warning:
         plan.log(warning)
+    if plan.duplicates:
+        plan.log(f"note: {plan.duplicates} input rows repeat an earlier row's prompt and responses; they are kept "
+                 f"(manifest notes.duplicate_rows): deduplicate the input if they are not meant to count twice")
     return manifest
 
 
@@ -374,6 +360,10 @@ def _score_block(cfg: BuildConfig, normalise: Normaliser, ptok: PairTokenizer, s
     shard = write_shard(out, k, _pair_columns(kept_pairs, kept_enc, chosen, rejected))
     notes = {key: n - notes_before.get(key, 0) for key, n in normalise.notes.items()
              if n - notes_before.get(key, 0)}
+    for added in (ptok.adds_system_prompt(p) for p in kept_pairs):
+        if added is not None:
+            key = "system_prompt_added" if added else "system_prompt_not_added_row_has_own"
+            notes[key] = notes.get(key, 0) + 1
     atomic_write_json(sidecar(out, k), {
         "shard": shard, "input_rows": [block[0][0], block[-1][0] + 1], "dropped": dropped,
         "notes": notes, "reference": ref_info,

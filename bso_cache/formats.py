@@ -180,6 +180,9 @@ def _severity(data: dict, key: str, ctx: _Ctx) -> int | None:
 def _distinct(chosen: str, rejected: str, ctx: _Ctx, field_name: str) -> None:
     if chosen == rejected:
         raise ctx.error("chosen and rejected responses are identical", "identical_responses", field_name)
+    if chosen.split() == rejected.split():  # no preference to learn from a difference in spacing
+        raise ctx.error("chosen and rejected responses are identical up to whitespace",
+                        "identical_responses", field_name)
 
 
 def _pku(data: dict, index: int, ctx: _Ctx) -> Pair:
@@ -331,3 +334,29 @@ def _implicit(data: dict, index: int, ctx: _Ctx) -> Pair:
     labels = _labels(data, ctx)
     return Pair(index, tuple(prompt), c, r, chosen_unsafe=labels[0], rejected_unsafe=labels[1],
                 safer_is_chosen=labels[2])
+
+
+def scan_input(source, fmt: str, skip_bad_rows: bool) -> tuple[int, str, int]:
+    """A quick pass over the input (no tokenizing): counts the rows, detects the format from the
+    first readable row, stops at the first bad row unless they are to be skipped, and counts the
+    rows whose prompt and responses repeat an earlier row's (kept: the count goes to the notes)."""
+    normalise = Normaliser(fmt)
+    n, seen, duplicates = 0, set(), 0
+    for n, raw in enumerate(source.rows(), start=1):
+        if normalise.format == "auto" and raw.data is not None:
+            normalise.format = detect_format(raw.data)
+        try:
+            pair = normalise(raw, n - 1)  # raises DataError naming file, row, field
+        except DataError:
+            if not skip_bad_rows:
+                raise
+            continue
+        key = hashlib.blake2b(json.dumps([pair.prompt, pair.chosen, pair.rejected], ensure_ascii=False).encode(),
+                              digest_size=16).digest()
+        duplicates += key in seen
+        seen.add(key)
+    if n == 0:
+        raise DataError("the input has no rows", reason="empty_input", source=source.spec)
+    if normalise.format == "auto":
+        raise DataError("no row of the input could be read", reason="unreadable", source=source.spec)
+    return n, normalise.format, duplicates

@@ -55,7 +55,7 @@ def sidecar_done(out: Path, k: int) -> dict | None:
 
 
 def write_manifest(out: Path, identity: dict, cfg: BuildConfig, n_input: int, n_blocks: int,
-                    ref_info: dict | None) -> S.Manifest:
+                    ref_info: dict | None, input_notes: dict[str, int] | None = None) -> S.Manifest:
     sides = []
     for k in range(n_blocks):
         info = sidecar_done(out, k)
@@ -63,7 +63,7 @@ def write_manifest(out: Path, identity: dict, cfg: BuildConfig, n_input: int, n_
             raise CacheError(f"{sidecar(out, k)}: shard {k} is not finished; re-run the build to resume")
         sides.append(info)
     dropped: dict[str, int] = {}
-    notes: dict[str, int] = {}
+    notes: dict[str, int] = dict(input_notes or {})  # what the pass over the whole input found
     for info in sides:
         for reason, n in info["dropped"].items():
             dropped[reason] = dropped.get(reason, 0) + n

@@ -95,9 +95,16 @@ class PairTokenizer:
     def digest(self) -> str:
         return tokenizer_digest(self.tok, self.chat_template)
 
+    def adds_system_prompt(self, pair: Pair) -> bool | None:
+        """The rule for --system-prompt: it is added to conversations without a system message;
+        a row's own system message is kept (None: no --system-prompt given)."""
+        if not self.system_prompt:
+            return None
+        return not any(role == "system" for role, _ in pair.prompt)
+
     def _conversation(self, pair: Pair) -> list[dict]:
         messages = pair.messages
-        if self.system_prompt and not any(m["role"] == "system" for m in messages):
+        if self.adds_system_prompt(pair):
             messages = [{"role": "system", "content": self.system_prompt}] + messages
         return messages
 

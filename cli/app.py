@@ -107,7 +107,7 @@ def build(
     gguf_file: Optional[str] = typer.Option(_B.gguf_file, "--gguf-file", help="Load the model from this GGUF file inside --model."),
     template: str = typer.Option(_B.template, help="Prompt rendering: auto (chat template if the tokenizer has one) | chat | plain ('Human: ...\\n\\nAssistant:')."),
     chat_template: Optional[Path] = typer.Option(_B.chat_template, "--chat-template", help="Jinja chat template file overriding the tokenizer's."),
-    system_prompt: Optional[str] = typer.Option(_B.system_prompt, "--system-prompt", help="System message prepended to every conversation."),
+    system_prompt: Optional[str] = typer.Option(_B.system_prompt, "--system-prompt", help="System message added to every conversation that has none (a row's own system message is kept; the manifest notes count both)."),
     max_length: Optional[int] = typer.Option(_B.max_length, "--max-length", help=f"Max tokens of prompt + the longer response [default: min({_DEFAULT_MAX_LENGTH}, model positions)]."),
     overlong: str = typer.Option(_B.overlong, help="Pairs over --max-length: drop (counted) | truncate (responses cut)."),
     batch_size: int = typer.Option(_B.batch_size, "--batch-size", help="Pairs per reference forward (length-bucketed)."),

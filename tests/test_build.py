@@ -208,3 +208,37 @@ def test_inspect_reports_lazily(pku_cache, monkeypatch):
     assert sum(info["pair_types"].values()) == info["rows"]["written"]
     assert info["lengths"]["total_max"] <= 512
     assert info["ref_logps"]["chosen_mean"] < 0
+
+
+def test_degenerate_rows_are_counted_and_the_system_prompt_rule_is_recorded(demo_assets, tmp_path):
+    """Rows equal up to whitespace are dropped as identical (counted); repeated rows are kept and
+    counted in the notes; --system-prompt goes to conversations without a system message, and the
+    manifest says how many got it and how many kept their own."""
+    from transformers import AutoTokenizer
+
+    from bso_cache.formats import Normaliser
+    from bso_cache.sources import RawRow
+    from bso_cache.tokenize import PairTokenizer
+
+    base = read_jsonl(demo_assets["train"])[:6]
+    own_system = {**base[1], "prompt": [{"role": "system", "content": "Answer in French."},
+                                        {"role": "user", "content": "How do I boil an egg?"}]}
+    spacing = {**base[2], "chosen": "Sure,  here it is.\n", "rejected": " Sure, here it is."}
+    rows = base + [dict(base[0]), dict(base[0]), own_system, spacing]
+    data = tmp_path / "degenerate.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = dict(model=str(demo_assets["model"]), data=str(data), max_length=256, batch_size=4, progress=False,
+               system_prompt="Be safe.")
+    with pytest.raises(DataError, match="identical up to whitespace") as e:
+        build_cache(BuildConfig(out=str(tmp_path / "strict"), **cfg), log=lambda s: None)
+    assert "row 10" in str(e.value) and not (tmp_path / "strict" / S.MANIFEST_NAME).exists()
+    lines = []
+    m = build_cache(BuildConfig(out=str(tmp_path / "c"), skip_bad_rows=True, **cfg), log=lines.append)
+    assert m.rows == {"input": 10, "written": 9, "dropped": {"identical_responses": 1}}
+    assert m.notes["duplicate_rows"] == 2
+    assert m.notes["system_prompt_added"] == 8 and m.notes["system_prompt_not_added_row_has_own"] == 1
+    assert any("2 input rows repeat an earlier row" in line for line in lines), lines
+    ptok = PairTokenizer(AutoTokenizer.from_pretrained(str(demo_assets["model"])), system_prompt="Be safe.")
+    prompts = [ptok.render(Normaliser("generic")(RawRow(str(data), i + 1, r), i))[0]
+               for i, r in ((0, base[0]), (8, own_system))]
+    assert "Be safe." in prompts[0] and "Be safe." not in prompts[1] and "Answer in French." in prompts[1]
