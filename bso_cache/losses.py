@@ -138,8 +138,9 @@ def check_overflow(generator: str, lam: float, lower: float | None, upper: float
                else f"bring --clamp-lower closer to 0 (now {lower})")
         if generator in ("ba", "sba"):
             fix += " or use a smaller --lam"
+        uses_lam = f" with lambda={lam}" if generator in ("ba", "sba") else ""  # kliep and lsif have none
         raise ConfigError(
-            f"generator '{generator}' with lambda={lam} and clamp [{lower}, {upper}] reaches "
+            f"generator '{generator}'{uses_lam} and clamp [{lower}, {upper}] reaches "
             f"e^{bound:.1f}, beyond what {str(dtype).replace('torch.', '')} holds (e^{limit:.1f}); {fix}"
         )
 

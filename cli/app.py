@@ -271,6 +271,8 @@ def train(
         trust_remote_code=trust_remote_code, progress=progress)
     summary = _run(run_train, cfg, log=_log)
     final = summary["final"] or {}
+    if os.environ.get("RANK", "0") != "0":  # under torchrun the summary line is rank 0's alone
+        return
     typer.echo(f"{'finished earlier' if summary.get('nothing_to_do') else 'trained'} {summary['steps']} steps -> "
                f"{summary['out']}; final loss "
                f"{final.get('loss', float('nan')):.6g}, preference accuracy "

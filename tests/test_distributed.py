@@ -57,7 +57,8 @@ def two_ranks_vs_one(demo_cache, tmp_path, name, optimizer, *extra):
           log=lambda s: None)
     flags = [x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", v)]
     cmd = ["train", "--cache", demo_cache, "--out", tmp_path / name, *flags, *extra, "--save-every", 2, "--no-progress"]
-    torchrun(*cmd)
+    proc = torchrun(*cmd)
+    assert proc.stdout.count("trained 4 steps") == 1, proc.stdout  # the summary line once, not once per rank
     weights_close(tmp_path / "one", tmp_path / name)
     (tmp_path / name / "summary.json").unlink()
     torchrun(*cmd, "--resume")
