@@ -197,7 +197,9 @@ def build_cache(cfg: BuildConfig, *, log=print) -> S.Manifest:
     ptok = _pair_tokenizer(cfg, tokenizer)
     max_length = _max_length(cfg)
     n_input, fmt, duplicates = scan_input(source, cfg.format, cfg.skip_bad_rows)
-    R = cfg.rows_per_shard or min(DEFAULT_ROWS_PER_SHARD, math.ceil(n_input / dist.world))
+    # the same layout whatever the number of ranks (a cache and its resume do not depend on it); an input
+    # of fewer than DEFAULT_ROWS_PER_SHARD rows is one shard, scored by rank 0
+    R = cfg.rows_per_shard or min(DEFAULT_ROWS_PER_SHARD, n_input)
     plan = _Plan(cfg, out, device, dist, source, fmt, tokenizer, ptok, max_length, n_input, R,
                  _identity(cfg, source, ptok, max_length, device, R), log, duplicates)
     try:

@@ -72,8 +72,14 @@ def require_writable(path: Path, option: str, *, file: bool = False) -> None:
     folder = path.parent if file else path
     made = [p for p in [folder, *folder.parents] if not p.exists()][::-1]
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+        for attempt in range(5):
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+                break
+            except FileNotFoundError:  # another torchrun rank's probe removed the folder it had made
+                if attempt == 4:
+                    raise
         os.close(fd)
         os.unlink(probe)
         if file and path.exists() and not os.access(path, os.W_OK):

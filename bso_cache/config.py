@@ -45,7 +45,7 @@ def to_dict(cfg) -> dict:
 
 
 DEFAULT_MAX_LENGTH = 2048        # --max-length when not given: min(this, the model's positions)
-DEFAULT_ROWS_PER_SHARD = 2000    # --rows-per-shard when not given (fewer so that every torchrun rank has one)
+DEFAULT_ROWS_PER_SHARD = 2000    # --rows-per-shard when not given (or the input's rows, when fewer)
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,9 @@ def generation_eval(model, tokenizer, prompts: list[list[int]], *, cost_model: s
     if out_jsonl is not None:
         with open(out_jsonl, "w", encoding="utf-8") as f:
             for i, (p, r) in enumerate(zip(plain, responses)):
-                row = {"prompt": p, "response": r}
+                # prompt: the text the classifiers scored; prompt_rendered: exactly what the policy saw,
+                # chat markers and special tokens included
+                row = {"prompt": p, "prompt_rendered": tokenizer.decode(prompts[i]), "response": r}
                 if costs is not None:
                     row["cost"] = costs[i]
                 if rewards is not None:

@@ -96,6 +96,19 @@ def plan_runs(grid: dict[str, list], baselines: list[str]) -> list[tuple[str, di
     return runs
 
 
+def _result_text(row: dict) -> str:
+    """One run's figures as the sweep goes: the last logged training batch, and held-out ones."""
+    def fig(value, spec=".3f"):
+        return "n/a" if value is None else format(value, spec)
+
+    text = (f"{row['steps']} steps, loss {fig(row.get('train_loss'), '.4g')}, last batch pref. acc. "
+            f"{fig(row.get('train_preference_accuracy'))}, safety acc. {fig(row.get('train_safety_accuracy'))}")
+    if "eval_pairs" in row:
+        text += (f"; held-out ({row['eval_pairs']} pairs) pref. acc. {fig(row['eval_preference_accuracy'])}, "
+                 f"safety acc. {fig(row['eval_safety_accuracy'])}")
+    return text
+
+
 def run_sweep(cache: str, out: str, grid: dict[str, list], baselines: list[str], base: dict,
               eval_cache: str | None = None, log=print, plots: bool = True) -> list[dict]:
     """The sweep, holding its folder's lock (one sweep at a time in a folder)."""
@@ -153,6 +166,7 @@ def _run_sweep(cache: str, out: str, grid: dict[str, list], baselines: list[str]
         if ev:
             row.update({f"eval_{k}": ev.get(k) for k in ("preference_accuracy", "safety_accuracy", "mean_margin", "pairs")})
         summaries.append(row)
+        log(f"[{i}/{len(configs)}] {name}: {_result_text(row)}")
     _write_summary(out_dir, summaries)
     if plots:
         from .report import plot_sweep

@@ -33,6 +33,17 @@ def test_torchrun_build_equals_one_process(demo_assets, demo_cache, tmp_path):
     m = json.loads((out / S.MANIFEST_NAME).read_text())
     assert [s["file"] for s in m["shards"]] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     assert not list(out.glob("part-*.json")) and not (out / "build.json").exists()
+    # without --rows-per-shard the layout does not depend on the number of ranks: the same shards
+    from bso_cache.build import build_cache
+    from bso_cache.config import BuildConfig
+
+    common = dict(model=str(demo_assets["model"]), data=str(demo_assets["train"]), max_length=128, batch_size=8)
+    one = build_cache(BuildConfig(out=str(tmp_path / "one"), progress=False, **common), log=lambda s: None)
+    torchrun("build", *[x for k, v in common.items() for x in (f"--{k.replace('_', '-')}", v)],
+             "--out", tmp_path / "two", "--no-progress")
+    two = json.loads((tmp_path / "two" / S.MANIFEST_NAME).read_text())
+    assert two["layout"] == one.layout and [s["rows"] for s in two["shards"]] == [s.rows for s in one.shards]
+    compare_caches(tmp_path / "one", tmp_path / "two")
 
 
 def weights_close(a_dir, b_dir, atol=1e-5):

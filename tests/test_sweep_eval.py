@@ -64,11 +64,16 @@ def test_sweep_on_pku_then_eval_matches_independent_computation(pku_cache, tmp_p
     out = tmp_path / "sweep"
     before = len(models.LOAD_LOG)
     grid = parse_grid({"generator": "logistic,kliep,sba", "max_steps": "4", "batch_size": "4"})
+    lines = []
     run_sweep(str(pku_cache), str(out), grid, [], {"progress": False, "lr": 1e-3, "optimizer": "adamw"},
-                     log=lambda s: None)
+              log=lines.append)
     assert len(models.LOAD_LOG) - before == 3  # one policy per run, never the reference
     with open(out / "summary.csv") as f:
         table = list(csv.DictReader(f))
+    # each run's figures as it finishes, equal to the summary's
+    done = [ln for ln in lines if ": 4 steps, loss " in ln]
+    assert [ln.split(":")[0] for ln in done] == ["[1/3] generator-logistic", "[2/3] generator-kliep", "[3/3] generator-sba"]
+    assert all(f"loss {float(r['train_loss']):.4g}," in ln for r, ln in zip(table, done)), (done, table)
     assert [r["run"] for r in table] == ["generator-logistic", "generator-kliep", "generator-sba"]
     assert all(math.isfinite(float(r["train_loss"])) for r in table)
     assert is_png(out / "loss_curves.png") and is_png(out / "tradeoff.png")
@@ -115,6 +120,12 @@ def test_eval_cli_json_and_generation_with_tiny_classifiers(demo_assets, demo_ca
     lines = [json.loads(x) for x in open(gen["generations"])]
     assert len(lines) == 6 and {"prompt", "response", "cost", "reward"} <= set(lines[0])
     assert sum(x["cost"] <= 0 for x in lines) / 6 == gen["harmless_rate"]
+    # the prompt as the policy saw it, markers kept (the demo tokenizer's BOS), beside the classifiers' text
+    from bso_cache.generation import cache_prompts
+
+    first = cache_prompts(Cache.open(demo_cache), 6)[0]
+    assert lines[0]["prompt_rendered"] == tok.decode(first) and tok.decode(first) != tok.decode(first, skip_special_tokens=True)
+    assert lines[0]["prompt"] in lines[0]["prompt_rendered"]
 
 
 def test_report_and_verify(demo_cache, tmp_path):

@@ -397,3 +397,24 @@ def test_a_build_that_drops_most_of_its_input_says_why_and_what_to_change(demo_a
     assert "--overlong truncate" in warning[0]
     proc = cli(*args, "--out", tmp_path / "full", "--max-length", 128)  # nothing (or little) dropped: no warning
     assert "warning:" not in proc.stderr
+
+
+def test_the_write_probe_survives_another_rank_removing_the_folder_it_made(tmp_path, monkeypatch):
+    """Under torchrun every rank probes --out; a rank that made the folder removes it after its
+    probe, possibly between another rank's mkdir and its probe (seen as a flaky 2-rank build)."""
+    import tempfile
+
+    from bso_cache.cache import require_writable
+
+    real, calls = tempfile.mkstemp, []
+
+    def racing_mkstemp(*args, dir=None, **kwargs):
+        calls.append(dir)
+        if len(calls) == 1:  # the other rank's cleanup lands first
+            os.rmdir(dir)
+            raise FileNotFoundError(2, "No such file or directory")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", racing_mkstemp)
+    require_writable(tmp_path / "new" / "cache", "--out")
+    assert len(calls) == 2 and not (tmp_path / "new").exists()  # what the probe made is removed again
