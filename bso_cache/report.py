@@ -9,13 +9,16 @@ from .cache import require_writable
 from .errors import ConfigError
 from .schemas import PAIR_TYPES, RunLayout, SweepLayout
 
+# (title, metrics.jsonl keys, y-axis label): one quantity per axis, fractions apart from u
 RUN_PANELS = [
-    ("loss", ["loss"]),
-    ("rewards", ["chosen_rewards", "rejected_rewards"]),
-    ("margins", ["margin", "reward_margin"]),
-    ("accuracies", ["preference_accuracy", "safety_accuracy"]),
-    ("u", ["u_mean", "clamped_fraction", "u_positive_fraction"]),
-    ("loss by pair type", [f"loss/{t}" for t in PAIR_TYPES]),
+    ("loss", ["loss"], "loss (nats)"),
+    ("implicit rewards", ["chosen_rewards", "rejected_rewards"], "beta x log(pi / pi_ref) (nats)"),
+    ("margins", ["margin", "reward_margin"], "nats (reward_margin = beta x margin)"),
+    ("accuracies", ["preference_accuracy", "safety_accuracy"], "fraction of pairs"),
+    ("u, the generator's argument", ["u_mean"], "mean u"),
+    ("clamp and sign of u", ["clamped_fraction", "u_positive_fraction"], "fraction of pairs"),
+    ("loss by pair type (chosen/rejected)", [f"loss/{t}" for t in PAIR_TYPES], "loss (nats)"),
+    ("learning rate", ["lr"], "lr"),
 ]
 
 
@@ -45,17 +48,26 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
-    """One PNG per panel of RUN_PANELS plus an overview; returns the files written."""
+    """overview.png: one panel per RUN_PANELS entry; returns the files written."""
     plt = _plt()
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     out = Path(out) if out else RunLayout(run_dir).plots
     require_writable(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
+    fig = run_figure(rows, str(run_dir))
+    path = out / "overview.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
+def run_figure(rows: list[dict], name: str):
+    """The overview of one run's metrics.jsonl: a panel per RUN_PANELS entry, each with its y label."""
+    plt = _plt()
     steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    written = []
-    for ax, (title, keys) in zip(axes.flat, RUN_PANELS):
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5))
+    for ax, (title, keys, ylabel) in zip(axes.flat, RUN_PANELS):
         for k in keys:
             ys = [r.get(k) for r in rows]
             pts = [(s, y) for s, y in zip(steps, ys) if isinstance(y, (int, float))]
@@ -63,18 +75,18 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
                 ax.plot(*zip(*pts), label=k, marker="." if len(pts) < 30 else None)
         ax.set_title(title)
         ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
         if title.startswith("loss"):  # exponential generators reach e^36 at the clamp bound
             _loss_scale(ax, [y for line in ax.lines for y in line.get_ydata()])
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    fig.suptitle(str(run_dir))
+        else:
+            ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(f"{name}: training metrics, each point the mean over one logged window of steps "
+                 f"({rows[0].get('pairs', '?')} pairs in the first)" if rows else name)
     fig.tight_layout()
-    path = out / "overview.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    written.append(path)
-    return written
+    return fig
 
 
 def _loss_scale(ax, values: list[float]) -> None:
@@ -94,8 +106,12 @@ def _loss_scale(ax, values: list[float]) -> None:
         ax.yaxis.set_major_locator(SymmetricalLogLocator(base=10, linthresh=1.0))
 
 
-def plot_sweep(runs: dict[str, list[dict]], points: dict[str, tuple[float, float]], out: Path) -> list[Path]:
-    """Loss curves of all runs, and safety vs preference accuracy with one point per run."""
+def plot_sweep(runs: dict[str, list[dict]], points: dict[str, dict], out: Path, *, held_out: bool) -> list[Path]:
+    """Loss curves of all runs, and safety vs preference accuracy with one point per run.
+
+    `points[name]`: preference_accuracy, safety_accuracy, pairs, safety_pairs (the pairs whose
+    responses differ in safety, behind the safety figure); `held_out`: they are the --eval-cache's
+    figures, else the last logged training window's (said in the title)."""
     plt = _plt()
     out.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(9, 5.5))
@@ -105,31 +121,50 @@ def plot_sweep(runs: dict[str, list[dict]], points: dict[str, tuple[float, float
         losses_seen += ys
         ax.plot([r["step"] for r in rows], ys, label=name, marker="o" if len(rows) < 30 else None)  # 1 step: a dot
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("training loss (nats)")
     _loss_scale(ax, losses_seen)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    ax.set_title("loss curves")
+    ax.set_title("loss curves (each point the mean over one logged window of steps)")
     fig.tight_layout()
     losses = out / SweepLayout.LOSS_CURVES
     fig.savefig(losses, dpi=100)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 6))
+    trade = out / SweepLayout.TRADEOFF
+    fig = tradeoff_figure(points, held_out=held_out)
+    fig.savefig(trade, dpi=100)
+    plt.close(fig)
+    return [losses, trade]
+
+
+_MARKERS = "osD^vP*Xh<>p"
+
+
+def tradeoff_figure(points: dict[str, dict], *, held_out: bool):
+    """One marker per run, named in a legend beside the axes (labels on the points overlap when
+    runs agree, which is when the comparison matters)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(11, 6))
     if not points:
         ax.text(0.5, 0.5, "no run has a safety accuracy:\nno evaluated pair has one safe and one unsafe response\n"
                 "(pairs without safety labels, or --eval-cache without such pairs)", ha="center", va="center",
                 fontsize=9, transform=ax.transAxes)
-    for name, (pref, safe) in points.items():
-        ax.scatter([pref], [safe], s=40)
-        ax.annotate(name, (pref, safe), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    colours = plt.get_cmap("tab10" if len(points) <= 10 else "tab20")
+    for i, (name, p) in enumerate(points.items()):
+        ax.scatter([p["preference_accuracy"]], [p["safety_accuracy"]], s=70, alpha=0.8,
+                   marker=_MARKERS[i % len(_MARKERS)], color=colours(i % colours.N),
+                   label=f"{name}: {p['preference_accuracy']:.3f} / {p['safety_accuracy']:.3f} "
+                         f"({p['safety_pairs']} safety pairs of {p['pairs']})")
     ax.set_xlabel("preference (helpfulness) accuracy")
-    ax.set_ylabel("safety accuracy")
+    ax.set_ylabel("safety accuracy (pairs whose responses differ in safety)")
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.set_title("safety-helpfulness trade-off (one point per run)")
+    where = ("held-out figures (--eval-cache)" if held_out else
+             "the last logged training window, not held out: give --eval-cache for held-out figures")
+    ax.set_title(f"safety-helpfulness trade-off, one point per run\n{where}", fontsize=10)
+    if points:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0,
+                  title="run: preference / safety accuracy", title_fontsize=7)
     fig.tight_layout()
-    trade = out / SweepLayout.TRADEOFF
-    fig.savefig(trade, dpi=100)
-    plt.close(fig)
-    return [losses, trade]
+    return fig

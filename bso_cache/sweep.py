@@ -101,8 +101,9 @@ def _result_text(row: dict) -> str:
     def fig(value, spec=".3f"):
         return "n/a" if value is None else format(value, spec)
 
-    text = (f"{row['steps']} steps, loss {fig(row.get('train_loss'), '.4g')}, last batch pref. acc. "
-            f"{fig(row.get('train_preference_accuracy'))}, safety acc. {fig(row.get('train_safety_accuracy'))}")
+    text = (f"{row['steps']} steps, loss {fig(row.get('train_loss'), '.4g')}; last logged window "
+            f"({row.get('train_pairs')} pairs) pref. acc. {fig(row.get('train_preference_accuracy'))}, "
+            f"safety acc. {fig(row.get('train_safety_accuracy'))}")
     if "eval_pairs" in row:
         text += (f"; held-out ({row['eval_pairs']} pairs) pref. acc. {fig(row['eval_preference_accuracy'])}, "
                  f"safety acc. {fig(row['eval_safety_accuracy'])}")
@@ -159,28 +160,46 @@ def _run_sweep(cache: str, out: str, grid: dict[str, list], baselines: list[str]
         from .report import read_metrics
 
         curves[name] = read_metrics(run_dir)
-        final = summary.get("final") or {}
-        row = {"run": name, **{k: getattr(cfg, k) for k in SWEEPABLE},
-               **{f"train_{k}": final.get(k) for k in SUMMARY_METRICS}, "steps": summary.get("steps")}
-        ev = summary.get("eval") or {}
-        if ev:
-            row.update({f"eval_{k}": ev.get(k) for k in ("preference_accuracy", "safety_accuracy", "mean_margin", "pairs")})
+        row = _summary_row(name, cfg, summary, curves[name])
         summaries.append(row)
         log(f"[{i}/{len(configs)}] {name}: {_result_text(row)}")
     _write_summary(out_dir, summaries)
     if plots:
-        from .report import plot_sweep
-
-        def point(row):
-            pref = row.get("eval_preference_accuracy", row["train_preference_accuracy"])
-            safe = row.get("eval_safety_accuracy", row["train_safety_accuracy"])
-            return pref, safe
-
-        points = {r["run"]: point(r) for r in summaries if all(v is not None for v in point(r))}
-        files = plot_sweep(curves, points, out_dir)
+        files = _plot(curves, summaries, out_dir, held_out=eval_cache is not None)
         log("plots: " + ", ".join(str(f) for f in files))
     log(f"summary: {S.SweepLayout(out_dir).summary_csv}")
     return summaries
+
+
+def _summary_row(name: str, cfg: TrainConfig, summary: dict, curve: list[dict]) -> dict:
+    """A run's line of summary.csv: its swept settings, the last logged window's figures (and the
+    pairs behind them), and the held-out figures when there are any."""
+    final = summary.get("final") or {}
+    row = {"run": name, **{k: getattr(cfg, k) for k in SWEEPABLE},
+           **{f"train_{k}": final.get(k) for k in SUMMARY_METRICS}, "steps": summary.get("steps")}
+    last = curve[-1] if curve else {}
+    row.update({"train_pairs": last.get("pairs"),
+                "train_safety_pairs": sum(last.get(f"pairs/{t}", 0) for t in ("safe/unsafe", "unsafe/safe"))})
+    ev = summary.get("eval") or {}
+    if ev:
+        row.update({f"eval_{k}": ev.get(k) for k in ("preference_accuracy", "safety_accuracy", "mean_margin",
+                                                      "pairs", "safety_pairs")})
+    return row
+
+
+def _plot(curves: dict, summaries: list[dict], out_dir: Path, *, held_out: bool) -> list[Path]:
+    """The loss curves and the trade-off: held-out figures with --eval-cache, else the last
+    logged training window's (the plot says which)."""
+    from .report import plot_sweep
+
+    side = "eval" if held_out else "train"
+    points = {r["run"]: {"preference_accuracy": r.get(f"{side}_preference_accuracy"),
+                         "safety_accuracy": r.get(f"{side}_safety_accuracy"),
+                         "pairs": r.get(f"{side}_pairs"), "safety_pairs": r.get(f"{side}_safety_pairs")}
+              for r in summaries}
+    points = {k: v for k, v in points.items() if v["preference_accuracy"] is not None
+              and v["safety_accuracy"] is not None}
+    return plot_sweep(curves, points, out_dir, held_out=held_out)
 
 
 def _write_summary(out_dir: Path, rows: list[dict]) -> None:

@@ -73,7 +73,7 @@ def test_sweep_on_pku_then_eval_matches_independent_computation(pku_cache, tmp_p
     # each run's figures as it finishes, equal to the summary's
     done = [ln for ln in lines if ": 4 steps, loss " in ln]
     assert [ln.split(":")[0] for ln in done] == ["[1/3] generator-logistic", "[2/3] generator-kliep", "[3/3] generator-sba"]
-    assert all(f"loss {float(r['train_loss']):.4g}," in ln for r, ln in zip(table, done)), (done, table)
+    assert all(f"loss {float(r['train_loss']):.4g};" in ln for r, ln in zip(table, done)), (done, table)
     assert [r["run"] for r in table] == ["generator-logistic", "generator-kliep", "generator-sba"]
     assert all(math.isfinite(float(r["train_loss"])) for r in table)
     assert is_png(out / "loss_curves.png") and is_png(out / "tradeoff.png")
@@ -138,8 +138,30 @@ def test_report_and_verify(demo_cache, tmp_path):
           log=lambda s: None)
     files = plot_run(tmp_path / "r")
     assert all(is_png(f) for f in files)
+    # as a person reads it: every panel has a y label, u apart from the fractions, the source said
+    from bso_cache.report import read_metrics, run_figure
+
+    fig = run_figure(read_metrics(tmp_path / "r"), "r")
+    assert all(ax.get_ylabel() for ax in fig.axes)
+    u_axes = [ax for ax in fig.axes if "u_mean" in [ln.get_label() for ln in ax.lines]]
+    assert len(u_axes) == 1 and [ln.get_label() for ln in u_axes[0].lines] == ["u_mean"]
+    assert "training metrics" in fig._suptitle.get_text()
     res = verify_cache(demo_cache, sample=10, log=lambda s: None)
     assert res["checked"] == 10 and res["max_abs_diff"] < 1e-4
+
+
+def test_tradeoff_plot_names_its_runs_its_source_and_its_pair_counts():
+    from bso_cache.report import tradeoff_figure
+
+    points = {f"run-{i}": {"preference_accuracy": 0.5, "safety_accuracy": 1.0, "pairs": 8, "safety_pairs": 3}
+              for i in range(3)}  # three runs on one spot: labels on the points would overlap
+    fig = tradeoff_figure(points, held_out=False)
+    ax = fig.axes[0]
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert texts == [f"run-{i}: 0.500 / 1.000 (3 safety pairs of 8)" for i in range(3)]
+    assert not ax.texts  # no labels drawn on the points
+    assert "not held out" in ax.get_title() and "--eval-cache" in ax.get_title()
+    assert "held-out figures" in tradeoff_figure(points, held_out=True).axes[0].get_title()
 
 
 def test_eval_never_gives_rewards_against_another_reference_silently(demo_assets, demo_cache, tmp_path):
