@@ -65,6 +65,10 @@ def gpt2_tokenizer():
 def chatml_tokenizer(tmp_path_factory):
     """The real GPT-2 BPE with ChatML special tokens and template (a Qwen/SmolLM-style chat tokenizer)."""
     need_shared(GPT2_TOKENIZER)
+    return _chatml_gpt2(tmp_path_factory)
+
+
+def _chatml_gpt2(tmp_path_factory):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(GPT2_TOKENIZER))
@@ -126,6 +130,80 @@ def pku_cache(pku_path, tinystories, tmp_path_factory) -> Path:
     build_cache(BuildConfig(model=str(tinystories), data=str(pku_path), out=str(out), max_length=512,
                             batch_size=8, rows_per_shard=200, progress=False), log=lambda s: None)
     return out
+
+
+# --- stand-ins: what a fresh clone (no ../shared) runs in place of the real samples and models,
+# in tests of properties that hold for any data and model (exactness of layouts, caches that equal
+# a recomputation), never in tests of figures of the real ones. CI has ../shared and uses the real ones.
+
+@pytest.fixture(scope="session")
+def stand_ins(tmp_path_factory) -> dict:
+    """PKU- and HH-format rows written from the project's own templates (bso_cache.demo), some HH
+    dialogues with an earlier exchange; its WordPiece tokenizer with a tiny Llama (1024
+    positions, plain template), and the same tokenizer with ChatML special tokens and template."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from bso_cache.demo import make_demo_assets, make_tiny_llama, synthetic_rows
+
+    root = tmp_path_factory.mktemp("stand-ins")
+    rng = random.Random(7)
+    pku, hh = [], []
+    for i, r in enumerate(synthetic_rows(48, seed=7)):
+        if i % 4 == 1:  # some long responses (over 100 tokens), where a float32 sum drifts most
+            r = {**r, "chosen": " ".join([r["chosen"]] * 6), "rejected": " ".join([r["rejected"]] * 6)}
+        first = rng.random() < 0.5  # where the better response sits
+        responses = [r["chosen"], r["rejected"]] if first else [r["rejected"], r["chosen"]]
+        unsafe = [r["chosen_unsafe"], r["rejected_unsafe"]] if first else [r["rejected_unsafe"], r["chosen_unsafe"]]
+        better = 0 if first else 1
+        safer = better if unsafe[0] == unsafe[1] else unsafe.index(False)
+        pku.append({"prompt": r["prompt"], "response_0": responses[0], "response_1": responses[1],
+                    "is_response_0_safe": not unsafe[0], "is_response_1_safe": not unsafe[1],
+                    "better_response_id": better, "safer_response_id": safer})
+        head = "\n\nHuman: Hello there.\n\nAssistant: Hello! How can I help?" if i % 3 == 0 else ""
+        hh.append({side: f"{head}\n\nHuman: {r['prompt']}\n\nAssistant: {r[side]}" for side in ("chosen", "rejected")})
+    out = {"pku": root / "pku-format.jsonl", "hh": root / "hh-format.jsonl"}
+    for key, rows in (("pku", pku), ("hh", hh)):
+        out[key].write_text("".join(json.dumps(x) + "\n" for x in rows))
+    demo = make_demo_assets(root / "demo", n_train=8, n_eval=8)
+    tok = AutoTokenizer.from_pretrained(str(demo["model"]))
+    out["llama"] = root / "llama"
+    tok.save_pretrained(str(out["llama"]))
+    make_tiny_llama(out["llama"], len(tok), max_positions=1024, seed=3)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    tok.eos_token = "<|im_end|>"
+    out["chat_tokenizer"] = root / "chat-tokenizer"
+    tok.save_pretrained(str(out["chat_tokenizer"]))
+    return out
+
+
+@pytest.fixture(scope="session")
+def pku_data(request) -> Path:
+    """The real PKU-SafeRLHF sample where ../shared is, else PKU-format stand-in rows."""
+    return PKU if PKU.exists() else request.getfixturevalue("stand_ins")["pku"]
+
+
+@pytest.fixture(scope="session")
+def hh_data(request) -> Path:
+    return HH if HH.exists() else request.getfixturevalue("stand_ins")["hh"]
+
+
+@pytest.fixture(scope="session")
+def llama_model(request) -> Path:
+    """tinystories-260k where ../shared is, else a tiny random Llama with the demo's tokenizer."""
+    return TINYSTORIES if TINYSTORIES.exists() else request.getfixturevalue("stand_ins")["llama"]
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(request, tmp_path_factory):
+    """The ChatML GPT-2 tokenizer where ../shared is, else the demo's with ChatML tokens and template."""
+    from transformers import AutoTokenizer
+
+    if GPT2_TOKENIZER.exists():
+        return _chatml_gpt2(tmp_path_factory)
+    return AutoTokenizer.from_pretrained(str(request.getfixturevalue("stand_ins")["chat_tokenizer"]))
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -52,27 +52,27 @@ def build(model, data, out, **kw):
 
 
 @pytest.fixture(scope="module")
-def chat_model(tmp_path_factory, chatml_tokenizer):
+def chat_model(tmp_path_factory, chat_tokenizer):
     """A tiny random Llama with the ChatML GPT-2 tokenizer: a chat-template model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("chat-model")
-    cfg = LlamaConfig(vocab_size=len(chatml_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=len(chat_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      eos_token_id=chatml_tokenizer.eos_token_id, tie_word_embeddings=False)
+                      eos_token_id=chat_tokenizer.eos_token_id, tie_word_embeddings=False)
     LlamaForCausalLM(cfg).save_pretrained(str(d))
-    chatml_tokenizer.save_pretrained(str(d))
+    chat_tokenizer.save_pretrained(str(d))
     return d
 
 
 @pytest.fixture(scope="module")
-def shared_caches(tinystories, chat_model, pku_path, hh_path, tmp_path_factory):
-    """PKU and HH built with sharing on, with tinystories (plain) and the chat model (ChatML)."""
+def shared_caches(llama_model, chat_model, pku_data, hh_data, tmp_path_factory):
+    """PKU and HH built with sharing on, with llama_model (plain) and the chat model (ChatML)."""
     root = tmp_path_factory.mktemp("shared-caches")
     out = {}
-    for mname, model in (("tinystories", tinystories), ("chat", chat_model)):
-        for dname, data in (("pku", pku_path), ("hh", hh_path)):
+    for mname, model in (("plain", llama_model), ("chat", chat_model)):
+        for dname, data in (("pku", pku_data), ("hh", hh_data)):
             out[(mname, dname)] = root / f"{mname}-{dname}"
             build(model, data, out[(mname, dname)], prefix_sharing="on")
     return out
@@ -122,14 +122,14 @@ def _tiny_model():
 
 
 @pytest.mark.parametrize("attn,dtype", [("sdpa", torch.float32), ("eager", torch.float32), ("sdpa", torch.float64)])
-@pytest.mark.parametrize("model_name,data", [("tinystories", "pku"), ("tinystories", "hh"), ("chat", "pku"),
+@pytest.mark.parametrize("model_name,data", [("plain", "pku"), ("plain", "hh"), ("chat", "pku"),
                                              ("chat", "hh")])
-def test_shared_equals_unshared_values_loss_and_gradients(shared_caches, tinystories, chat_model, model_name,
+def test_shared_equals_unshared_values_loss_and_gradients(shared_caches, llama_model, chat_model, model_name,
                                                           data, attn, dtype):
     """The DPO loss of 8 cached pairs at step 0 (policy = reference), shared vs unshared."""
     from transformers import AutoModelForCausalLM
 
-    path = tinystories if model_name == "tinystories" else chat_model
+    path = llama_model if model_name == "plain" else chat_model
     model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation=attn, dtype=dtype)
     P, C, R, items = cache_pairs(shared_caches[(model_name, data)], n=8)
     spec = make_loss_spec("logistic", safety_penalty=0.0)
@@ -161,12 +161,12 @@ def full_logit_float64(model, prompt, response) -> float:
     return float(lp[len(prompt) - 1:].sum())
 
 
-@pytest.mark.parametrize("model_name,data", [("tinystories", "pku"), ("tinystories", "hh"), ("chat", "pku"),
+@pytest.mark.parametrize("model_name,data", [("plain", "pku"), ("plain", "hh"), ("chat", "pku"),
                                              ("chat", "hh")])
-def test_cache_equals_a_float64_recomputation(shared_caches, tinystories, chat_model, model_name, data):
+def test_cache_equals_a_float64_recomputation(shared_caches, llama_model, chat_model, model_name, data):
     """The cached sums (built shared) against a plain full-logit float64 pass, one sequence at a
     time, on the pairs with the longest responses (where a float32 sum drifts most)."""
-    path = tinystories if model_name == "tinystories" else chat_model
+    path = llama_model if model_name == "plain" else chat_model
     model = load(path, torch.float64)
     P, C, R, items = cache_pairs(shared_caches[(model_name, data)])
     longest = sorted(range(len(items)), key=lambda i: -max(len(C[i]), len(R[i])))[:6]
@@ -178,10 +178,10 @@ def test_cache_equals_a_float64_recomputation(shared_caches, tinystories, chat_m
     assert max(len(C[i]) for i in longest) > 100
 
 
-def test_caches_built_either_way_are_interchangeable(shared_caches, tinystories, pku_path, tmp_path):
-    shared = shared_caches[("tinystories", "pku")]
+def test_caches_built_either_way_are_interchangeable(shared_caches, llama_model, pku_data, tmp_path):
+    shared = shared_caches[("plain", "pku")]
     plain = tmp_path / "plain"
-    manifest = build(tinystories, pku_path, plain, prefix_sharing="off")
+    manifest = build(llama_model, pku_data, plain, prefix_sharing="off")
     assert manifest.stats["prefix_sharing"] is False
     assert json.loads((shared / S.MANIFEST_NAME).read_text())["stats"]["prefix_sharing"] is True
     a, b = cache_pairs(shared)[3], cache_pairs(plain)[3]
@@ -193,7 +193,7 @@ def test_caches_built_either_way_are_interchangeable(shared_caches, tinystories,
     assert max(diffs) <= 1.5 * SEQ_ATOL and sum(diffs) / len(diffs) <= 0.25 * SEQ_ATOL
     # the same build with the other setting is the same cache: nothing to do, not a refusal
     logs = []
-    build_cache(BuildConfig(model=str(tinystories), data=str(pku_path), out=str(plain), max_length=512, batch_size=8,
+    build_cache(BuildConfig(model=str(llama_model), data=str(pku_data), out=str(plain), max_length=512, batch_size=8,
                             rows_per_shard=250, progress=False, prefix_sharing="on"), log=logs.append)
     assert "nothing to do" in logs[-1]
 
@@ -211,14 +211,14 @@ def one_step(cache, out, **kw):
 
 
 @pytest.mark.parametrize("extra", [{}, {"gradient_checkpointing": True}])
-def test_one_training_step_shared_equals_unshared_weight_by_weight(shared_caches, tinystories, tmp_path, extra):
+def test_one_training_step_shared_equals_unshared_weight_by_weight(shared_caches, llama_model, tmp_path, extra):
     """SGD with lr 1 and no clipping: each weight moves by exactly its gradient."""
     from safetensors.torch import load_file
 
-    cache = shared_caches[("tinystories", "hh")]
+    cache = shared_caches[("plain", "hh")]
     s_off, w_off = one_step(cache, tmp_path / "off", prefix_sharing="off", **extra)
     s_on, w_on = one_step(cache, tmp_path / "on", prefix_sharing="on", **extra)
-    w0 = load_file(str(tinystories / "model.safetensors"))
+    w0 = load_file(str(llama_model / "model.safetensors"))
     assert abs(s_on["final"]["loss"] - s_off["final"]["loss"]) <= LOSS_RTOL[torch.float32] * abs(s_off["final"]["loss"])
     moved = 0
     for name in w_off:
@@ -231,14 +231,14 @@ def test_one_training_step_shared_equals_unshared_weight_by_weight(shared_caches
     assert used == {"on": True, "off": False}
 
 
-def test_lora_and_bf16_autocast_share_too(shared_caches, tinystories, tmp_path):
+def test_lora_and_bf16_autocast_share_too(shared_caches, llama_model, tmp_path):
     """LoRA: the same step (fp32). bf16 autocast: the same loss and update direction up to bf16's
     own noise (two bf16 passes over differently shaped batches differ by ~1e-2 relative)."""
     from safetensors.torch import load_file
 
     pytest.importorskip("peft")
-    w0 = load_file(str(tinystories / "model.safetensors"))
-    cache = shared_caches[("tinystories", "pku")]
+    w0 = load_file(str(llama_model / "model.safetensors"))
+    cache = shared_caches[("plain", "pku")]
     for name, extra, rtol in (("lora", dict(lora_r=4, lora_alpha=8), 1e-6),
                               ("bf16", dict(autocast="bf16"), 2e-2)):
         s_off, w_off = one_step(cache, tmp_path / f"{name}-off", prefix_sharing="off", **extra)
@@ -268,27 +268,27 @@ def _register_mask_ignoring_attention():
     return "causal_only"
 
 
-def test_unsupported_attention_falls_back_with_one_line(tinystories):
+def test_unsupported_attention_falls_back_with_one_line(llama_model):
     from transformers import AutoModelForCausalLM
 
     impl = _register_mask_ignoring_attention()
-    model = AutoModelForCausalLM.from_pretrained(str(tinystories), attn_implementation=impl).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(llama_model), attn_implementation=impl).eval()
     logs = []
     scorer = PairScorer(model, prefix_sharing="on", device="cpu", log=logs.append)
     P, C, R = [[1, 5, 6]], [[7, 8, 9]], [[10, 11]]
     lp = scorer(P, C, R)
     assert scorer.sharing is False and len(logs) == 1 and "prefix sharing off" in logs[0] and impl in logs[0]
     with torch.no_grad():
-        plain = score_pairs(load(tinystories), P, C, R, prefix_sharing=False)
+        plain = score_pairs(load(llama_model), P, C, R, prefix_sharing=False)
     assert torch.allclose(lp.chosen, plain.chosen, atol=1e-4)
 
 
-def test_probe_catches_an_attention_that_ignores_the_mask(tinystories, monkeypatch):
+def test_probe_catches_an_attention_that_ignores_the_mask(llama_model, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     impl = _register_mask_ignoring_attention()
     monkeypatch.setattr(scoring, "MASK_ATTENTION", scoring.MASK_ATTENTION + (impl,))  # claims it can
-    model = AutoModelForCausalLM.from_pretrained(str(tinystories), attn_implementation=impl).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(llama_model), attn_implementation=impl).eval()
     logs = []
     scorer = PairScorer(model, prefix_sharing="on", device="cpu", log=logs.append)
     scorer([[1, 5, 6], [1, 9]], [[7, 8, 9], [3]], [[10, 11], [4, 4, 4]])
@@ -296,14 +296,14 @@ def test_probe_catches_an_attention_that_ignores_the_mask(tinystories, monkeypat
     assert len(logs) == 1 and "does not honour the block mask" in logs[0]
 
 
-def test_training_a_fallback_model_passes_the_step0_check(shared_caches, tinystories, tmp_path, monkeypatch):
+def test_training_a_fallback_model_passes_the_step0_check(shared_caches, llama_model, tmp_path, monkeypatch):
     from bso_cache import train as train_mod
     from bso_cache.models import load_model
 
     impl = _register_mask_ignoring_attention()
     monkeypatch.setattr(train_mod, "load_model", lambda *a, **k: load_model(*a, **{**k, "attn_implementation": impl}))
     logs = []
-    summary = train_mod.train(TrainConfig(cache=str(shared_caches[("tinystories", "hh")]), out=str(tmp_path / "r"),
+    summary = train_mod.train(TrainConfig(cache=str(shared_caches[("plain", "hh")]), out=str(tmp_path / "r"),
                                           prefix_sharing="on", max_steps=2, batch_size=4, progress=False),
                               log=logs.append)
     assert summary["step0"]["max_per_token"] <= summary["step0"]["tolerance_per_token"]
@@ -354,26 +354,26 @@ def compiled_flex(monkeypatch):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("model_name,data", [("tinystories", "pku"), ("tinystories", "hh"), ("chat", "pku"),
+@pytest.mark.parametrize("model_name,data", [("plain", "pku"), ("plain", "hh"), ("chat", "pku"),
                                              ("chat", "hh")])
-def test_flex_layouts_equal_the_unshared_layout(shared_caches, tinystories, chat_model, model_name, data):
+def test_flex_layouts_equal_the_unshared_layout(shared_caches, llama_model, chat_model, model_name, data):
     """The shared and the packed layout as FlexAttention block masks, and the unshared one under
     flex, give the unshared SDPA values within 2e-4 nats per sequence (float32); flex runs eagerly
     on the CPU, as bso-cache runs it there."""
-    _check_flex_layouts(shared_caches, tinystories, chat_model, model_name, data)
+    _check_flex_layouts(shared_caches, llama_model, chat_model, model_name, data)
 
 
-@pytest.mark.parametrize("model_name,data", [("tinystories", "pku"), ("chat", "hh")])
-def test_compiled_flex_layouts_equal_the_unshared_layout(shared_caches, tinystories, chat_model, model_name, data,
+@pytest.mark.parametrize("model_name,data", [("plain", "pku"), ("chat", "hh")])
+def test_compiled_flex_layouts_equal_the_unshared_layout(shared_caches, llama_model, chat_model, model_name, data,
                                                          compiled_flex):
     """The same with transformers' compiled FlexAttention (the GPU's path)."""
-    _check_flex_layouts(shared_caches, tinystories, chat_model, model_name, data)
+    _check_flex_layouts(shared_caches, llama_model, chat_model, model_name, data)
 
 
-def _check_flex_layouts(shared_caches, tinystories, chat_model, model_name, data):
+def _check_flex_layouts(shared_caches, llama_model, chat_model, model_name, data):
     from transformers import AutoModelForCausalLM
 
-    path = tinystories if model_name == "tinystories" else chat_model
+    path = llama_model if model_name == "plain" else chat_model
     sdpa = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="sdpa").eval()
     flex = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="flex_attention").eval()
     P, C, R, items = cache_pairs(shared_caches[(model_name, data)], n=8)
