@@ -15,7 +15,7 @@ def run_eval(*, model: str, cache: Path, out: Path | None, batch_size: int, max_
              dtype: str, generate: bool, cost_model: str | None, reward_model: str | None, max_prompts: int,
              max_new_tokens: int, temperature: float, top_p: float, generations: Path | None, seed: int,
              prefix_sharing: str = "auto", attn_implementation: str = "auto",
-             allow_other_reference: bool = False, gguf_file: str | None = None) -> dict:
+             allow_other_reference: bool = False, gguf_file: str | None = None, progress: bool = False) -> dict:
     from .generation import cache_prompts, generation_eval
     from .models import load_model, load_tokenizer, resolve_attention, resolve_device
 
@@ -35,7 +35,7 @@ def run_eval(*, model: str, cache: Path, out: Path | None, batch_size: int, max_
                     attn_implementation=resolve_attention(attn_implementation, dev, training=False))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     res = evaluate_cache(lm, c, batch_size=batch_size, device=dev, pad_id=pad, max_pairs=max_pairs,
-                         prefix_sharing=prefix_sharing)
+                         prefix_sharing=prefix_sharing, progress=progress)
     res["reference"] = {"name_or_path": c.manifest.reference_name, "relation": relation}
     if generate:
         res["generation"] = generation_eval(lm, tok, cache_prompts(c, max_prompts), cost_model=cost_model,

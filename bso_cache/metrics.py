@@ -23,12 +23,13 @@ from .scoring import PairScorer
 
 def evaluate_cache(model, cache: Cache, *, batch_size: int = 16, device: str = "cpu",
                    pad_id: int = 0, max_pairs: int | None = None, autocast: str = "none",
-                   prefix_sharing: str = "auto") -> dict:
+                   prefix_sharing: str = "auto", progress: bool = False) -> dict:
     """The metrics above, streamed over the cache in its stored order.
 
     `model` is a causal LM or a `PairScorer` (which then brings its device, padding, autocast
-    and prefix-sharing decision)."""
+    and prefix-sharing decision); `progress`: a bar of pairs on stderr."""
     import torch
+    from tqdm.auto import tqdm
 
     scorer = model if isinstance(model, PairScorer) else PairScorer(
         model, prefix_sharing=prefix_sharing, device=device, pad_id=pad_id, autocast=autocast)
@@ -38,12 +39,15 @@ def evaluate_cache(model, cache: Cache, *, batch_size: int = 16, device: str = "
     per_type = defaultdict(lambda: {"n": 0, "chosen_reward": 0.0, "rejected_reward": 0.0, "margin": 0.0,
                                     "correct": 0})
     n = correct = differs = safe_wins = 0
-    with torch.inference_mode():
+    total = cache.num_pairs if max_pairs is None else min(cache.num_pairs, max_pairs)
+    with torch.inference_mode(), tqdm(total=total, unit="pair", desc="evaluating", disable=not progress,
+                                      dynamic_ncols=True) as bar:
         for batch in epoch_batches(cache, mode="none", orientation="better", batch_size=batch_size,
                                    seed=0, epoch=0, shuffle=False):
             if max_pairs is not None and n >= max_pairs:
                 break
             lp = scorer(*token_ids(batch))
+            bar.update(min(len(batch), total - bar.n))
             for it, c, r in zip(batch, lp.chosen.cpu().tolist(), lp.rejected.cpu().tolist()):
                 rc, rr = c - it.ref_chosen_logp, r - it.ref_rejected_logp
                 kind = pair_type(it.chosen_unsafe, it.rejected_unsafe)

@@ -329,6 +329,7 @@ def eval_cmd(
     attn_implementation: str = typer.Option(_T.attn_implementation, "--attn-implementation", help=ATTN_HELP),
     allow_other_reference: bool = typer.Option(False, "--allow-other-reference", help="Evaluate a run that started from other weights than the cache's reference (its rewards are then relative to that reference)."),
     gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="Load the model from this GGUF file inside --model."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (pairs evaluated)."),
 ):
     """Preference and safety accuracy from cached reference log-probs (no reference loaded);
     with --generate, harmless rate and mean reward of sampled responses."""
@@ -339,7 +340,7 @@ def eval_cmd(
                max_prompts=max_prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                generations=generations, seed=seed, prefix_sharing=prefix_sharing,
                attn_implementation=attn_implementation, allow_other_reference=allow_other_reference,
-               gguf_file=gguf_file)
+               gguf_file=gguf_file, progress=progress)
     if as_json:
         _echo_json(res)
         return

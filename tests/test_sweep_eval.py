@@ -110,6 +110,10 @@ def test_eval_cli_json_and_generation_with_tiny_classifiers(demo_assets, demo_ca
                "--generate", "--cost-model", tmp_path / "cost", "--reward-model", tmp_path / "reward",
                "--max-prompts", 6, "--max-new-tokens", 8)
     res = json.loads(proc.stdout)
+    n = Cache.open(demo_cache).num_pairs  # a progress bar of pairs on stderr, none with --no-progress
+    assert "evaluating" in proc.stderr and f"{n}/{n}" in proc.stderr, proc.stderr
+    quiet = cli_in_process("eval", "--model", demo_assets["model"], "--cache", demo_cache, "--json", "--no-progress")
+    assert "evaluating" not in quiet.stderr and json.loads(quiet.stdout)["pairs"] == n
     # the reference itself: every margin is 0 up to the float32 noise of batching (which the float64
     # sums keep, so the sign of each margin, and the accuracy, is noise too)
     assert abs(res["mean_margin"]) < 1e-3
