@@ -168,7 +168,7 @@ def clear_run_folder(layout: RunLayout) -> None:
 
 # Options a resumed run may change: they decide where and how it reports, not what it computes.
 RESUME_FREE = frozenset({"out", "cache", "resume", "overwrite", "progress", "log_every", "save_every",
-                         "keep_checkpoints", "tensorboard", "eval_cache", "eval_every", "device",
+                         "keep_checkpoints", "tensorboard", "report_to", "eval_cache", "eval_every", "device",
                          "prefix_sharing", "attn_implementation", "step0_tolerance", "trust_remote_code",
                          "allow_other_reference"})
 

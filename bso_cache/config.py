@@ -143,7 +143,8 @@ class TrainConfig:
     eval_cache: str | None = None
     eval_every: int = 0
     allow_other_reference: bool = False  # --eval-cache built with another reference: report against it
-    tensorboard: bool = False
+    tensorboard: bool = False           # the same as report_to including tensorboard
+    report_to: str = "none"             # experiment trackers, comma-separated (trackers.REPORTERS)
     step0_tolerance: float | None = None  # None: by dtype (see metrics.step0_tolerance)
     trust_remote_code: bool = False
     progress: bool = True
@@ -175,6 +176,9 @@ class TrainConfig:
             raise ConfigError("--fsdp with --lora-r is not supported; LoRA adapters are small: use DDP")
         self._check_memory_levers()
         self.loss_spec()
+        from .trackers import parse_report_to, require_installed
+
+        require_installed(parse_report_to(self.report_to, self.tensorboard))
 
     def _check_memory_levers(self) -> None:
         if self.optimizer_in_backward and self.grad_clip > 0:

@@ -208,12 +208,3 @@ def step0_check(batch, lp, *, tolerance: float, policy_is_reference: bool, log=p
             f"built from other weights or another tokenizer/template, or in another dtype ({hint}). Rebuild "
             f"the cache, or raise --step0-tolerance if the difference is intended")
     return figure
-
-
-def tensorboard_writer(layout):
-    """`--tensorboard`: a SummaryWriter into the run's tensorboard folder."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError("--tensorboard needs the `tensorboard` package: pip install 'bso-cache[tensorboard]'") from None
-    return SummaryWriter(str(layout.tensorboard))

@@ -20,6 +20,7 @@ from . import schemas as S
 from .config import BASELINES, TrainConfig
 from .card import sweep_card
 from .errors import ConfigError
+from .trackers import tracker_parent
 
 SWEEPABLE = ("generator", "beta", "safety_penalty", "lam", "scale", "mu", "clamp", "clamp_lower", "clamp_upper",
              "label_smoothing", "pairs", "orientation", "optimizer", "lr", "lr_schedule", "warmup_ratio",
@@ -152,7 +153,8 @@ def _run_sweep(cache: str, out: str, grid: dict[str, list], baselines: list[str]
             cfg = dataclasses.replace(cfg, resume=resume, overwrite=not resume)
             loads = len(LOAD_LOG)
             log(f"[{i}/{len(configs)}] {name}: training{' (resuming)' if resume else ''}")
-            train(cfg, log=lambda s: None)
+            with tracker_parent(cfg, out_dir):
+                train(cfg, log=lambda s: None, report_group=out_dir.name)
             if len(LOAD_LOG) - loads != 1:
                 raise AssertionError(f"run {name} loaded {len(LOAD_LOG) - loads} models; expected exactly 1")
             gc.collect()

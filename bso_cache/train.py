@@ -31,7 +31,8 @@ from .dist import Dist
 from .errors import CacheError, ConfigError, TrainingError
 from .losses import loss_terms
 from .card import write_cards
-from .metrics import MetricsWindow, evaluate_cache, step0_check, step0_tolerance, tensorboard_writer
+from .metrics import MetricsWindow, evaluate_cache, step0_check, step0_tolerance
+from .trackers import for_run
 from .models import add_lora, disable_dropout, load_model, load_tokenizer, locate_reference, resolve_attention, \
     resolve_device, set_seed, weights_digest
 from .optim import check_optimizer_available, make_optimizer, make_schedule
@@ -42,8 +43,8 @@ from . import parallel
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, log=print):
-        self.cfg, self.log = cfg, log
+    def __init__(self, cfg: TrainConfig, *, log=print, report_group: str | None = None):
+        self.cfg, self.log, self.report_group = cfg, log, report_group
         self.spec = cfg.loss_spec()
         self.device = resolve_device(cfg.device)
         self.dist = Dist.from_env(self.device)
@@ -273,7 +274,7 @@ class Trainer:
         self.scheduler.step()
         return tokens
 
-    def _log(self, window: MetricsWindow, tb, bar) -> dict:
+    def _log(self, window: MetricsWindow, reporters, bar) -> dict:
         cfg = self.cfg
         step = self.position.step
         row = window.flush(step, self.position.epoch, self.dist)
@@ -282,10 +283,8 @@ class Trainer:
         if self.dist.is_main:
             with open(self.layout.metrics, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            if tb is not None:
-                for k, v in row.items():
-                    if isinstance(v, (int, float)) and k != "step":
-                        tb.add_scalar(k, v, step)
+            if reporters is not None:
+                reporters.log(row, step)
         bar.set_postfix_str(f"loss {row['loss']:.4g} acc {row['preference_accuracy']:.2f} "
                             f"{row['tokens_per_s']:,.0f} tok/s")
         return row
@@ -302,7 +301,7 @@ class Trainer:
         cfg = self.cfg
         self.setup()
         stream = prefetch(self._step_batches())
-        tb = tensorboard_writer(self.layout) if cfg.tensorboard and self.dist.is_main else None
+        reporters = for_run(cfg, self.out, self.report_group) if self.dist.is_main else None
         bar = tqdm(total=self.total_steps, initial=self.position.step, unit="step", desc="training",
                    disable=not (cfg.progress and self.dist.is_main), dynamic_ncols=True)
         window = MetricsWindow()
@@ -319,15 +318,20 @@ class Trainer:
                 bar.update(1)
                 step = self.position.step
                 if step % cfg.log_every == 0 or step == self.total_steps:
-                    last = self._log(window, tb, bar)
+                    last = self._log(window, reporters, bar)
                 if cfg.save_every and step % cfg.save_every == 0 and step < self.total_steps:
                     self._save_checkpoint()
+            summary = self._finish(last)
+        except BaseException:
+            if reporters is not None:
+                reporters.close()
+            raise
         finally:
             stream.close()  # stops the prefetch thread, also when a step raises
-        bar.close()
-        if tb is not None:
-            tb.close()
-        return self._finish(last)
+            bar.close()
+        if reporters is not None:
+            reporters.finish(summary, [self.out / f for f in summary["files"]], self.position.step)
+        return summary
 
     def _finish(self, last: dict) -> dict:
         files = self._save_final()
@@ -383,10 +387,10 @@ class Trainer:
         return files
 
 
-def train(cfg: TrainConfig, *, log=print) -> dict:
+def train(cfg: TrainConfig, *, log=print, report_group: str | None = None) -> dict:
     """Train; with --resume on a finished run (same settings), say so and change nothing."""
     done = finished_run(S.RunLayout(Path(cfg.out)), to_dict(cfg)) if cfg.resume else None
     if done is not None:
         log(f"{cfg.out}: this run is finished ({done.get('steps')} steps); nothing to do (--overwrite trains it again)")
         return done
-    return Trainer(cfg, log=log).run()
+    return Trainer(cfg, log=log, report_group=report_group).run()

@@ -237,7 +237,8 @@ def train(
     eval_cache: Optional[Path] = typer.Option(_T.eval_cache, "--eval-cache", help="A held-out cache to evaluate on."),
     eval_every: int = typer.Option(_T.eval_every, "--eval-every", help="Evaluate on --eval-cache every N steps."),
     allow_other_reference: bool = typer.Option(_T.allow_other_reference, "--allow-other-reference", help="Accept an --eval-cache built with another reference than --cache (its rewards are then relative to that reference)."),
-    tensorboard: bool = typer.Option(_T.tensorboard, "--tensorboard", help="Also log to OUT/tensorboard."),
+    tensorboard: bool = typer.Option(_T.tensorboard, "--tensorboard", help="Also log to OUT/tensorboard (the same as --report-to tensorboard)."),
+    report_to: str = typer.Option(_T.report_to, "--report-to", help="Experiment trackers, comma-separated: none | tensorboard | wandb | mlflow | trackio (each an extra: pip install 'bso-cache[wandb]'; configured by its usual environment variables). The configuration, every metrics.jsonl scalar, the evaluation and the final model; a sweep groups its runs."),
     step0_tolerance: Optional[float] = typer.Option(_T.step0_tolerance, "--step0-tolerance", help="Max |log pi - log pi_ref| per response token at step 0 when the policy is the reference [default: 0.001 nats with float32 on both sides, 0.05 otherwise]."),
     trust_remote_code: bool = typer.Option(_T.trust_remote_code, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
     progress: bool = typer.Option(_T.progress, "--progress/--no-progress", help="Show a progress bar."),
@@ -267,7 +268,7 @@ def train(
         overwrite=overwrite, log_every=log_every,
         eval_cache=str(eval_cache) if eval_cache else None, eval_every=eval_every,
         allow_other_reference=allow_other_reference,
-        tensorboard=tensorboard, step0_tolerance=step0_tolerance,
+        tensorboard=tensorboard, report_to=report_to, step0_tolerance=step0_tolerance,
         trust_remote_code=trust_remote_code, progress=progress)
     summary = _run(run_train, cfg, log=_log)
     final = summary["final"] or {}

@@ -297,6 +297,8 @@ class RunLayout:
     CHECKPOINT_WEIGHTS = "model.safetensors"
     TRAINER_STATE = "trainer_state.pt"       # optimizer, scheduler, RNG (torch.load with weights_only=True)
     LOCK = ".run.lock"                       # held while a run writes the folder (locks.folder_lock)
+    TRACKERS = "trackers.json"               # --report-to: the tracker run ids, so that --resume continues them
+    WANDB = "wandb"                          # --report-to wandb: its local files
 
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root))
@@ -336,7 +338,8 @@ class RunLayout:
     def own_names(cls) -> frozenset[str]:
         """The entries of a run folder that a run writes under fixed names."""
         return frozenset({cls.RUN_CONFIG, cls.METRICS, cls.SUMMARY, cls.CHECKPOINTS, cls.TENSORBOARD,
-                          cls.ADAPTER, cls.PLOTS, cls.RUN_CONFIG + ".tmp", cls.SUMMARY + ".tmp", cls.LOCK})
+                          cls.ADAPTER, cls.PLOTS, cls.RUN_CONFIG + ".tmp", cls.SUMMARY + ".tmp", cls.LOCK,
+                          cls.TRACKERS, cls.WANDB})
 
 
 @dataclass(frozen=True)
