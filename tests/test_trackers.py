@@ -159,3 +159,39 @@ def test_unknown_or_missing_trackers_are_one_line(demo_cache, tmp_path, monkeypa
     one_line_error(cli_in_process("train", "--cache", demo_cache, "--out", tmp_path / "b", "--report-to", "mlflow",
                                   check=False), "pip install 'bso-cache[mlflow]'")
     assert not (tmp_path / "b").exists()
+
+
+def test_a_resumed_run_continues_its_tracker_runs(demo_cache, tmp_path, monkeypatch):
+    """Interrupted after its step-2 checkpoint and resumed: the same W&B id and MLflow run, every
+    step logged once, the MLflow run finished."""
+    for name in ("wandb", "mlflow"):
+        pytest.importorskip(name)
+    from mlflow.tracking import MlflowClient
+
+    from bso_cache import train as T
+    from bso_cache.config import TrainConfig
+
+    for k, v in tracker_env(tmp_path).items():
+        monkeypatch.setenv(k, v)
+    cfg = dict(cache=str(demo_cache), out=str(tmp_path / "run"), max_steps=4, batch_size=8, save_every=2,
+               report_to="wandb,mlflow", progress=False)
+    real, calls = T.Trainer._step, []
+
+    def interrupted(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(T.Trainer, "_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(TrainConfig(**cfg), log=lambda s: None)
+    ids = json.loads((tmp_path / "run" / "trackers.json").read_text())
+    monkeypatch.setattr(T.Trainer, "_step", real)
+    T.train(TrainConfig(**cfg, resume=True), log=lambda s: None)
+    assert json.loads((tmp_path / "run" / "trackers.json").read_text()) == ids
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    losses = {m.step: m.value for m in client.get_metric_history(ids["mlflow"], "loss")}
+    assert losses == pytest.approx({r["step"]: r["loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")})
+    assert sorted(losses) == [1, 2, 3, 4] and client.get_run(ids["mlflow"]).info.status == "FINISHED"
+    assert {p.name.rsplit("-", 1)[1] for p in (tmp_path / "run" / "wandb").glob("offline-run-*")} == {ids["wandb"]}
