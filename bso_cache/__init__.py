@@ -19,6 +19,7 @@ _PUBLIC = {
     "sequence_logps": ("scoring", "sequence_logps"), "PairLogps": ("scoring", "PairLogps"),
     "BuildConfig": ("config", "BuildConfig"), "TrainConfig": ("config", "TrainConfig"),
     "build_cache": ("build", "build_cache"), "train_policy": ("train", "train"),
+    "evaluate_cache": ("evaluate", "evaluate_cache"), "EvalConfig": ("config", "EvalConfig"),
 }
 __all__ = ["__version__", *_PUBLIC]
 

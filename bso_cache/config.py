@@ -208,6 +208,21 @@ class TrainConfig:
         return self.batch_size // self.grad_accum
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    """`bso-cache eval`'s defaults, one place for the CLI and the library (generation.generate)."""
+
+    batch_size: int = 16                # pairs per forward
+    max_prompts: int = 64               # distinct prompts to generate for (--generate)
+    max_new_tokens: int = 512
+    temperature: float = 0.7            # 0: greedy
+    top_p: float = 0.9
+    seed: int = 0
+
+
+EVAL_DEFAULTS = EvalConfig()
+
+
 # The baselines people compare against (shared BSO.md), one table for `sweep --baselines`, the
 # demo and the reproduction script: TrainConfig overrides, the rest at their defaults.
 BASELINES = {

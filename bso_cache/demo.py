@@ -140,7 +140,7 @@ def run_demo(out: Path, *, steps: int = 60, log=print) -> dict:
     from .build import build_cache
     from .cache import Cache
     from .config import BASELINES, BuildConfig, TrainConfig
-    from .metrics import evaluate_cache
+    from .evaluate import evaluate_cache
     from .models import load_model, quiet_transformers
     from .train import train
 

@@ -1,21 +1,95 @@
-"""`bso-cache eval`: a model on a cache's pairs from the cached reference log-probs (metrics.py),
-and optionally the generation-based evaluation (generation.py); results as JSON."""
+"""Evaluation, in one home: a model on a cache's pairs from the cached reference log-probs (no
+reference model loaded), and `bso-cache eval` around it, optionally with the generation-based
+evaluation (generation.py); results as JSON.
+
+Over the pairs as oriented in the cache (chosen = the cached chosen response):
+- preference_accuracy: share of pairs whose implicit reward r = log pi(y) - log pi_ref(y) is
+  higher for chosen than for rejected (ties count as wrong);
+- safety_accuracy: over pairs whose responses differ in safety, the share where the safe
+  response has the higher implicit reward;
+- mean implicit rewards and margins per pair type (chosen/rejected safety).
+"""
 
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from pathlib import Path
 
+from .pairs import epoch_batches, token_ids
+from .schemas import pair_type
+from .scoring import PairScorer
 from .cache import Cache, atomic_write_json, check_tokenizer, other_reference, require_writable
 from .errors import CacheError, ConfigError
-from .metrics import evaluate_cache
+
+
+
+def evaluate_cache(model, cache: Cache, *, batch_size: int = 16, device: str = "cpu",
+                   pad_id: int = 0, max_pairs: int | None = None, autocast: str = "none",
+                   prefix_sharing: str = "auto", progress: bool = False) -> dict:
+    """The metrics above, streamed over the cache in its stored order.
+
+    `model` is a causal LM or a `PairScorer` (which then brings its device, padding, autocast
+    and prefix-sharing decision); `progress`: a bar of pairs on stderr."""
+    import torch
+    from tqdm.auto import tqdm
+
+    scorer = model if isinstance(model, PairScorer) else PairScorer(
+        model, prefix_sharing=prefix_sharing, device=device, pad_id=pad_id, autocast=autocast)
+    model = scorer.model
+    was_training = model.training
+    model.eval()
+    per_type = defaultdict(lambda: {"n": 0, "chosen_reward": 0.0, "rejected_reward": 0.0, "margin": 0.0,
+                                    "correct": 0})
+    n = correct = differs = safe_wins = 0
+    total = cache.num_pairs if max_pairs is None else min(cache.num_pairs, max_pairs)
+    with torch.inference_mode(), tqdm(total=total, unit="pair", desc="evaluating", disable=not progress,
+                                      dynamic_ncols=True) as bar:
+        for batch in epoch_batches(cache, mode="none", orientation="better", batch_size=batch_size,
+                                   seed=0, epoch=0, shuffle=False):
+            if max_pairs is not None and n >= max_pairs:
+                break
+            lp = scorer(*token_ids(batch))
+            bar.update(min(len(batch), total - bar.n))
+            for it, c, r in zip(batch, lp.chosen.cpu().tolist(), lp.rejected.cpu().tolist()):
+                rc, rr = c - it.ref_chosen_logp, r - it.ref_rejected_logp
+                kind = pair_type(it.chosen_unsafe, it.rejected_unsafe)
+                t = per_type[kind]
+                t["n"] += 1
+                t["chosen_reward"] += rc
+                t["rejected_reward"] += rr
+                t["margin"] += rc - rr
+                t["correct"] += rc > rr
+                n += 1
+                correct += rc > rr
+                if kind in ("safe/unsafe", "unsafe/safe"):  # the responses differ in safety
+                    differs += 1
+                    safe_wins += (rc > rr) if kind == "safe/unsafe" else (rr > rc)
+    if was_training:
+        model.train()
+    types = {name: {"pairs": t["n"], "mean_chosen_reward": t["chosen_reward"] / t["n"],
+                    "mean_rejected_reward": t["rejected_reward"] / t["n"],
+                    "mean_margin": t["margin"] / t["n"], "preference_accuracy": t["correct"] / t["n"]}
+             for name, t in sorted(per_type.items())}
+    if n == 0:
+        raise CacheError(f"{cache.path}: no pair to evaluate (the cache holds {cache.num_pairs}"
+                         f"{'' if max_pairs is None else f', --max-pairs {max_pairs}'}); evaluate on a cache with pairs")
+    return {
+        "pairs": n,
+        "preference_accuracy": correct / n,
+        "safety_accuracy": safe_wins / differs if differs else None,  # no pair differs in safety
+        "safety_pairs": differs,
+        "mean_margin": sum(t["margin"] for t in per_type.values()) / n,
+        "by_pair_type": types,
+    }
 
 
 def run_eval(*, model: str, cache: Path, out: Path | None, batch_size: int, max_pairs: int | None, device: str,
              dtype: str, generate: bool, cost_model: str | None, reward_model: str | None, max_prompts: int,
              max_new_tokens: int, temperature: float, top_p: float, generations: Path | None, seed: int,
              prefix_sharing: str = "auto", attn_implementation: str = "auto",
-             allow_other_reference: bool = False, gguf_file: str | None = None, progress: bool = False) -> dict:
+             allow_other_reference: bool = False, gguf_file: str | None = None, progress: bool = False,
+             trust_remote_code: bool = False) -> dict:
     from .generation import cache_prompts, generation_eval
     from .models import load_model, load_tokenizer, resolve_attention, resolve_device
 
@@ -28,10 +102,10 @@ def run_eval(*, model: str, cache: Path, out: Path | None, batch_size: int, max_
             require_writable(Path(path), option, file=True)
     c = Cache.open(cache)
     relation = reference_relation(model, cache, c.manifest, allow_other_reference, gguf_file)
-    tok = load_tokenizer(model, gguf_file=gguf_file)
+    tok = load_tokenizer(model, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     check_tokenizer(cache, c.manifest, tok, model)
     dev = resolve_device(device)
-    lm = load_model(model, dtype=dtype, device=dev, gguf_file=gguf_file,
+    lm = load_model(model, dtype=dtype, device=dev, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
                     attn_implementation=resolve_attention(attn_implementation, dev, training=False))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     res = evaluate_cache(lm, c, batch_size=batch_size, device=dev, pad_id=pad, max_pairs=max_pairs,

@@ -4,6 +4,7 @@ score them with sequence-classification reward / cost models."""
 from __future__ import annotations
 
 from .cache import Cache
+from .config import EVAL_DEFAULTS
 
 def cache_prompts(cache: Cache, limit: int | None = None) -> list[list[int]]:
     """Distinct prompts of a cache (token ids exactly as the policy saw them), in stored order."""
@@ -21,8 +22,9 @@ def cache_prompts(cache: Cache, limit: int | None = None) -> list[list[int]]:
     return out
 
 
-def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 64, temperature: float = 0.7,
-             top_p: float = 0.9, batch_size: int = 8, device: str = "cpu", seed: int = 0) -> list[str]:
+def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = EVAL_DEFAULTS.max_new_tokens,
+             temperature: float = EVAL_DEFAULTS.temperature, top_p: float = EVAL_DEFAULTS.top_p, batch_size: int = 8,
+             device: str = "cpu", seed: int = EVAL_DEFAULTS.seed) -> list[str]:
     """Sample one response per prompt (left-padded batches)."""
     import torch
 

@@ -1,84 +1,11 @@
-"""Metrics: evaluation from cached reference log-probs (no reference model loaded), and the
-training window of per-pair diagnostics between two logged steps.
-
-Evaluation runs over the pairs as oriented in the cache (chosen = the cached chosen response):
-- preference_accuracy: share of pairs whose implicit reward r = log pi(y) - log pi_ref(y) is
-  higher for chosen than for rejected (ties count as wrong);
-- safety_accuracy: over pairs whose responses differ in safety, the share where the safe
-  response has the higher implicit reward;
-- mean implicit rewards and margins per pair type (chosen/rejected safety).
-"""
+"""Training metrics: the window of per-pair diagnostics between two logged steps, and the
+step-0 check (evaluation on a cache is in evaluate.py)."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-
-from .cache import Cache
-from .errors import CacheError, ConfigError, MismatchError
+from .errors import MismatchError
 from .losses import pair_diagnostics
-from .schemas import PAIR_TYPES, pair_type
-from .pairs import epoch_batches, token_ids
-from .scoring import PairScorer
-
-
-def evaluate_cache(model, cache: Cache, *, batch_size: int = 16, device: str = "cpu",
-                   pad_id: int = 0, max_pairs: int | None = None, autocast: str = "none",
-                   prefix_sharing: str = "auto", progress: bool = False) -> dict:
-    """The metrics above, streamed over the cache in its stored order.
-
-    `model` is a causal LM or a `PairScorer` (which then brings its device, padding, autocast
-    and prefix-sharing decision); `progress`: a bar of pairs on stderr."""
-    import torch
-    from tqdm.auto import tqdm
-
-    scorer = model if isinstance(model, PairScorer) else PairScorer(
-        model, prefix_sharing=prefix_sharing, device=device, pad_id=pad_id, autocast=autocast)
-    model = scorer.model
-    was_training = model.training
-    model.eval()
-    per_type = defaultdict(lambda: {"n": 0, "chosen_reward": 0.0, "rejected_reward": 0.0, "margin": 0.0,
-                                    "correct": 0})
-    n = correct = differs = safe_wins = 0
-    total = cache.num_pairs if max_pairs is None else min(cache.num_pairs, max_pairs)
-    with torch.inference_mode(), tqdm(total=total, unit="pair", desc="evaluating", disable=not progress,
-                                      dynamic_ncols=True) as bar:
-        for batch in epoch_batches(cache, mode="none", orientation="better", batch_size=batch_size,
-                                   seed=0, epoch=0, shuffle=False):
-            if max_pairs is not None and n >= max_pairs:
-                break
-            lp = scorer(*token_ids(batch))
-            bar.update(min(len(batch), total - bar.n))
-            for it, c, r in zip(batch, lp.chosen.cpu().tolist(), lp.rejected.cpu().tolist()):
-                rc, rr = c - it.ref_chosen_logp, r - it.ref_rejected_logp
-                kind = pair_type(it.chosen_unsafe, it.rejected_unsafe)
-                t = per_type[kind]
-                t["n"] += 1
-                t["chosen_reward"] += rc
-                t["rejected_reward"] += rr
-                t["margin"] += rc - rr
-                t["correct"] += rc > rr
-                n += 1
-                correct += rc > rr
-                if kind in ("safe/unsafe", "unsafe/safe"):  # the responses differ in safety
-                    differs += 1
-                    safe_wins += (rc > rr) if kind == "safe/unsafe" else (rr > rc)
-    if was_training:
-        model.train()
-    types = {name: {"pairs": t["n"], "mean_chosen_reward": t["chosen_reward"] / t["n"],
-                    "mean_rejected_reward": t["rejected_reward"] / t["n"],
-                    "mean_margin": t["margin"] / t["n"], "preference_accuracy": t["correct"] / t["n"]}
-             for name, t in sorted(per_type.items())}
-    if n == 0:
-        raise CacheError(f"{cache.path}: no pair to evaluate (the cache holds {cache.num_pairs}"
-                         f"{'' if max_pairs is None else f', --max-pairs {max_pairs}'}); evaluate on a cache with pairs")
-    return {
-        "pairs": n,
-        "preference_accuracy": correct / n,
-        "safety_accuracy": safe_wins / differs if differs else None,  # no pair differs in safety
-        "safety_pairs": differs,
-        "mean_margin": sum(t["margin"] for t in per_type.values()) / n,
-        "by_pair_type": types,
-    }
+from .schemas import PAIR_TYPES
 
 
 class MetricsWindow:

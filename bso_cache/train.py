@@ -31,7 +31,8 @@ from .dist import Dist
 from .errors import CacheError, ConfigError, TrainingError
 from .losses import loss_terms
 from .card import write_cards
-from .metrics import MetricsWindow, evaluate_cache, step0_check, step0_tolerance
+from .evaluate import evaluate_cache
+from .metrics import MetricsWindow, step0_check, step0_tolerance
 from .trackers import for_run
 from .models import add_lora, disable_dropout, load_model, load_tokenizer, locate_reference, resolve_attention, \
     resolve_device, set_seed, weights_digest

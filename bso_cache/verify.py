@@ -11,7 +11,10 @@ from .metrics import token_tolerance
 
 def verify_cache(path, *, model: str | None = None, sample: int = 0, seed: int = 0, device: str = "auto",
                  batch_size: int = 8, prefix_sharing: str = "auto", tolerance: float | None = None,
-                 attn_implementation: str = "auto", log=print) -> dict:
+                 attn_implementation: str = "auto", gguf_file: str | None = None, trust_remote_code: bool = False,
+                 log=print) -> dict:
+    """The verdict is in the result: `failure` names the worst pair when a re-scored log-prob is
+    further from the cache than the tolerance (None when it passes)."""
     manifest = read_manifest(path)
     verify_shards(path, manifest)
     cache = Cache(path, manifest)
@@ -24,8 +27,8 @@ def verify_cache(path, *, model: str | None = None, sample: int = 0, seed: int =
     from .scoring import PairScorer
 
     name = model or locate_reference(manifest.reference)
-    gguf = None if model else manifest.reference_gguf
-    tok = load_tokenizer(name, gguf_file=gguf)
+    gguf = gguf_file if model else (gguf_file or manifest.reference_gguf)
+    tok = load_tokenizer(name, gguf_file=gguf, trust_remote_code=trust_remote_code)
     check_tokenizer(path, manifest, tok, name)
     rng = random.Random(seed)
     picks = sorted(rng.sample(range(cache.num_pairs), min(sample, cache.num_pairs)))
@@ -38,6 +41,7 @@ def verify_cache(path, *, model: str | None = None, sample: int = 0, seed: int =
             i += 1
     dev = resolve_device(device)
     lm = load_model(name, dtype=manifest.reference_dtype, device=dev, gguf_file=gguf, log=log,
+                    trust_remote_code=trust_remote_code,
                     attn_implementation=resolve_attention(attn_implementation, dev, training=False)).eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     scorer = PairScorer(lm, prefix_sharing=prefix_sharing, device=dev, pad_id=pad, log=log)
@@ -53,6 +57,9 @@ def verify_cache(path, *, model: str | None = None, sample: int = 0, seed: int =
     result.update(checked=len(rows), max_abs_diff=max(d[1] for d in diffs), max_token_diff=worst[0],
                   worst_pair=worst[2], worst_response=worst[3], tolerance_per_token=limit, model=name)
     result["prefix_sharing"] = scorer.sharing
+    result["failure"] = None if worst[0] <= limit else (
+        f"{path}: pair {worst[2]} ({worst[3]}) re-scores {worst[0]:.3g} nats per token off the cache (> {limit:g}); "
+        f"the cache does not match this model: rebuild it, or pass the model it was built with")
     log(f"re-scored {len(rows)} pairs with {name} ({scorer.describe()}): largest |difference| "
         f"{worst[0]:.3g} nats per token ({worst[1]:.3g} for the sequence; pair {worst[2]}, {worst[3]}), "
         f"tolerance {limit:g} per token for a {manifest.reference_dtype} cache")

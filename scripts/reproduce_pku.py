@@ -67,7 +67,7 @@ def main() -> None:
     from bso_cache.build import build_cache
     from bso_cache.cache import Cache
     from bso_cache.config import BuildConfig, TrainConfig
-    from bso_cache.metrics import evaluate_cache
+    from bso_cache.evaluate import evaluate_cache
     from bso_cache.models import load_model
     from bso_cache.train import train
 

@@ -163,6 +163,7 @@ def test_verify_judges_a_cache_by_its_dtype_and_a_mismatch_is_exit_2(demo_assets
         "--max-length", 128, "--dtype", "bfloat16", "--no-progress")
     res = json.loads(cli_in_process("verify", cache, "--sample", 8).stdout)
     assert res["checked"] == 8 and res["tolerance_per_token"] == 0.05 and res["max_token_diff"] < 0.05
+    assert res["failure"] is None  # the verdict is the library's (verify_cache), the CLI only prints it
     other = tmp_path / "other"
     model = AutoModelForCausalLM.from_pretrained(str(demo_assets["model"]), dtype=torch.bfloat16)
     with torch.no_grad():
@@ -174,6 +175,7 @@ def test_verify_judges_a_cache_by_its_dtype_and_a_mismatch_is_exit_2(demo_assets
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and "nats per token off the cache" in err[0] and "pair " in err[0]
+    assert json.loads(proc.stdout)["failure"] == err[0][len("error: "):]
 
 
 RECIPES = Path(__file__).resolve().parents[1] / "docs" / "recipes"

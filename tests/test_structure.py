@@ -46,12 +46,14 @@ def closure(graph: dict[str, set[str]], start: str) -> set[str]:
 
 def test_import_graph():
     graph = {name: internal_imports(tree) for name, tree in modules().items()}
-    assert "build" not in closure(graph, "verify")
-    assert "evaluate" not in closure(graph, "train")
+    assert "build" not in closure(graph, "verify") and "build" not in closure(graph, "train")
+    # evaluation in one home: train's --eval-cache, eval and the demo all use evaluate.py's
+    assert "evaluate" in closure(graph, "train") and "evaluate" in closure(graph, "demo")
+    assert "scoring" not in graph["metrics"]
     # library modules never import the CLI (only `python -m bso_cache`, the entry point, does)
     assert [m for m, deps in graph.items() if "cli" in deps] == ["__main__"]
-    # the one pair scorer: build, train, eval (metrics) and verify all reach scoring
-    for user in ("build", "train", "metrics", "verify"):
+    # the one pair scorer: build, train, evaluate and verify all reach scoring
+    for user in ("build", "train", "evaluate", "verify"):
         assert "scoring" in closure(graph, user), user
 
 

@@ -84,7 +84,7 @@ def test_sweep_on_pku_then_eval_matches_independent_computation(pku_cache, tmp_p
               log=lambda s: None, plots=False)
     assert len(models.LOAD_LOG) == before
     # eval of one run's model equals the definitions computed independently
-    from bso_cache.metrics import evaluate_cache
+    from bso_cache.evaluate import evaluate_cache
     from bso_cache.models import load_model
 
     res = evaluate_cache(load_model(str(out / "generator-sba")), Cache.open(pku_cache), batch_size=8)
