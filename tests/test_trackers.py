@@ -25,8 +25,10 @@ def tracker_env(root: Path) -> dict:
 
 
 def run_cli(env, *args):
+    # in the test's folder: MLflow keeps artifacts under ./mlruns of the working folder
+    cwd = Path(env["TRACKIO_DIR"]).parent
     proc = subprocess.run([sys.executable, "-m", "bso_cache", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=600)
+                          env=env, timeout=600, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -173,6 +175,7 @@ def test_a_resumed_run_continues_its_tracker_runs(demo_cache, tmp_path, monkeypa
 
     for k, v in tracker_env(tmp_path).items():
         monkeypatch.setenv(k, v)
+    monkeypatch.chdir(tmp_path)  # MLflow keeps artifacts under ./mlruns of the working folder
     cfg = dict(cache=str(demo_cache), out=str(tmp_path / "run"), max_steps=4, batch_size=8, save_every=2,
                report_to="wandb,mlflow", progress=False)
     real, calls = T.Trainer._step, []
