@@ -1,6 +1,7 @@
 """The cache on disk: shard writer, manifest, integrity checks and the streaming reader.
 
-Layout (see schemas/): `manifest.json` (written last, atomically) and `part-NNNNN.parquet`.
+Layout (see schemas/): `.manifest.json` (written last, atomically; `manifest.json` in a
+version-1 cache) and `part-NNNNN.parquet`.
 While a build runs, `build.json` holds the build's identity and each finished shard has a
 sidecar `part-NNNNN.json` (rows, checksum, drops); both are folded into the manifest at the end.
 Every file is written under a temporary name and renamed into place, so a killed build leaves

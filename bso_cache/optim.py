@@ -7,9 +7,8 @@ goes through `ParamwiseOptimizer`, which steps each parameter on its own with an
 
 - make bf16 / fp16 weights learn: the update is computed in float32 and stochastically rounded
   to the weights' dtype (unbiased: E[round(w + d)] = w + d), so an update far below half an ulp
-  moves the weight with the right probability instead of vanishing. (Float32 master weights
-  were measured too: after 8 DPO steps at lr 1e-6 the bf16 copy the forward uses had hardly
-  moved, docs/PERFORMANCE.md; stochastic rounding costs no memory and learned 0.90x of float32);
+  moves the weight with the right probability instead of vanishing (chosen over float32 master
+  weights by measurement: docs/PERFORMANCE.md, "bf16 weights");
 - step inside the backward pass (`in_backward`): each parameter's update is applied as soon as
   its gradient is accumulated, and the gradient is freed at once (torchtune's optimizer-in-
   backward), so the gradients of the whole model are never held together;

@@ -37,9 +37,8 @@ Tensor = torch.Tensor
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 # Where `auto` may share prompts, by device kind (docs/PERFORMANCE.md): it then estimates both
-# layouts' cost on the first batch (`layout_cost`) and shares where that is lower. On CUDA
-# scripts/gpu_check.sh measured the shared training step at 0.86x the unshared one (H200, 0.5B,
-# SDPA; the build the same speed either way), where the estimate says 0.78x: shared.
+# layouts' cost on the first batch (`layout_cost`) and shares where that is lower. Both device
+# kinds were measured (docs/PERFORMANCE.md: the CPU tables and "GPU check").
 AUTO_PREFIX_SHARING = {"cpu": True, "cuda": True}
 # Attention implementations that take the shared layout's mask as given (transformers passes a 4D
 # mask, or FlexAttention's BlockMask, through).
@@ -56,9 +55,9 @@ PROBE_TOLERANCE = {False: 1e-3, True: 0.05}
 # `auto` estimates both layouts' cost on this many of the first batch's longest pairs.
 TIMING_PAIRS = 8
 # Attention cost per score (one query-key pair of one head) in multiply-adds of a linear layer,
-# fitted on the CPU with SDPA and a mask (docs/PERFORMANCE.md): per FLOP, attention cost 2.5x a
-# linear layer at head dimension 8 (tinystories-260k) and 0.3x at 64 (the 46M Llama), ~20 /
-# head_dim; with 4 * head_dim FLOPs a score that is ~80 FLOPs = 40 multiply-adds whatever the head size.
+# fitted on the CPU with SDPA and a mask (the fit and its data: docs/PERFORMANCE.md): attention
+# per FLOP costs ~20 / head_dim linear-layer FLOPs, so a score (4 * head_dim FLOPs) costs ~80
+# FLOPs = 40 multiply-adds whatever the head size.
 ATTENTION_SCORE_COST = 40.0
 
 

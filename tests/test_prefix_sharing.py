@@ -334,9 +334,9 @@ def test_auto_shares_where_the_estimated_cost_is_lower_and_stays_off_where_unmea
     assert PairScorer(model, prefix_sharing="auto", device="xpu").decide([[1, 2]], [[3]], [[4]]) is False
     assert PairScorer(model, prefix_sharing="off", device="cpu").decide([[1, 2]], [[3]], [[4]]) is False
     with pytest.raises(ConfigError, match="--prefix-sharing"):
-        BuildConfig(model="m", data="d", out="o", prefix_sharing="always").validate()
+        BuildConfig(model="m", data="d", out="o", prefix_sharing="always")
     with pytest.raises(ConfigError, match="--prefix-sharing"):
-        TrainConfig(cache="c", out="o", prefix_sharing="yes").validate()
+        TrainConfig(cache="c", out="o", prefix_sharing="yes")
 
 
 # ---------------------------------------------------------------------------------- FlexAttention
