@@ -198,3 +198,15 @@ def finished_run(layout: RunLayout, config: dict) -> dict | None:
         return None
     refuse_changed(layout, config)
     return {**summary, "nothing_to_do": True}
+
+
+def resumed_sharing(layout: RunLayout) -> bool | None:
+    """The prefix-sharing decision a run with checkpoints was scored with (run_config.json), so
+    that a resume scores as it did (auto decides on the first batch, which a resume does not see)."""
+    if not list_checkpoints(layout):
+        return None
+    try:
+        used = json.loads(layout.run_config.read_text())["prefix_sharing"]["used"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return used if isinstance(used, bool) else None

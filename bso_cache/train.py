@@ -1,15 +1,14 @@
 """`bso-cache train`: the policy alone, streamed from a cache, with any BSO loss.
 
-One model is loaded (the policy; by default the reference recorded in the manifest, as a
-starting point). The reference is never loaded: its log-probs come from the cache. Before the
-first update the policy's log-probs on the first batch are compared with the cached ones (the
-step-0 check). Checkpoints (checkpoint.py) are written atomically; `--resume` continues from
-the newest one exactly. Data parallelism (DDP / FSDP) lives in parallel.py, the logged
-diagnostics in metrics.py.
+One model is loaded (the policy; by default the manifest's reference, as a starting point);
+the reference's log-probs come from the cache. Checkpoints (checkpoint.py) are atomic and
+`--resume` continues exactly; DDP / FSDP live in parallel.py, the logged diagnostics in metrics.py.
 
-The loop, top to bottom: `Trainer.run` -> `setup` (policy, scorer, optimizer, schedule, resume)
--> for each step: `_step` (forward/backward over this rank's micro-batches, clip, update) ->
-`_log` (metrics.jsonl, TensorBoard, held-out evaluation) -> checkpoints -> `_finish`.
+The loop: `Trainer.run` -> `setup` (caches, run folder, policy, scorer, optimizer, schedule,
+resume) -> the step-0 check (the first micro-batch's log-probs against the cache's) -> for each
+step until the data or --max-steps ends: `_step` (forward/backward over this rank's
+micro-batches, clip, update; returns tokens, gradient norm, lr) -> `_log` (metrics.jsonl,
+trackers, held-out evaluation) -> checkpoints -> `_finish`.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from . import schemas as S
 from .cache import Cache, atomic_write_json, check_out, check_tokenizer, follow_umask, manifest_path, \
     other_reference
 from .checkpoint import Position, clear_run_folder, finished_run, list_checkpoints, listed_files, load_checkpoint, \
-    refuse_changed, save_checkpoint, truncate_metrics
+    refuse_changed, resumed_sharing, save_checkpoint, truncate_metrics
 from .config import TrainConfig, to_dict
 from .dist import Dist
 from .errors import CacheError, ConfigError, TrainingError
@@ -60,18 +59,23 @@ class Trainer:
         check_optimizer_available(cfg.optimizer)
         self.out = Path(cfg.out)
         self.layout = S.RunLayout(self.out)
-        self.cache = Cache.open(cfg.cache)  # verifies every shard's checksum
+        self.position = Position()
+        self._not_ours: set[str] = set()
+        self._lock = contextlib.ExitStack()  # the run folder's lock, held from _prepare_out to the end of run
+
+    # ------------------------------------------------------------------ setup
+    def _open_caches(self) -> None:
+        """The training cache and --eval-cache, every shard's checksum verified; an --eval-cache
+        built by another reference is refused unless --allow-other-reference."""
+        cfg = self.cfg
+        self.cache = Cache.open(cfg.cache)
         self.manifest = self.cache.manifest
         self.eval_cache = Cache.open(cfg.eval_cache) if cfg.eval_cache else None
         if self.eval_cache and self.eval_cache.manifest.weights_digest != self.manifest.weights_digest \
                 and not cfg.allow_other_reference:
             raise ConfigError(other_reference(f"--eval-cache {cfg.eval_cache}", self.eval_cache.manifest.reference_name,
                                               f"the reference of --cache, {self.manifest.reference_name}"))
-        self.position = Position()
-        self._not_ours: set[str] = set()
-        self._lock = contextlib.ExitStack()  # the run folder's lock, held from _prepare_out to the end of run
 
-    # ------------------------------------------------------------------ setup
     def _policy_source(self) -> tuple[str, str | None]:
         if self.cfg.policy:
             return self.cfg.policy, self.cfg.gguf_file
@@ -131,8 +135,8 @@ class Trainer:
                                       pad_id=self.pad_id, autocast=cfg.autocast, log=self.log)
         first = next(epoch_batches(self.cache, mode="none", orientation="better", batch_size=cfg.micro_batch, seed=0,
                                    epoch=0, shuffle=False), [])
-        previous = self._resumed_sharing()
-        if previous is not None:  # a resumed run scores as it did (auto decides on the first batch, which a resume does not see again)
+        previous = resumed_sharing(self.layout) if cfg.resume and cfg.prefix_sharing == "auto" else None
+        if previous is not None:  # a resumed run scores as it did
             self.pair_scorer.sharing = previous
         self.pair_scorer.decide(*token_ids(first))
         # every rank follows rank 0, so that all score alike
@@ -140,15 +144,6 @@ class Trainer:
         self.scorer = parallel.wrap(SequenceScorer(self.model), self.model, fsdp=cfg.fsdp, dist=self.dist,
                                     device=self.device)
         self.pair_scorer.module = self.scorer
-
-    def _resumed_sharing(self) -> bool | None:
-        if not (self.cfg.resume and self.cfg.prefix_sharing == "auto" and list_checkpoints(self.layout)):
-            return None
-        try:
-            used = json.loads(self.layout.run_config.read_text())["prefix_sharing"]["used"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
-            return None
-        return used if isinstance(used, bool) else None
 
     def _plan_steps(self) -> None:
         cfg = self.cfg
@@ -171,6 +166,7 @@ class Trainer:
 
     def setup(self) -> None:
         cfg = self.cfg
+        self._open_caches()
         self._prepare_out()
         name = self._load_policy()
         self._make_scorer()
@@ -235,10 +231,10 @@ class Trainer:
                 if j >= skip:
                     yield epoch, j, batch
             epoch, skip = epoch + 1, 0
-        yield epoch, 0, None
 
-    def _step(self, pairs: list, window: MetricsWindow) -> int:
-        """One optimizer step over the step's pairs (this rank's share); returns the tokens fed."""
+    def _step(self, pairs: list, window: MetricsWindow) -> tuple[int, float, float]:
+        """One optimizer step over the step's pairs (this rank's share); returns the tokens fed,
+        the gradient norm (before clipping) and the learning rate the step used."""
         import torch
 
         mine = parallel.share_step(pairs, grad_accum=self.cfg.grad_accum, dist=self.dist)
@@ -248,8 +244,6 @@ class Trainer:
             with parallel.grad_sync(self.scorer, fsdp=self.cfg.fsdp, dist=self.dist, last=k == len(mine) - 1):
                 batch = PairBatch.of(items, self.pair_scorer.device)
                 lp = self.pair_scorer(*batch.token_ids)
-                if self.step0 is None and self.position.step == 0:
-                    self.step0 = self._step0(batch, lp)
                 terms = loss_terms(self.spec, lp.chosen, lp.rejected, batch.ref_chosen_logps,
                                    batch.ref_rejected_logps, batch.chosen_unsafe, batch.rejected_unsafe)
                 losses = terms.losses
@@ -265,15 +259,15 @@ class Trainer:
                 tokens += lp.tokens
                 window.add(self.spec, terms, lp.chosen.detach(), lp.rejected.detach(), batch)
         if self.cfg.optimizer_in_backward:  # applied during the backward pass, which summed the norm
-            self.grad_norm = math.sqrt(self.optimizer.grad_sq)
+            grad_norm = math.sqrt(self.optimizer.grad_sq)
         else:
             clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
             norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], clip)
-            self.grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP
-        self.lr = self.scheduler.get_last_lr()[0]
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP
+        lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
-        return tokens
+        return tokens, grad_norm, lr
 
     def _log(self, window: MetricsWindow, reporters, bar) -> dict:
         cfg = self.cfg
@@ -301,28 +295,28 @@ class Trainer:
 
         cfg = self.cfg
         self.setup()
+        step0 = self._step0() if self.position.step == 0 else None  # once, before the loop
         stream = prefetch(self._step_batches())
         reporters = for_run(cfg, self.out, self.report_group) if self.dist.is_main else None
         bar = tqdm(total=self.total_steps, initial=self.position.step, unit="step", desc="training",
                    disable=not (cfg.progress and self.dist.is_main), dynamic_ncols=True)
-        window = MetricsWindow()
-        self.step0, last = None, {}
+        window, last = MetricsWindow(), {}
         try:
-            while self.position.step < self.total_steps:
-                t0 = time.perf_counter()
-                epoch, j, pairs = next(stream)
-                if pairs is None:  # the last epoch is used up
+            t0 = time.perf_counter()
+            for epoch, j, pairs in stream:  # ends with the last epoch's pairs
+                if self.position.step >= self.total_steps:
                     break
-                tokens = self._step(pairs, window)
+                tokens, grad_norm, lr = self._step(pairs, window)
                 self.position = Position(self.position.step + 1, epoch, j + 1)
-                window.tick(time.perf_counter() - t0, tokens, self.grad_norm, self.lr)
+                window.tick(time.perf_counter() - t0, tokens, grad_norm, lr)
                 bar.update(1)
                 step = self.position.step
                 if step % cfg.log_every == 0 or step == self.total_steps:
                     last = self._log(window, reporters, bar)
                 if cfg.save_every and step % cfg.save_every == 0 and step < self.total_steps:
                     self._save_checkpoint()
-            summary = self._finish(last)
+                t0 = time.perf_counter()
+            summary = self._finish(last, step0)
         except BaseException:
             if reporters is not None:
                 reporters.close()
@@ -334,9 +328,9 @@ class Trainer:
             reporters.finish(summary, [self.out / f for f in summary["files"]], self.position.step)
         return summary
 
-    def _finish(self, last: dict) -> dict:
+    def _finish(self, last: dict, step0: dict | None) -> dict:
         files = self._save_final()
-        summary = {"steps": self.position.step, "stopped_by": self.stopped_by, "final": last, "step0": self.step0,
+        summary = {"steps": self.position.step, "stopped_by": self.stopped_by, "final": last, "step0": step0,
                    "out": str(self.out), "pairs": self.pair_counts.as_dict(), "files": files}
         if self.eval_cache is not None:
             summary["eval"] = self._evaluate()
@@ -354,19 +348,26 @@ class Trainer:
         self.dist.close()
         return summary
 
-    @property
-    def _eval_model(self):
-        """Under FSDP the sharded scorer (every rank joins its collectives), else the bare model."""
-        return self.scorer if self.cfg.fsdp else self.model
+    def _step0(self) -> dict:
+        """The step-0 check on this rank's first micro-batch of the first step (no gradient): the
+        policy's log-probs against the cache's, before any update."""
+        import torch
 
-    def _step0(self, batch: PairBatch, lp) -> dict:
+        first = next(self._step_batches(), None)
+        if first is None:
+            return None
+        items, _ = parallel.share_step(first[2], grad_accum=self.cfg.grad_accum, dist=self.dist)[0]
+        batch = PairBatch.of(items, self.pair_scorer.device)
+        with torch.no_grad():
+            lp = self.pair_scorer(*batch.token_ids)
         return step0_check(batch, lp, tolerance=step0_tolerance(self.cfg, self.manifest),
                            policy_is_reference=self.policy_is_reference, log=self.log,
                            hint=f"cache: {self.manifest.reference_dtype}, policy: {self.cfg.dtype}, "
                                 f"autocast {self.cfg.autocast}")
 
     def _evaluate(self) -> dict:
-        return evaluate_cache(self.pair_scorer.with_module(self._eval_model), self.eval_cache,
+        module = self.scorer if self.cfg.fsdp else self.model  # under FSDP every rank joins the sharded scorer
+        return evaluate_cache(self.pair_scorer.with_module(module), self.eval_cache,
                               batch_size=self.cfg.micro_batch)
 
     def _save_final(self) -> list[str]:

@@ -218,6 +218,7 @@ def test_no_shuffle_trains_in_cache_order_whatever_the_seed(demo_cache, tmp_path
         trainer = Trainer(TrainConfig(cache=str(demo_cache), out=str(tmp_path / f"s{seed}"), pairs="none",
                                       shuffle=False, seed=seed, batch_size=8, max_steps=3, progress=False),
                           log=lambda s: None)
+        trainer._open_caches()
         steps = trainer._step_batches()
         seen[seed] = [[it.source_index for it in next(steps)[2]] for _ in range(3)]
     assert seen[0] == seen[1] == [order[0:8], order[8:16], order[16:24]]
