@@ -37,6 +37,53 @@ def test_lora_trains_adapters_only_and_saves_merged_model(demo_cache, demo_asset
     assert adapter and all("lora" in k for k in adapter)
 
 
+def _saved_activation_mib(model) -> float:
+    """Bytes autograd keeps for the backward of one forward (distinct tensors), in MiB."""
+    seen, total = set(), [0]
+
+    def pack(t):
+        key = (t.data_ptr(), t.dtype, tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            total[0] += t.numel() * t.element_size()
+        return t
+
+    ids = torch.randint(0, model.config.vocab_size, (4, 128), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids).logits.float().mean().backward()
+    return total[0] / 2**20
+
+
+def test_lora_on_bf16_weights_keeps_bf16_adapters_saves_less_and_learns(demo_cache, tmp_path):
+    """peft makes bf16 adapters float32 by default, and every adapted layer then keeps a float32
+    copy of its input for the backward; bso-cache keeps adapters in the weights' dtype (they learn
+    through stochastic rounding)."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bso_cache.models import add_lora
+
+    def base():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=4)).to(torch.bfloat16)
+
+    cfg = TrainConfig(cache="-", out="-", lora_r=8, dtype="bfloat16")
+    ours = add_lora(cfg, base())
+    assert {p.dtype for p in ours.parameters() if p.requires_grad} == {torch.bfloat16}
+    peft_default = get_peft_model(base(), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                     task_type="CAUSAL_LM"))
+    assert _saved_activation_mib(ours) < 0.8 * _saved_activation_mib(peft_default)
+    run(demo_cache, tmp_path / "r", lora_r=8, dtype="bfloat16", optimizer="adamw", lr=1e-2, max_steps=8,
+        batch_size=8, generator="logistic", safety_penalty=0.0, pairs="none", shuffle=False)
+    rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.05, [r["loss"] for r in rows]
+    adapter = load_file(str(tmp_path / "r" / "adapter" / "adapter_model.safetensors"))
+    assert {t.dtype for t in adapter.values()} == {torch.bfloat16}
+
+
 def test_gradient_checkpointing_and_accumulation_give_the_same_update(demo_cache, tmp_path):
     from safetensors.torch import load_file
 
