@@ -1,33 +1,29 @@
-"""`bso-cache build`: score every pair with the frozen reference once and write the cache.
+"""`bso-cache build`: score every pair with the frozen reference once; the cache's one writer
+(`cache.CacheWriter`) puts the shards and the manifest on disk.
 
 Shard k holds the pairs of input rows [k * rows_per_shard, (k + 1) * rows_per_shard), so the
 split of the work is fixed by the input alone: a killed build resumes by skipping the shards
-whose sidecar exists, and torchrun ranks take the shards k with k % world == rank. Rank 0
-writes the manifest once every shard is done.
+already done, and torchrun ranks score the shards k with k % world == rank.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import time
 from pathlib import Path
 
 from . import schemas as S
-from .cache import atomic_write_json, check_out, empty_columns, manifest_path, read_manifest, write_shard
-from .config import DEFAULT_MAX_LENGTH, DEFAULT_ROWS_PER_SHARD, BuildConfig
+from .cache import CacheWriter, Manifest, counts_text, empty_columns, read_manifest
+from .config import DEFAULT_MAX_LENGTH, DEFAULT_ROWS_PER_SHARD, BuildConfig, to_dict
 from .formats import Normaliser, Pair, scan_input
 from .sources import open_source
 from .dist import Dist
-from .errors import CacheError, ConfigError, DataError
-from .shards import EmptyBuild, build_lock, counts_text, drop_warning, read_state, record_sharing, release_memory, remove_build_files, \
-    sidecar, sidecar_done, write_manifest, write_state
+from .errors import ConfigError, DataError
+from .files import check_out
 from .models import load_model, load_tokenizer, model_identity, resolve_attention, resolve_device, weights_digest
 from .tokenize import PairTokens, PairTokenizer, apply_length_policy, tokenizer_digest
-
-BUILD_STATE = S.BUILD_STATE_NAME
 
 
 def _model_max_length(cfg: BuildConfig) -> int | None:
@@ -63,72 +59,6 @@ def _identity(cfg: BuildConfig, source, ptok: PairTokenizer, max_length: int, de
         "reference_pass": {"dtype": cfg.dtype, "device_kind": device.split(":")[0]},
         "layout": {"rows_per_shard": rows_per_shard},
     }
-
-
-# How the inputs were spelled, not what they are (their digests are compared): a build resumes
-# whether --model / --data are given relative, absolute or from another working directory.
-_SPELLING = {"input.spec", "input.files", "reference.name_or_path", "tokenizer.name_or_path"}
-
-
-def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """Keys of the identity `b` whose values differ in the recorded `a` (extra keys of `a` are
-    what the build learnt later, like the model's parameter count, and do not count)."""
-    out = []
-    for key in sorted(b):
-        if f"{prefix}{key}" in _SPELLING:
-            continue
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _differences(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            out.append(f"{prefix}{key}")
-    return out
-
-
-# what a build writes into its folder besides its shards
-_OURS = (BUILD_STATE, S.MANIFEST_NAME, S.MANIFEST_NAME_V1, BUILD_STATE + ".tmp", S.MANIFEST_NAME + ".tmp",
-         S.BUILD_LOCK_NAME)
-
-
-def _stray(out: Path) -> list[str]:
-    return [p.name for p in out.iterdir() if not p.name.startswith("part-") and p.name not in _OURS]
-
-
-def _prepare_out(out: Path, identity: dict, overwrite: bool, dist: Dist) -> dict | None:
-    """Returns the finished manifest when this exact build is already complete."""
-    manifest_file, state_path = manifest_path(out), out / BUILD_STATE  # a version-1 cache's manifest too
-    if dist.is_main:
-        if overwrite and out.exists() and _stray(out):  # checked before anything is removed
-            raise CacheError(f"{out} holds {_stray(out)[0]}, which no build wrote; --overwrite removes only a "
-                             f"cache's own files, so nothing was removed: move it away, or choose another --out")
-        if overwrite and out.exists():
-            for p in out.iterdir():
-                if p.name in (S.MANIFEST_NAME, S.MANIFEST_NAME_V1, BUILD_STATE) or p.name.startswith("part-"):
-                    p.unlink()
-            manifest_file = out / S.MANIFEST_NAME
-        out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    for path, what in ((manifest_file, "a finished cache"), (state_path, "an unfinished build")):
-        if path.exists():
-            try:
-                previous = json.loads(path.read_text())
-                previous = {k: previous.get(k) for k in S.BUILD_IDENTITY_KEYS}
-            except json.JSONDecodeError:
-                previous = {}
-            diff = _differences(previous, identity)
-            nothing_done = path == state_path and not any(out.glob("part-*.json"))
-            if diff and not nothing_done:
-                raise CacheError(f"{out} holds {what} made with other settings (differs in: "
-                                 f"{', '.join(diff[:6])}); pass --overwrite to start again, or "
-                                 f"another --out")
-            if path == manifest_file:
-                return read_manifest(out)
-    stray = _stray(out)
-    if stray and not state_path.exists():
-        raise CacheError(f"{out} is not empty and is not a bso-cache cache (found {stray[0]}); "
-                         f"choose an empty or new --out")
-    dist.barrier()  # every rank has looked before rank 0 writes build.json
-    return None
 
 
 def _pair_columns(pairs: list[Pair], encoded: list[PairTokens], chosen: list[float],
@@ -182,15 +112,13 @@ def _reference_scorer(cfg: BuildConfig, model, tokenizer, device: str, log):
     return PairScorer(model, prefix_sharing=cfg.prefix_sharing, device=device, pad_id=pad_id, log=log)
 
 
-def build_cache(cfg: BuildConfig, *, log=print) -> S.Manifest:
+def build_cache(cfg: BuildConfig, *, log=print) -> Manifest:
     """Run a build (or resume one) and return the manifest."""
     device = resolve_device(cfg.device)
     dist = Dist.from_env(device)
     if dist.enabled and device.startswith("cuda"):
         device = f"cuda:{dist.local_rank}"
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a folder for the cache")
     check_out(out, "cache")
     source = open_source(cfg.data, split=cfg.split, hf_config=cfg.hf_config)
     tokenizer = load_tokenizer(cfg.model, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code)
@@ -203,8 +131,8 @@ def build_cache(cfg: BuildConfig, *, log=print) -> S.Manifest:
     plan = _Plan(cfg, out, device, dist, source, fmt, tokenizer, ptok, max_length, n_input, R,
                  _identity(cfg, source, ptok, max_length, device, R), log, duplicates)
     try:
-        with build_lock(out, dist.is_main):
-            return _build(plan)
+        with CacheWriter(out, plan.identity, overwrite=cfg.overwrite, dist=dist) as writer:
+            return _build(plan, writer)
     finally:
         dist.close()
 
@@ -229,27 +157,25 @@ class _Plan:
     duplicates: int = 0  # input rows repeating an earlier row's prompt and responses
 
 
-def _build(plan: _Plan) -> S.Manifest:
+def _build(plan: _Plan, writer: CacheWriter) -> Manifest:
     cfg, out, dist, log, R = plan.cfg, plan.out, plan.dist, plan.log, plan.rows_per_shard
-    done = _prepare_out(out, plan.identity, cfg.overwrite, dist)
-    if done is not None:
-        log(f"{out}: this cache is already complete ({done.written} pairs); nothing to do")
-        return done
-    write_state(out, plan.identity, dist)
+    if writer.complete is not None:
+        log(f"{out}: this cache is already complete ({writer.complete.written} pairs); nothing to do")
+        return writer.complete
     n_blocks = math.ceil(plan.n_input / R)
     mine = [k for k in range(n_blocks) if k % dist.world == dist.rank]
-    todo = [k for k in mine if sidecar_done(out, k) is None]
+    todo = [k for k in mine if not writer.done(k)]
     if dist.is_main:
         log(f"input: {plan.n_input} rows from {cfg.data} ({n_blocks} shards of {R} input rows; "
             f"{len(mine) - len(todo)} already done); template: {plan.ptok.mode}; max length {plan.max_length}")
-    ref_info = _score_todo(plan, todo) if todo else None
+    ref_info = _score_todo(plan, writer, todo) if todo else None
     dist.barrier()
-    manifest = _fold(plan, n_blocks, ref_info) if dist.is_main else None
+    manifest = _fold(plan, writer, n_blocks, ref_info) if dist.is_main else None
     dist.barrier()
     return manifest if dist.is_main else read_manifest(out)
 
 
-def _score_todo(plan: _Plan, todo: list[int]) -> dict:
+def _score_todo(plan: _Plan, writer: CacheWriter, todo: list[int]) -> dict:
     """Load the reference once and score this rank's unfinished shards; returns what the manifest
     records about the model beyond its identity."""
     cfg = plan.cfg
@@ -263,25 +189,20 @@ def _score_todo(plan: _Plan, todo: list[int]) -> dict:
     scorer = _reference_scorer(cfg, model, plan.tokenizer, plan.device,
                                plan.log if plan.dist.is_main else (lambda s: None))
     if cfg.prefix_sharing == "auto":  # a resumed build keeps the decision its first shard was scored with
-        scorer.sharing = read_state(plan.out).get("prefix_sharing")
-    _score_blocks(cfg, plan.source, plan.fmt, plan.ptok, scorer, todo, plan.rows_per_shard, plan.n_input, plan.out,
-                  plan.max_length, plan.dist, ref_info)
+        scorer.sharing = writer.prefix_sharing
+    _score_blocks(plan, writer, scorer, todo, ref_info)
     return ref_info
 
 
-def _fold(plan: _Plan, n_blocks: int, ref_info: dict | None) -> S.Manifest:
-    """Rank 0: the manifest from every shard's sidecar, and the closing line."""
-    out = plan.out
-    try:
-        manifest = write_manifest(out, plan.identity, plan.cfg, plan.n_input, n_blocks, ref_info,
-                                  {"duplicate_rows": plan.duplicates} if plan.duplicates else {})
-    except EmptyBuild:
-        remove_build_files(out)  # nothing to resume: an empty result is not a cache
-        raise
+def _fold(plan: _Plan, writer: CacheWriter, n_blocks: int, ref_info: dict | None) -> Manifest:
+    """Rank 0: the manifest from every finished shard, and the closing line."""
+    manifest = writer.finish(n_blocks, plan.n_input, build_config=to_dict(plan.cfg), ref_info=ref_info,
+                             input_notes={"duplicate_rows": plan.duplicates} if plan.duplicates else {},
+                             batch_size=plan.cfg.batch_size)
     r, stats = manifest.rows, manifest.stats
     dropped = sum(r["dropped"].values())
     reasons = f" ({counts_text(r['dropped'])})" if dropped else ""
-    plan.log(f"wrote {out}: {r['written']} pairs in {len(manifest.shards)} shards; dropped {dropped}{reasons}; "
+    plan.log(f"wrote {plan.out}: {r['written']} pairs in {len(manifest.shards)} shards; dropped {dropped}{reasons}; "
              f"{stats['pairs_per_s']} pairs/s, {stats['tokens_per_s']} tokens/s, "
              f"padding {100 * stats['padding_share']:.1f}%, prefix sharing {_on_off(stats['prefix_sharing'])}")
     warning = drop_warning(r["dropped"], plan.n_input, plan.cfg.max_length or plan.max_length)
@@ -293,14 +214,35 @@ def _fold(plan: _Plan, n_blocks: int, ref_info: dict | None) -> S.Manifest:
     return manifest
 
 
+# A build that drops more than this share of its input says so, with the main reason and its fix.
+DROP_WARNING_SHARE = 0.2
+_DROP_FIXES = {"overlong": "a larger --max-length, or --overlong truncate",
+               "prompt_too_long": "a larger --max-length (the prompt alone does not fit)",
+               "missing_field": "--format naming the data's layout (README, \"Input formats\")",
+               "template_boundary": "--template plain, or a --chat-template that renders prompts as prefixes",
+               "template_error": "--template plain, or a --chat-template that accepts these messages",
+               "invalid_json": "fixing the file (--skip-bad-rows counted these)"}
 
-def _score_blocks(cfg: BuildConfig, source, fmt: str, ptok: PairTokenizer, scorer, todo: list[int], R: int,
-                  n_input: int, out: Path, max_length: int, dist: Dist, ref_info: dict) -> None:
+
+def drop_warning(dropped: dict[str, int], n_input: int, max_length: int) -> str | None:
+    """A line when most of the input was dropped: the main reason and what changes it."""
+    total = sum(dropped.values())
+    if not n_input or total <= DROP_WARNING_SHARE * n_input:
+        return None
+    reason, n = max(dropped.items(), key=lambda kv: kv[1])
+    fix = _DROP_FIXES.get(reason)
+    return (f"warning: {total} of {n_input} input rows ({100 * total / n_input:.1f}%) were dropped, most as "
+            f"{reason} ({n}){f' (at --max-length {max_length})' if reason in ('overlong', 'prompt_too_long') else ''}"
+            f"{f'; try {fix}' if fix else ''}; the manifest lists every reason")
+
+
+def _score_blocks(plan: _Plan, writer: CacheWriter, scorer, todo: list[int], ref_info: dict) -> None:
     from tqdm.auto import tqdm
 
+    cfg, R, n_input = plan.cfg, plan.rows_per_shard, plan.n_input
     todo_set = set(todo)
     total = sum(min(R, n_input - k * R) for k in todo)
-    bar = tqdm(total=total, unit="pair", desc="scoring", disable=not (cfg.progress and dist.is_main),
+    bar = tqdm(total=total, unit="pair", desc="scoring", disable=not (cfg.progress and plan.dist.is_main),
                dynamic_ncols=True)
     t_bar = time.perf_counter()
     tokens_seen = [0]
@@ -310,28 +252,28 @@ def _score_blocks(cfg: BuildConfig, source, fmt: str, ptok: PairTokenizer, score
         bar.update(pairs)
         bar.set_postfix_str(f"{tokens_seen[0] / max(time.perf_counter() - t_bar, 1e-9):,.0f} tok/s")
 
-    normalise = Normaliser(fmt)
+    normalise = Normaliser(plan.fmt)
     block: list = []
     block_k = 0
-    for index, raw in enumerate(source.rows()):
+    for index, raw in enumerate(plan.source.rows()):
         k = index // R
         if k not in todo_set:
             continue
         block_k = k
         block.append((index, raw))
         if len(block) == min(R, n_input - k * R):
-            _score_block(cfg, normalise, ptok, scorer, k, block, out, max_length, on_batch, ref_info)
+            _score_block(plan, writer, normalise, scorer, k, block, on_batch, ref_info)
             block = []
-            if dist.is_main:
-                record_sharing(out, scorer.sharing)
+            writer.record_sharing(scorer.sharing)
     if block:  # the input shrank between the passes
         raise DataError(f"the input changed while building (shard {block_k} is short)",
                         reason="input_changed", source=cfg.data)
     bar.close()
 
 
-def _score_block(cfg: BuildConfig, normalise: Normaliser, ptok: PairTokenizer, scorer, k: int,
-                 block: list, out: Path, max_length: int, on_batch, ref_info: dict) -> None:
+def _score_block(plan: _Plan, writer: CacheWriter, normalise: Normaliser, scorer, k: int, block: list, on_batch,
+                 ref_info: dict) -> None:
+    cfg, ptok = plan.cfg, plan.ptok
     t0 = time.perf_counter()
     dropped: dict[str, int] = {}
     notes_before = dict(normalise.notes)
@@ -346,7 +288,7 @@ def _score_block(cfg: BuildConfig, normalise: Normaliser, ptok: PairTokenizer, s
     kept_pairs, kept_enc = [], []
     encoded = _encode(ptok, pairs, cfg.skip_bad_rows, dropped)
     for p, e in encoded:
-        e2, reason = apply_length_policy(e, max_length, cfg.overlong)
+        e2, reason = apply_length_policy(e, plan.max_length, cfg.overlong)
         if e2 is None:
             dropped[reason] = dropped.get(reason, 0) + 1
         else:
@@ -359,19 +301,32 @@ def _score_block(cfg: BuildConfig, normalise: Normaliser, ptok: PairTokenizer, s
     stats["prefix_sharing"] = bool(scorer.sharing)
     if skipped:
         on_batch(skipped, 0)
-    shard = write_shard(out, k, _pair_columns(kept_pairs, kept_enc, chosen, rejected))
     notes = {key: n - notes_before.get(key, 0) for key, n in normalise.notes.items()
              if n - notes_before.get(key, 0)}
     for added in (ptok.adds_system_prompt(p) for p in kept_pairs):
         if added is not None:
             key = "system_prompt_added" if added else "system_prompt_not_added_row_has_own"
             notes[key] = notes.get(key, 0) + 1
-    atomic_write_json(sidecar(out, k), {
-        "shard": shard, "input_rows": [block[0][0], block[-1][0] + 1], "dropped": dropped,
-        "notes": notes, "reference": ref_info,
-        "stats": {"seconds": time.perf_counter() - t0, **stats},
-    })
-    release_memory()
+    writer.write(k, _pair_columns(kept_pairs, kept_enc, chosen, rejected), input_rows=(block[0][0], block[-1][0] + 1),
+                 dropped=dropped, notes=notes, reference=ref_info, stats=stats, started=t0)
+    _release_memory()
+
+
+def _release_memory() -> None:
+    """Between shards: hand the freed memory of the shard just written back to the system (the
+    Arrow pool's and the C heap's), so the build's footprint does not creep up with the shards."""
+    import gc
+
+    import pyarrow as pa
+
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def _encode(ptok: PairTokenizer, pairs: list[Pair], skip_bad_rows: bool,

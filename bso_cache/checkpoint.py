@@ -16,7 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache import atomic_write_json, follow_umask
+from .files import atomic_write_json, follow_umask
 from .errors import ConfigError
 from .schemas import RunLayout
 

@@ -41,6 +41,14 @@ class CacheError(BsoCacheError):
     """A cache is damaged, unfinished, of another schema version, or does not fit the run."""
 
 
+class ManifestError(CacheError):
+    """A manifest that does not follow the contract; the message names the field."""
+
+
+class OutputError(BsoCacheError):
+    """An output file cannot be written (a full disk, a read-only folder); nothing half-written is left."""
+
+
 class MismatchError(CacheError):
     """The policy (tokenizer, weights) does not fit the cache."""
 

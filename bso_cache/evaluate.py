@@ -19,7 +19,8 @@ from pathlib import Path
 from .pairs import epoch_batches, token_ids
 from .schemas import pair_type
 from .scoring import PairScorer
-from .cache import Cache, atomic_write_json, check_tokenizer, other_reference, require_writable
+from .cache import Cache, check_tokenizer
+from .files import atomic_write_json, require_writable
 from .errors import CacheError, ConfigError
 
 
@@ -158,3 +159,11 @@ def reference_relation(model: str, cache: Path, manifest, allow: bool, gguf_file
         return RELATIONS[1] if weights_digest(model, gguf_file) == manifest.weights_digest else RELATIONS[3]
     except (OSError, ValueError, ConfigError):
         return RELATIONS[3]
+
+
+def other_reference(what: str, reference: str, start: str) -> str:
+    """The refusal of rewards measured against another reference than the one a model started from."""
+    return (f"{what} was built with the reference {reference}, but the model started from {start}: the implicit "
+            f"rewards (log pi - log pi_ref) against that reference are not the ones it was trained on. Use a cache "
+            f"built with the model it started from, or pass --allow-other-reference to report them relative to "
+            f"{reference}")

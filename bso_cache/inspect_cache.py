@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import schemas as S
-from .cache import Cache, verify_shards
+from .cache import Cache, counts_text, verify_shards
 from .errors import CacheError
-from .shards import counts_text
 
 
 def inspect_cache(path: str | Path, *, verify: bool = False) -> dict:

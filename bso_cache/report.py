@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .cache import require_writable
+from .files import require_writable
 from .errors import ConfigError
 from .schemas import PAIR_TYPES, RunLayout, SweepLayout
 

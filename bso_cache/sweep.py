@@ -118,7 +118,7 @@ def run_sweep(cache: str, out: str, grid: dict[str, list], baselines: list[str],
 
     refuse = lambda holder: ConfigError(f"{out}: another sweep is running in this folder ({holder}); wait for "  # noqa: E731
                                         f"it to finish, or choose another --out")
-    from .cache import check_out
+    from .files import check_out
 
     check_out(Path(out), "sweep")
     with folder_lock(Path(out), S.SweepLayout.LOCK, refuse=refuse):

@@ -12,6 +12,7 @@ continues the same tracker run instead of starting another.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -55,9 +56,7 @@ def scalars(row: dict) -> dict[str, float]:
 
 def for_run(cfg, run_dir: Path, group: str | None = None) -> "Reporters":
     """The trackers a TrainConfig asks for (--report-to, --tensorboard), opened for its run folder."""
-    from .config import to_dict
-
-    return Reporters(parse_report_to(cfg.report_to, cfg.tensorboard), run_dir=run_dir, config=to_dict(cfg),
+    return Reporters(parse_report_to(cfg.report_to, cfg.tensorboard), run_dir=run_dir, config=dataclasses.asdict(cfg),
                      group=group)
 
 

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from . import schemas as S
-from .cache import Cache, atomic_write_json, check_out, check_tokenizer, follow_umask, manifest_path, \
-    other_reference
+from .cache import Cache, check_tokenizer, counts_text, manifest_path
+from .files import atomic_write_json, check_out, follow_umask
 from .checkpoint import Position, clear_run_folder, finished_run, list_checkpoints, listed_files, load_checkpoint, \
     refuse_changed, resumed_sharing, save_checkpoint, truncate_metrics
 from .config import TrainConfig, to_dict
@@ -30,7 +30,7 @@ from .dist import Dist
 from .errors import CacheError, ConfigError, TrainingError
 from .losses import loss_terms
 from .card import write_cards
-from .evaluate import evaluate_cache
+from .evaluate import evaluate_cache, other_reference
 from .metrics import MetricsWindow, step0_check, step0_tolerance
 from .trackers import for_run
 from .models import add_lora, disable_dropout, load_model, load_tokenizer, locate_reference, resolve_attention, \
@@ -38,7 +38,6 @@ from .models import add_lora, disable_dropout, load_model, load_tokenizer, locat
 from .optim import check_optimizer_available, make_optimizer, make_schedule
 from .pairs import PairBatch, count_pairs, epoch_batches, prefetch, token_ids
 from .locks import folder_lock
-from .shards import counts_text
 from . import parallel
 
 
@@ -83,8 +82,6 @@ class Trainer:
 
     def _prepare_out(self) -> None:
         if self.dist.is_main:
-            if self.out.exists() and not self.out.is_dir():
-                raise ConfigError(f"--out {self.out} is a file; give a folder for the run")
             check_out(self.out, "run")
             self._lock.enter_context(folder_lock(self.out, S.RunLayout.LOCK, refuse=lambda holder: ConfigError(
                 f"{self.out}: another training run is writing this folder ({holder}); wait for it to finish, "

@@ -90,7 +90,7 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 
 def _echo_json(obj, indent: int | None = 2) -> None:
     """Strict JSON on stdout: null where a figure does not exist, never NaN."""
-    from bso_cache.cache import strict_json
+    from bso_cache.files import strict_json
 
     typer.echo(json.dumps(strict_json(obj), indent=indent, default=str, allow_nan=False))
 
@@ -157,7 +157,7 @@ def inspect(
     r = info["rows"]
     typer.echo(f"cache      {info['cache']}  ({info['shards']} shards, {info['bytes'] / 1e6:.2f} MB)")
     typer.echo(f"reference  {info['reference']['name_or_path']}  {info['reference']['weights_digest'][:23]}")
-    from bso_cache.shards import counts_text
+    from bso_cache.cache import counts_text
 
     dropped = sum(r["dropped"].values())
     reasons = " (" + counts_text(r["dropped"]) + ")" if dropped else ""

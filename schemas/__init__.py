@@ -22,7 +22,9 @@ MANIFEST_NAME = ".manifest.json"
 MANIFEST_NAME_V1 = "manifest.json"
 BUILD_STATE_NAME = "build.json"        # an unfinished build's identity (folded into the manifest at the end)
 BUILD_LOCK_NAME = ".build.lock"        # held while a build writes (a dot file: folder readers skip it)
-SHARD_PATTERN = "part-{:05d}.parquet"
+SHARD_PREFIX = "part-"                 # every file a build writes per shard (shard, sidecar, temporaries)
+SHARD_PATTERN = SHARD_PREFIX + "{:05d}.parquet"
+SHARD_FILE_RE = "^" + SHARD_PREFIX + r"\d{5}\.parquet$"
 FORMAT_NAME = "bso-cache"
 
 # --- shard columns (the contract of DESIGN.md, plus the columns loss variants need) ----------
@@ -95,8 +97,8 @@ def pair_type(chosen_unsafe, rejected_unsafe) -> str:
 
 
 # --- the manifest ------------------------------------------------------------------------------
-# `manifest.json` is JSON; `Manifest.from_json` reads it strictly (every required field, of its
-# type) and `to_json` writes it. `MANIFEST_REQUIRED` are its required top-level keys.
+# `.manifest.json` is JSON; `bso_cache.cache.Manifest.from_json` reads it strictly (every required
+# field, of its type) and `to_json` writes it. `MANIFEST_REQUIRED` are its required top-level keys.
 MANIFEST_REQUIRED = (
     "format", "schema_version", "created", "bso_cache_version", "reference", "tokenizer",
     "input", "tokenization", "reference_pass", "rows", "shards", "columns",
@@ -104,21 +106,14 @@ MANIFEST_REQUIRED = (
 # Settings that must match for a resumed build to continue an unfinished one.
 BUILD_IDENTITY_KEYS = ("reference", "tokenizer", "input", "tokenization", "reference_pass", "layout")
 # Required fields of the sections the library reads (section -> key -> type).
-_SECTION_FIELDS = {
+MANIFEST_SECTION_FIELDS = {
     "reference": {"name_or_path": str, "weights_digest": str},
     "tokenizer": {"vocab_digest": str},
     "reference_pass": {"dtype": str},
     "rows": {"input": int, "written": int, "dropped": dict},
 }
-_TOP_TYPES = {"format": str, "schema_version": int, "created": str, "bso_cache_version": str, "shards": list,
-              "columns": list}
-SHARD_FILE_RE = r"^part-\d{5}\.parquet$"
-
-
-class ManifestError(ValueError):
-    """A manifest that does not follow the contract; the message names the field."""
-
-
+MANIFEST_TOP_TYPES = {"format": str, "schema_version": int, "created": str, "bso_cache_version": str,
+                      "shards": list, "columns": list}
 # Releases whose manifests carry no digest (read as they are; every later one must have it).
 UNDIGESTED_RELEASES = ("0.1.0",)
 
@@ -132,146 +127,6 @@ def manifest_digest(obj: dict) -> str:
     body = {k: v for k, v in obj.items() if k != "digest"}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _field(obj: dict, key: str, kind, where: str):
-    if key not in obj:
-        raise ManifestError(f"field '{where}{key}' is missing")
-    value = obj[key]
-    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-        raise ManifestError(f"field '{where}{key}' is {type(value).__name__}, expected {kind.__name__}")
-    return value
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    """One shard of a cache as the manifest lists it."""
-
-    file: str
-    rows: int
-    bytes: int
-    sha256: str
-    input_rows: tuple[int, int]
-
-    @classmethod
-    def from_json(cls, obj, where: str = "shards[0].") -> "ShardInfo":
-        import re
-
-        if not isinstance(obj, dict):
-            raise ManifestError(f"field '{where.rstrip('.')}' is not an object")
-        name = obj.get("file")
-        if not isinstance(name, str) or not re.match(SHARD_FILE_RE, name):
-            raise ManifestError(f"field '{where}file' = {name!r} is not a shard name like part-00000.parquet; "
-                                f"refusing a path outside the cache")
-        span = _field(obj, "input_rows", list, where)
-        if len(span) != 2 or not all(isinstance(x, int) for x in span):
-            raise ManifestError(f"field '{where}input_rows' is not [first, end]")
-        return cls(name, _field(obj, "rows", int, where), _field(obj, "bytes", int, where),
-                   _field(obj, "sha256", str, where), (span[0], span[1]))
-
-    def to_json(self) -> dict:
-        return {"file": self.file, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256,
-                "input_rows": list(self.input_rows)}
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """A finished cache's manifest: what makes its numbers what they are, and its shards.
-
-    The sections (`reference`, `tokenizer`, `input`, `tokenization`, `reference_pass`, `rows`,
-    `stats`, ...) are kept as the JSON objects they are; the fields the library relies on are
-    checked by `from_json` and exposed as properties.
-    """
-
-    format: str
-    schema_version: int
-    created: str
-    bso_cache_version: str
-    reference: dict
-    tokenizer: dict
-    input: dict
-    tokenization: dict
-    reference_pass: dict
-    rows: dict
-    shards: tuple[ShardInfo, ...]
-    columns: tuple[str, ...]
-    notes: dict
-    stats: dict
-    layout: dict
-    build_config: dict
-    digest: str | None = None
-
-    @classmethod
-    def from_json(cls, obj) -> "Manifest":
-        """Strict: raises ManifestError naming the first field that is missing or of the wrong type."""
-        if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
-            raise ManifestError(f"field 'format' is not '{FORMAT_NAME}'; not a bso-cache manifest")
-        version = obj.get("schema_version")
-        if version not in READ_VERSIONS:
-            raise ManifestError(f"field 'schema_version' is {version!r}, this bso-cache reads versions "
-                                f"{', '.join(map(str, READ_VERSIONS))}")
-        for key in MANIFEST_REQUIRED:
-            _field(obj, key, _TOP_TYPES.get(key, dict), "")
-        for section, fields in _SECTION_FIELDS.items():
-            for key, kind in fields.items():
-                _field(obj[section], key, kind, f"{section}.")
-        shards = tuple(ShardInfo.from_json(sh, f"shards[{i}].") for i, sh in enumerate(obj["shards"]))
-        rows = obj["rows"]
-        if rows["written"] + sum(rows["dropped"].values()) != rows["input"]:
-            raise ManifestError("field 'rows' does not add up (written + dropped != input)")
-        if sum(sh.rows for sh in shards) != rows["written"]:
-            raise ManifestError("field 'shards' does not add up to rows.written")
-        optional = {k: obj.get(k) or {} for k in ("notes", "stats", "layout", "build_config")}
-        for key, value in optional.items():
-            if not isinstance(value, dict):
-                raise ManifestError(f"field '{key}' is {type(value).__name__}, expected dict")
-        digest = obj.get("digest")
-        if digest is None and obj["bso_cache_version"] not in UNDIGESTED_RELEASES:
-            raise ManifestError("field 'digest' is missing (the manifest was edited, or not written by bso-cache)")
-        if digest is not None and digest != manifest_digest(obj):
-            raise ManifestError("was edited after the build: its digest does not match its content (field "
-                                "'digest'); restore the manifest the build wrote, or rebuild the cache")
-        optional["digest"] = digest
-        return cls(obj["format"], version, obj["created"], obj["bso_cache_version"], obj["reference"],
-                   obj["tokenizer"], obj["input"], obj["tokenization"], obj["reference_pass"], rows, shards,
-                   tuple(obj["columns"]), **optional)
-
-    def to_json(self) -> dict:
-        return {"format": self.format, "schema_version": self.schema_version, "created": self.created,
-                "bso_cache_version": self.bso_cache_version, "reference": self.reference,
-                "tokenizer": self.tokenizer, "input": self.input, "tokenization": self.tokenization,
-                "reference_pass": self.reference_pass, "layout": self.layout, "rows": self.rows,
-                "notes": self.notes, "columns": list(self.columns), "shards": [s.to_json() for s in self.shards],
-                "stats": self.stats, "build_config": self.build_config,
-                **({"digest": self.digest} if self.digest is not None else {})}
-
-    @property
-    def written(self) -> int:
-        return self.rows["written"]
-
-    @property
-    def reference_name(self) -> str:
-        return self.reference["name_or_path"]
-
-    @property
-    def reference_gguf(self) -> str | None:
-        return self.reference.get("gguf_file")
-
-    @property
-    def weights_digest(self) -> str:
-        return self.reference["weights_digest"]
-
-    @property
-    def reference_dtype(self) -> str:
-        return self.reference_pass["dtype"]
-
-    @property
-    def vocab_digest(self) -> str:
-        return self.tokenizer["vocab_digest"]
-
-    def identity(self) -> dict:
-        """The sections that identify the build (compared when a build is resumed)."""
-        return {k: getattr(self, k) for k in BUILD_IDENTITY_KEYS}
 
 
 # --- run folders (`bso-cache train --out`) ---------------------------------------------------

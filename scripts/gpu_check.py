@@ -115,7 +115,8 @@ def write_cache(folder: Path, pairs, chosen, rejected, tokenizer) -> None:
     from bso_cache.tokenize import tokenizer_digest
 
     from bso_cache import schemas as S
-    from bso_cache.cache import atomic_write_json, empty_columns, write_shard
+    from bso_cache.cache import empty_columns, write_shard
+    from bso_cache.files import atomic_write_json
 
     cols = empty_columns()
     for i, (e, c, r) in enumerate(zip(pairs, chosen, rejected)):

@@ -121,7 +121,7 @@ def test_unfinished_build_resumes_to_the_same_cache(demo_assets, demo_cache, tmp
                       max_length=128, batch_size=3, rows_per_shard=40, progress=False)
     build_cache(cfg, log=lambda s: None)
     # simulate a build killed after its first shard: remove the manifest, restore a sidecar state
-    from bso_cache.build import BUILD_STATE
+    BUILD_STATE = S.BUILD_STATE_NAME
 
     out = tmp_path / "c"
     manifest = json.loads((out / S.MANIFEST_NAME).read_text())

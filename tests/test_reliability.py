@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bso_cache import schemas as S
-from bso_cache.cache import Cache, atomic_write_json, empty_columns, write_shard
+from bso_cache.cache import Cache, empty_columns, write_shard
+from bso_cache.files import atomic_write_json
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 

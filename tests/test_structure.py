@@ -12,26 +12,66 @@ MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 
 
-def modules() -> dict[str, ast.Module]:
-    return {p.stem: ast.parse(p.read_text()) for p in sorted(PACKAGE.glob("*.py"))}
+def modules() -> dict[str, tuple[Path, ast.Module]]:
+    """Every module of the package by its dotted name under bso_cache ("cache.writer"; a package's
+    __init__ by the package's name)."""
+    out = {}
+    for p in sorted(PACKAGE.rglob("*.py")):
+        parts = list(p.relative_to(PACKAGE).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts) or "__init__"] = (p, ast.parse(p.read_text()))
+    return out
 
 
-def internal_imports(tree: ast.Module) -> set[str]:
+def internal_imports(path: Path, tree: ast.Module) -> set[str]:
     """bso_cache modules a module imports, at any depth of its body (function-level imports too)."""
+    package = list(path.relative_to(PACKAGE).parent.parts)
     out = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1:
+            if node.level:
+                base = package[:len(package) - (node.level - 1)]
                 if node.module:
-                    out.add(node.module.split(".")[0])
+                    out.add(".".join(base + node.module.split(".")))
                 else:
-                    out.update(a.name for a in node.names)
-            elif node.module and node.module.startswith("bso_cache"):
-                parts = node.module.split(".")
-                out.add(parts[1] if len(parts) > 1 else parts[0])
+                    out.update(".".join(base + [a.name]) for a in node.names)
+            elif node.module and node.module.startswith("bso_cache."):
+                out.add(node.module.removeprefix("bso_cache."))
         elif isinstance(node, ast.Import):
-            out.update(a.name.split(".")[1] for a in node.names if a.name.startswith("bso_cache."))
+            out.update(a.name.removeprefix("bso_cache.") for a in node.names if a.name.startswith("bso_cache."))
     return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    return {name: internal_imports(p, tree) - {name} for name, (p, tree) in modules().items()}
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles (strongly connected components of more than one module)."""
+    index, low, stack, found = {}, {}, [], []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in graph:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = stack[stack.index(v):]
+            del stack[stack.index(v):]
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
 
 
 def closure(graph: dict[str, set[str]], start: str) -> set[str]:
@@ -45,21 +85,38 @@ def closure(graph: dict[str, set[str]], start: str) -> set[str]:
 
 
 def test_import_graph():
-    graph = {name: internal_imports(tree) for name, tree in modules().items()}
+    graph = import_graph()
+    assert not circles(graph), circles(graph)
     assert "build" not in closure(graph, "verify") and "build" not in closure(graph, "train")
     # evaluation in one home: train's --eval-cache, eval and the demo all use evaluate.py's
     assert "evaluate" in closure(graph, "train") and "evaluate" in closure(graph, "demo")
     assert "scoring" not in graph["metrics"]
     # library modules never import the CLI (only `python -m bso_cache`, the entry point, does)
-    assert [m for m, deps in graph.items() if "cli" in deps] == ["__main__"]
+    assert [m for m, deps in graph.items() if any(d.startswith("cli") for d in deps)] == ["__main__"]
     # the one pair scorer: build, train, evaluate and verify all reach scoring
     for user in ("build", "train", "evaluate", "verify"):
         assert "scoring" in closure(graph, user), user
 
 
+def test_the_cache_has_one_writer():
+    """One storage layer: only cache/writer.py writes into a cache folder (shards, sidecars, state,
+    manifest), only build.py drives it, and the walk of build's --out from the CLI to the shard
+    writer touches three files: cli/app.py -> build.py -> cache/writer.py."""
+    graph = import_graph()
+    texts = {name: p.read_text() for name, (p, _) in modules().items()}
+    writers = sorted(n for n, text in texts.items() if "write_shard(" in text or "S.SHARD_PREFIX" in text
+                     or "S.SHARD_PATTERN" in text or "S.BUILD_LOCK_NAME" in text)
+    assert writers == ["cache.writer"], writers
+    assert sorted(n for n, text in texts.items() if "CacheWriter(" in text and n != "cache.writer") == ["build"]
+    assert not [n for n, text in texts.items() if '"part-' in text], "the shard prefix is spelled in schemas/ only"
+    assert "cache.writer" in closure(graph, "build") and "build" not in closure(graph, "cache")
+    app = (ROOT / "cli" / "app.py").read_text()
+    assert "bso_cache.build import build_cache" in app and "CacheWriter" not in app
+
+
 def test_module_and_function_sizes():
     too_long = []
-    for p in sorted(PACKAGE.glob("*.py")):
+    for p in sorted(PACKAGE.rglob("*.py")):
         text = p.read_text()
         if len(text.splitlines()) > MAX_MODULE_LINES:
             too_long.append(f"{p.name}: {len(text.splitlines())} lines")
@@ -72,7 +129,7 @@ def test_module_and_function_sizes():
 
 
 def test_file_names_are_spelled_once():
-    source = {p.name: p.read_text() for p in PACKAGE.glob("*.py")}
+    source = {p.name: p.read_text() for p in PACKAGE.rglob("*.py")}
     schemas = (ROOT / "schemas" / "__init__.py").read_text()
     for name in ('"metrics.jsonl"', '"summary.json"', '"run_config.json"', '"build.json"', '"checkpoints"'):
         assert schemas.count(name) == 1, name

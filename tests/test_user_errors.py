@@ -405,7 +405,7 @@ def test_the_write_probe_survives_another_rank_removing_the_folder_it_made(tmp_p
     probe, possibly between another rank's mkdir and its probe (seen as a flaky 2-rank build)."""
     import tempfile
 
-    from bso_cache.cache import require_writable
+    from bso_cache.files import require_writable
 
     real, calls = tempfile.mkstemp, []
 

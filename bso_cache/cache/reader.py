@@ -1,0 +1,116 @@
+"""Reading a finished cache: `Cache.open` (manifest and shard checks) and the streaming reader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .. import schemas as S
+from ..errors import CacheError, MismatchError
+from ..hashing import file_sha256
+from .manifest import Manifest, read_manifest
+
+ROW_GROUP_ROWS = 512  # rows per Parquet row group: the reader's unit of memory
+
+
+def check_tokenizer(cache_dir, manifest: Manifest, tokenizer, name: str) -> None:
+    """Refuse a tokenizer other than the one the cache's token ids were made with."""
+    from ..tokenize import tokenizer_digest
+
+    if tokenizer_digest(tokenizer, None) != manifest.vocab_digest:
+        raise MismatchError(
+            f"the tokenizer of {name} ({type(tokenizer).__name__}, {len(tokenizer)} tokens) is not the "
+            f"tokenizer the cache {cache_dir} was built with ({manifest.tokenizer.get('name_or_path')}); "
+            f"the cached token ids would mean other text. Use a model that shares the reference's "
+            f"tokenizer, or build a cache with this model")
+
+
+def shard_paths(cache_dir: Path, manifest: Manifest) -> list[Path]:
+    return [Path(cache_dir) / s.file for s in manifest.shards]
+
+
+def _schema_difference(schema, expected) -> str | None:
+    """What differs between a shard's Arrow schema and the contract (names, order, types, nullability)."""
+    got = [(f.name, f.type, f.nullable) for f in schema]
+    want = [(f.name, f.type, f.nullable) for f in expected]
+    if got == want:
+        return None
+    missing = [n for n, _, _ in want if n not in schema.names]
+    if missing:
+        return f"columns {missing} are missing"
+    for (gn, gt, gnull), (wn, wt, wnull) in zip(got, want):
+        if gn != wn:
+            return f"column {gn!r} stands where {wn!r} should"
+        if gt != wt:
+            return f"column {gn!r} is {gt}, the contract says {wt}"
+        if gnull != wnull:
+            return f"column {gn!r} is {'nullable' if gnull else 'not nullable'}, the contract says the opposite"
+    return f"extra columns {[n for n, _, _ in got[len(want):]]}"
+
+
+def verify_shards(cache_dir: Path, manifest: Manifest, *, checksums: bool = True) -> None:
+    """Refuse a missing, truncated, damaged or foreign shard, naming it."""
+    import pyarrow.parquet as pq
+
+    expected = S.shard_schema()
+    for shard, path in zip(manifest.shards, shard_paths(cache_dir, manifest)):
+        if not path.is_file():
+            raise CacheError(f"{path}: shard listed in the manifest is missing; rebuild the cache")
+        if path.stat().st_size != shard.bytes:
+            raise CacheError(f"{path}: size {path.stat().st_size} differs from the manifest's "
+                             f"{shard.bytes}; the shard is damaged or foreign, rebuild the cache")
+        if checksums and file_sha256(path) != shard.sha256:
+            raise CacheError(f"{path}: checksum differs from the manifest; the shard is damaged "
+                             f"or foreign, rebuild the cache")
+        try:
+            meta = pq.read_metadata(path)
+            schema = meta.schema.to_arrow_schema()
+        except Exception as e:  # noqa: BLE001
+            raise CacheError(f"{path}: not a readable Parquet file ({e}); rebuild the cache") from None
+        if meta.num_rows != shard.rows:
+            raise CacheError(f"{path}: has {meta.num_rows} rows, the manifest says {shard.rows}")
+        problem = _schema_difference(schema, expected)
+        if problem:
+            raise CacheError(f"{path}: {problem}; not a shard of this schema (version {S.SCHEMA_VERSION}), "
+                             f"rebuild the cache")
+
+
+@dataclass
+class Cache:
+    """A finished cache: its folder and manifest. Use `Cache.open(path)`."""
+
+    path: Path
+    manifest: Manifest
+
+    @classmethod
+    def open(cls, path, *, verify: bool = True) -> "Cache":
+        path = Path(path)
+        manifest = read_manifest(path)
+        if verify:
+            verify_shards(path, manifest)
+        return cls(path, manifest)
+
+    @property
+    def shards(self) -> list[Path]:
+        return shard_paths(self.path, self.manifest)
+
+    @property
+    def num_pairs(self) -> int:
+        return self.manifest.written
+
+    def iter_batches(self, columns: Iterable[str] = S.TRAIN_COLUMNS, *,
+                     shard_order: Iterable[int] | None = None,
+                     batch_rows: int = ROW_GROUP_ROWS) -> Iterator:
+        """Stream pyarrow RecordBatches shard by shard; memory is one row group at a time."""
+        import pyarrow.parquet as pq
+
+        columns = list(columns)
+        order = range(len(self.shards)) if shard_order is None else shard_order
+        for i in order:
+            path = self.shards[i]
+            try:
+                pf = pq.ParquetFile(path)
+                yield from pf.iter_batches(batch_size=batch_rows, columns=columns)
+            except OSError as e:
+                raise CacheError(f"{path}: cannot be read ({e}); run `bso-cache verify {self.path}`") from None
