@@ -105,11 +105,11 @@ def _max_length(cfg: BuildConfig) -> int:
     return max_length
 
 
-def _reference_scorer(cfg: BuildConfig, model, tokenizer, device: str, log):
+def _reference_scorer(cfg: BuildConfig, model, tokenizer, device: str, keep, log):
     from .scoring import PairScorer
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return PairScorer(model, prefix_sharing=cfg.prefix_sharing, device=device, pad_id=pad_id, log=log)
+    return PairScorer(model, prefix_sharing=cfg.prefix_sharing, device=device, pad_id=pad_id, keep=keep, log=log)
 
 
 def build_cache(cfg: BuildConfig, *, log=print) -> Manifest:
@@ -186,10 +186,9 @@ def _score_todo(plan: _Plan, writer: CacheWriter, todo: list[int]) -> dict:
     reference = plan.identity["reference"]
     ref_info = {k: v for k, v in model_identity(cfg.model, cfg.gguf_file, model, reference["weights_digest"]).items()
                 if k not in reference}
-    scorer = _reference_scorer(cfg, model, plan.tokenizer, plan.device,
+    # a resumed build keeps the decision its first shard was scored with (bit-identical shards)
+    scorer = _reference_scorer(cfg, model, plan.tokenizer, plan.device, writer.sharing,
                                plan.log if plan.dist.is_main else (lambda s: None))
-    if cfg.prefix_sharing == "auto":  # a resumed build keeps the decision its first shard was scored with
-        scorer.sharing = writer.prefix_sharing
     _score_blocks(plan, writer, scorer, todo, ref_info)
     return ref_info
 
@@ -264,7 +263,7 @@ def _score_blocks(plan: _Plan, writer: CacheWriter, scorer, todo: list[int], ref
         if len(block) == min(R, n_input - k * R):
             _score_block(plan, writer, normalise, scorer, k, block, on_batch, ref_info)
             block = []
-            writer.record_sharing(scorer.sharing)
+            writer.record_sharing(scorer.decision)
     if block:  # the input shrank between the passes
         raise DataError(f"the input changed while building (shard {block_k} is short)",
                         reason="input_changed", source=cfg.data)

@@ -24,13 +24,14 @@ Orientation = Literal["better", "safer"]
 OptimizerName = Literal["adamw", "rmsprop", "sgd", "adamw8bit", "rmsprop8bit", "adamw4bit"]
 Schedule = Literal["cosine", "linear", "constant"]
 Autocast = Literal["none", "bf16", "fp16"]
-PrefixSharing = Literal["auto", "on", "off"]   # see scoring.PairScorer
+PrefixSharing = Literal["auto", "on", "off"]   # see sharing.py
 Attention = Literal["auto", "sdpa", "eager", "flex_attention"]  # transformers' names; see models.resolve_attention
 
 FORMATS, TEMPLATE_MODES, OVERLONG, DTYPES = get_args(Format), get_args(TemplateMode), get_args(Overlong), get_args(DType)
 PAIR_MODES, ORIENTATIONS, OPTIMIZERS = get_args(PairMode), get_args(Orientation), get_args(OptimizerName)
 SCHEDULES, AUTOCAST, PREFIX_SHARING = get_args(Schedule), get_args(Autocast), get_args(PrefixSharing)
 ATTENTION = get_args(Attention)
+DEFAULT_PREFIX_SHARING: PrefixSharing = "auto"  # every command's --prefix-sharing default (the rule: sharing.py)
 
 
 def _check_choices(cfg, choices: dict[str, tuple]) -> None:
@@ -66,7 +67,7 @@ class BuildConfig:
     rows_per_shard: int | None = None   # input rows per shard; None: DEFAULT_ROWS_PER_SHARD
     dtype: DType = "float32"
     device: str = "auto"
-    prefix_sharing: PrefixSharing = "auto"  # score each prompt once (auto: where it measured faster)
+    prefix_sharing: PrefixSharing = DEFAULT_PREFIX_SHARING  # score each prompt once (auto: where it measured faster)
     attn_implementation: Attention = "auto"
     skip_bad_rows: bool = False
     overwrite: bool = False
@@ -128,7 +129,7 @@ class TrainConfig:
     optimizer_in_backward: bool = False  # apply each parameter's update in the backward pass, free its gradient
     optimizer_offload: bool = False     # optimizer state in CPU memory, updated there (CUDA)
     device: str = "auto"
-    prefix_sharing: PrefixSharing = "auto"  # score each prompt once (auto: where it measured faster)
+    prefix_sharing: PrefixSharing = DEFAULT_PREFIX_SHARING  # score each prompt once (auto: where it measured faster)
     attn_implementation: Attention = "auto"
     fsdp: bool = False                  # shard parameters, gradients and optimizer state (torchrun)
     lora_r: int = 0

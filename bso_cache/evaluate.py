@@ -21,13 +21,14 @@ from .schemas import pair_type
 from .scoring import PairScorer
 from .cache import Cache, check_tokenizer
 from .files import atomic_write_json, require_writable
+from .config import DEFAULT_PREFIX_SHARING
 from .errors import CacheError, ConfigError
 
 
 
 def evaluate_cache(model, cache: Cache, *, batch_size: int = 16, device: str = "cpu",
                    pad_id: int = 0, max_pairs: int | None = None, autocast: str = "none",
-                   prefix_sharing: str = "auto", progress: bool = False) -> dict:
+                   prefix_sharing: str = DEFAULT_PREFIX_SHARING, progress: bool = False) -> dict:
     """The metrics above, streamed over the cache in its stored order.
 
     `model` is a causal LM or a `PairScorer` (which then brings its device, padding, autocast
@@ -88,7 +89,7 @@ def evaluate_cache(model, cache: Cache, *, batch_size: int = 16, device: str = "
 def run_eval(*, model: str, cache: Path, out: Path | None, batch_size: int, max_pairs: int | None, device: str,
              dtype: str, generate: bool, cost_model: str | None, reward_model: str | None, max_prompts: int,
              max_new_tokens: int, temperature: float, top_p: float, generations: Path | None, seed: int,
-             prefix_sharing: str = "auto", attn_implementation: str = "auto",
+             prefix_sharing: str = DEFAULT_PREFIX_SHARING, attn_implementation: str = "auto",
              allow_other_reference: bool = False, gguf_file: str | None = None, progress: bool = False,
              trust_remote_code: bool = False) -> dict:
     from .generation import cache_prompts, generation_eval

@@ -26,9 +26,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .config import PREFIX_SHARING as PREFIX_SHARING_MODES
 from .head import STORED_SOFTMAX_BYTES, TargetLogProbs, default_chunk
 from .layouts import TokenBatch, flex_pair_mask, pair_mask, shared_layout, unshared_layout
+from .sharing import SharingDecision, check_mode, decide
 from .tokenize import pair_length
 
 Tensor = torch.Tensor
@@ -36,45 +36,11 @@ Tensor = torch.Tensor
 # Models whose logits are not a plain linear projection of the last hidden state.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
-# Where `auto` may share prompts, by device kind (docs/PERFORMANCE.md): it then estimates both
-# layouts' cost on the first batch (`layout_cost`) and shares where that is lower. Both device
-# kinds were measured (docs/PERFORMANCE.md: the CPU tables and "GPU check").
-AUTO_PREFIX_SHARING = {"cpu": True, "cuda": True}
-# Attention implementations that take the shared layout's mask as given (transformers passes a 4D
-# mask, or FlexAttention's BlockMask, through).
-MASK_ATTENTION = ("sdpa", "eager", "flex_attention")
 # Rows are padded to a multiple of this many tokens, by device kind: each new (rows, width) shape
 # costs a GPU attention kernel a one-off plan (cuDNN) or compilation (FlexAttention), so fewer
 # distinct widths make a build or a run cheaper there (docs/PERFORMANCE.md, "GPU check"); the CPU
 # has no per-shape cost, and padding would only add work.
 WIDTH_MULTIPLE = {"cpu": 1, "cuda": 64}
-# The prefix-sharing probe: pairs scored both ways, and the largest per-token difference that
-# still counts as the same numbers (float32; bf16/fp16), as in the trainer's step-0 check.
-PROBE_PAIRS = 2
-PROBE_TOLERANCE = {False: 1e-3, True: 0.05}
-# `auto` estimates both layouts' cost on this many of the first batch's longest pairs.
-TIMING_PAIRS = 8
-# Attention cost per score (one query-key pair of one head) in multiply-adds of a linear layer,
-# fitted on the CPU with SDPA and a mask (the fit and its data: docs/PERFORMANCE.md): attention
-# per FLOP costs ~20 / head_dim linear-layer FLOPs, so a score (4 * head_dim FLOPs) costs ~80
-# FLOPs = 40 multiply-adds whatever the head size.
-ATTENTION_SCORE_COST = 40.0
-
-
-def layout_cost(config, prompts, chosen, rejected, *, shared: bool) -> float:
-    """Estimated cost of one forward of these pairs, per layer, in linear-layer multiply-adds:
-    padded tokens x (attention projections + MLP) + rows x width^2 x heads x the score cost.
-    The output projection is the same in both layouts and left out."""
-    d = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 512)
-    ff = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 8)
-    if shared:
-        rows, width = len(prompts), max(pair_length(p, c, r, True) for p, c, r in zip(prompts, chosen, rejected))
-    else:
-        rows, width = 2 * len(prompts), max(pair_length(p, c, r, False) for p, c, r in zip(prompts, chosen, rejected))
-    per_token = 4 * d * d + 3 * d * ff
-    return rows * width * per_token + rows * width * width * heads * ATTENTION_SCORE_COST
-
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside DDP / FSDP / PEFT wrappers."""
@@ -248,14 +214,6 @@ def score_pairs(model: nn.Module, prompts: Sequence, chosen: Sequence, rejected:
 
 # --------------------------------------------------------------------------- prefix sharing, decided once
 
-def prefix_sharing_obstacle(model: nn.Module) -> str | None:
-    """Why this model cannot score with the per-pair block mask, or None when it can."""
-    impl = _attention_implementation(model)
-    if impl not in MASK_ATTENTION:
-        return f"attention '{impl}' cannot take a per-pair block mask"
-    return None
-
-
 def half_precision(model: nn.Module, autocast: str) -> bool:
     return autocast != "none" or next(_unwrap(model).parameters()).dtype in (torch.float16, torch.bfloat16)
 
@@ -263,27 +221,32 @@ def half_precision(model: nn.Module, autocast: str) -> bool:
 class PairScorer:
     """Scores batches of pairs with one model, sharing each prompt where that is on and exact.
 
-    `prefix_sharing` is `auto` (on where docs/PERFORMANCE.md measured that it pays on this
-    device kind: AUTO_PREFIX_SHARING), `on` or `off`. Before the first batch is scored shared,
-    a few of its pairs are scored both ways; a model whose attention does not honour the block
-    mask (or differs beyond `PROBE_TOLERANCE` per token) falls back to the unshared layout with
-    one printed line. `module` is what runs the forward: the model, or its DDP/FSDP wrapper.
+    `prefix_sharing` is `auto`, `on` or `off`, decided on the first batch by `sharing.decide` (the
+    rule and its measurements are there) and kept in `decision`; `keep`: the decision of the build or
+    run this one resumes, kept under `auto` so that it scores as it did. `module` is what runs the
+    forward: the model, or its DDP/FSDP wrapper.
     """
 
-    def __init__(self, model: nn.Module, *, prefix_sharing: str = "auto", device=None, pad_id: int = 0,
-                 autocast: str = "none", pack: bool = False, log=print):
-        if prefix_sharing not in PREFIX_SHARING_MODES:
-            raise ValueError(f"prefix_sharing must be one of {PREFIX_SHARING_MODES}, got {prefix_sharing!r}")
+    def __init__(self, model: nn.Module, *, prefix_sharing: str, device=None, pad_id: int = 0,
+                 autocast: str = "none", pack: bool = False, keep: SharingDecision | None = None, log=print):
         self.model = model
         self.module: nn.Module = model
-        self.mode = prefix_sharing
+        self.mode = check_mode(prefix_sharing)
         self.device = _model_device(model) if device is None else torch.device(device)
         self.pad_id = pad_id
         self.autocast = autocast
         self.pack = pack
         self.log = log
-        self.sharing: bool | None = None if prefix_sharing != "off" else False
-        self.probe: dict | None = None
+        self.decision: SharingDecision | None = None
+        if prefix_sharing == "off":
+            self.decision = SharingDecision("off", False, "asked")
+        elif keep is not None and prefix_sharing == "auto":
+            self.decision = keep
+
+    @property
+    def sharing(self) -> bool | None:
+        """Whether prompts are scored once (None until the first batch decides)."""
+        return None if self.decision is None else self.decision.used
 
     def with_module(self, module: nn.Module) -> "PairScorer":
         """The same decision, another module to run (e.g. the bare model for evaluation)."""
@@ -291,65 +254,22 @@ class PairScorer:
         other.module = module
         return other
 
-    def decide(self, prompts: Sequence, chosen: Sequence, rejected: Sequence) -> bool:
-        """Settle whether to share on these pairs (the first batch); idempotent.
+    def decide(self, prompts: Sequence, chosen: Sequence, rejected: Sequence, *, agree=None) -> bool | None:
+        """Settle whether to share on these pairs (the first batch; `sharing.decide`); idempotent.
+        `agree(decision)` returns the decision every process follows (rank 0's under torchrun)."""
+        if self.decision is None and prompts:
+            def score(p, c, r, shared):
+                with torch.no_grad():
+                    return score_pairs(self.model, p, c, r, pad_id=self.pad_id, prefix_sharing=shared,
+                                       device=self.device, autocast=self.autocast)
 
-        `on`: share unless the model cannot (a printed line). `auto`: also estimate both layouts'
-        cost on the longest TIMING_PAIRS pairs (`layout_cost`) and share only where it is lower: on
-        the CPU that depends on the model's shape (attention over the longer shared rows can cost
-        more than the prompt tokens saved) and on how long the prompts are against the responses.
-        """
-        if self.sharing is not None:
-            return self.sharing
-        if not prompts:  # nothing to probe on: decided at the first batch
-            return False
-        if self.mode == "auto" and not AUTO_PREFIX_SHARING.get(self.device.type, False):
-            self.sharing = False
-            return False
-        obstacle = prefix_sharing_obstacle(self.model)
-        if obstacle:
-            self.log(f"prefix sharing off: {obstacle}; each prompt is scored twice instead")
-            self.sharing = False
-            return False
-        self.sharing = self._honours_mask(prompts, chosen, rejected)
-        if self.sharing and self.mode == "auto":
-            self.sharing = self._faster(prompts, chosen, rejected)
+            self.decision = decide(self.mode, prompts, chosen, rejected, device_kind=self.device.type,
+                                   attention=_attention_implementation(self.model),
+                                   config=_unwrap(self.model).config, score=score,
+                                   half=half_precision(self.model, self.autocast), log=self.log)
+        if agree is not None:
+            self.decision = agree(self.decision)
         return self.sharing
-
-    def _sample(self, prompts, chosen, rejected, k: int, longest: bool):
-        order = sorted(range(len(prompts)), key=lambda i: pair_length(prompts[i], chosen[i], rejected[i], True),
-                       reverse=longest)[:k]
-        return [prompts[i] for i in order], [chosen[i] for i in order], [rejected[i] for i in order]
-
-    def _honours_mask(self, prompts, chosen, rejected) -> bool:
-        """Score the shortest PROBE_PAIRS pairs both ways: a mask that is not honoured shows on any pair."""
-        sample = self._sample(prompts, chosen, rejected, PROBE_PAIRS, longest=False)
-        with torch.no_grad():
-            shared = score_pairs(self.model, *sample, pad_id=self.pad_id, prefix_sharing=True, device=self.device,
-                                 autocast=self.autocast)
-            plain = score_pairs(self.model, *sample, pad_id=self.pad_id, prefix_sharing=False, device=self.device,
-                                autocast=self.autocast)
-        lengths = torch.tensor([len(c) for c in sample[1]] + [len(r) for r in sample[2]], dtype=torch.float64)
-        diff = torch.cat([(shared.chosen - plain.chosen), (shared.rejected - plain.rejected)]).abs().cpu()
-        per_token = float((diff / lengths).max())
-        tol = PROBE_TOLERANCE[half_precision(self.model, self.autocast)]
-        k = len(sample[0])
-        self.probe = {"pairs": k, "max_abs_diff": float(diff.max()), "max_per_token": per_token, "tolerance": tol}
-        if per_token > tol:
-            self.log(f"prefix sharing off: on the first {k} pairs the shared scores differ from the unshared ones "
-                     f"by up to {per_token:.2g} nats per token (tolerance {tol:g}); this model's attention "
-                     f"({_attention_implementation(self.model)}) does not honour the block mask, so each prompt "
-                     f"is scored twice instead")
-            return False
-        return True
-
-    def _faster(self, prompts, chosen, rejected) -> bool:
-        """Estimate both layouts' cost on the longest TIMING_PAIRS pairs (deterministic: the same
-        data and model decide the same way on every run); True when sharing is the cheaper."""
-        sample = self._sample(prompts, chosen, rejected, TIMING_PAIRS, longest=True)
-        cost = {shared: layout_cost(_unwrap(self.model).config, *sample, shared=shared) for shared in (False, True)}
-        self.probe.update(cost_shared=cost[True], cost_unshared=cost[False], costed_pairs=len(sample[0]))
-        return cost[True] < cost[False]
 
     def length(self, prompt: Sequence, chosen: Sequence, rejected: Sequence) -> int:
         return pair_length(prompt, chosen, rejected, bool(self.sharing))
@@ -384,9 +304,7 @@ class PairScorer:
         return out_c, out_r, stats
 
     def describe(self) -> str:
-        state = {None: "undecided", True: "on", False: "off"}[self.sharing]
-        costed = ""
-        if self.probe and "cost_shared" in self.probe:
-            ratio = self.probe["cost_shared"] / max(self.probe["cost_unshared"], 1e-12)
-            costed = f"; estimated {ratio:.2f}x the cost of unshared on {self.probe['costed_pairs']} pairs"
-        return f"prefix sharing: {state} (--prefix-sharing {self.mode}{costed})"
+        d = self.decision
+        state = "undecided" if d is None else ("on" if d.used else "off")
+        why = f"; {d.why}" if d is not None and d.mode == "auto" and d.why != "asked" else ""
+        return f"prefix sharing: {state} (--prefix-sharing {self.mode}{why})"

@@ -129,15 +129,12 @@ class Trainer:
 
         cfg = self.cfg
         self.pair_scorer = PairScorer(self.model, prefix_sharing=cfg.prefix_sharing, device=self.device,
-                                      pad_id=self.pad_id, autocast=cfg.autocast, log=self.log)
+                                      pad_id=self.pad_id, autocast=cfg.autocast, log=self.log,
+                                      keep=resumed_sharing(self.layout) if cfg.resume else None)  # scores as it did
         first = next(epoch_batches(self.cache, mode="none", orientation="better", batch_size=cfg.micro_batch, seed=0,
                                    epoch=0, shuffle=False), [])
-        previous = resumed_sharing(self.layout) if cfg.resume and cfg.prefix_sharing == "auto" else None
-        if previous is not None:  # a resumed run scores as it did
-            self.pair_scorer.sharing = previous
-        self.pair_scorer.decide(*token_ids(first))
         # every rank follows rank 0, so that all score alike
-        self.pair_scorer.sharing = self.dist.all_gather_object(self.pair_scorer.sharing)[0]
+        self.pair_scorer.decide(*token_ids(first), agree=lambda d: self.dist.all_gather_object(d)[0])
         self.scorer = parallel.wrap(SequenceScorer(self.model), self.model, fsdp=cfg.fsdp, dist=self.dist,
                                     device=self.device)
         self.pair_scorer.module = self.scorer
@@ -188,7 +185,7 @@ class Trainer:
                 "total_steps": self.total_steps, "stopped_by": self.stopped_by, "steps_per_epoch": self.steps_per_epoch,
                 "world_size": self.dist.world, "cache_manifest": str(manifest_path(self.cache.path)),
                 "policy": name, "policy_is_reference": self.policy_is_reference, "start_weights_digest": self.start_digest,
-                "prefix_sharing": {"used": self.pair_scorer.sharing, "probe": self.pair_scorer.probe}})
+                "prefix_sharing": self.pair_scorer.decision and self.pair_scorer.decision.to_json()})
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self) -> None:

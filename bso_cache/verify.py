@@ -6,11 +6,12 @@ import random
 
 from . import schemas as S
 from .cache import Cache, check_tokenizer, read_manifest, verify_shards
+from .config import DEFAULT_PREFIX_SHARING
 from .metrics import token_tolerance
 
 
 def verify_cache(path, *, model: str | None = None, sample: int = 0, seed: int = 0, device: str = "auto",
-                 batch_size: int = 8, prefix_sharing: str = "auto", tolerance: float | None = None,
+                 batch_size: int = 8, prefix_sharing: str = DEFAULT_PREFIX_SHARING, tolerance: float | None = None,
                  attn_implementation: str = "auto", gguf_file: str | None = None, trust_remote_code: bool = False,
                  log=print) -> dict:
     """The verdict is in the result: `failure` names the worst pair when a re-scored log-prob is

@@ -16,7 +16,7 @@ import pytest
 from bso_cache import schemas as S
 import torch
 
-from bso_cache import scoring
+from bso_cache import scoring, sharing
 from bso_cache.build import build_cache
 from bso_cache.cache import Cache
 from bso_cache.config import BuildConfig, TrainConfig
@@ -287,12 +287,12 @@ def test_probe_catches_an_attention_that_ignores_the_mask(llama_model, monkeypat
     from transformers import AutoModelForCausalLM
 
     impl = _register_mask_ignoring_attention()
-    monkeypatch.setattr(scoring, "MASK_ATTENTION", scoring.MASK_ATTENTION + (impl,))  # claims it can
+    monkeypatch.setattr(sharing, "MASK_ATTENTION", sharing.MASK_ATTENTION + (impl,))  # claims it can
     model = AutoModelForCausalLM.from_pretrained(str(llama_model), attn_implementation=impl).eval()
     logs = []
     scorer = PairScorer(model, prefix_sharing="on", device="cpu", log=logs.append)
     scorer([[1, 5, 6], [1, 9]], [[7, 8, 9], [3]], [[10, 11], [4, 4, 4]])
-    assert scorer.sharing is False and scorer.probe["max_per_token"] > scorer.probe["tolerance"]
+    assert scorer.sharing is False and scorer.decision.probe["max_per_token"] > scorer.decision.probe["tolerance"]
     assert len(logs) == 1 and "does not honour the block mask" in logs[0]
 
 
@@ -323,11 +323,11 @@ def test_auto_shares_where_the_estimated_cost_is_lower_and_stays_off_where_unmea
     assert PairScorer(model, prefix_sharing="auto", device="cpu").decide(*long_prompt) is True
     scorer = PairScorer(model, prefix_sharing="auto", device="cpu")
     assert scorer.decide(*short_prompt) is False and "cost of unshared" in scorer.describe()
-    assert scorer.probe["cost_shared"] > scorer.probe["cost_unshared"]
+    assert scorer.decision.probe["cost_shared"] > scorer.decision.probe["cost_unshared"]
     wide = SimpleNamespace(hidden_size=512, intermediate_size=1536, num_attention_heads=8)  # the 46M Llama
     pku_like = ([[1] * 30] * 4, [[5] * 110] * 4, [[6] * 110] * 4)  # a short prompt, the 46M model: shares
-    assert scoring.layout_cost(wide, *pku_like, shared=True) < scoring.layout_cost(wide, *pku_like, shared=False)
-    assert scoring.layout_cost(wide, *short_prompt, shared=True) > scoring.layout_cost(wide, *short_prompt,
+    assert sharing.layout_cost(wide, *pku_like, shared=True) < sharing.layout_cost(wide, *pku_like, shared=False)
+    assert sharing.layout_cost(wide, *short_prompt, shared=True) > sharing.layout_cost(wide, *short_prompt,
                                                                                        shared=False)
     assert PairScorer(model, prefix_sharing="on", device="cpu").decide(*short_prompt) is True  # on: forced
     # a device kind no check has measured (CPU and CUDA have: docs/PERFORMANCE.md) does not share on auto
@@ -337,6 +337,37 @@ def test_auto_shares_where_the_estimated_cost_is_lower_and_stays_off_where_unmea
         BuildConfig(model="m", data="d", out="o", prefix_sharing="always")
     with pytest.raises(ConfigError, match="--prefix-sharing"):
         TrainConfig(cache="c", out="o", prefix_sharing="yes")
+
+
+def test_the_decision_is_one_record_kept_by_a_resume_and_the_scorer_owns_it(llama_model, tmp_path):
+    """sharing.decide makes the decision; the scorer holds it (read-only `sharing`); a build's state
+    and a run's run_config.json record the same SharingDecision; a resume under auto keeps it
+    (records of earlier releases, a bare bool or {"used": ...}, too); a bad mode is a ConfigError."""
+    from bso_cache.cache import CacheWriter
+    from bso_cache.sharing import SharingDecision
+
+    model = load(llama_model)
+    pairs = ([[1, 5, 6], [1, 9]], [[7, 8, 9], [3]], [[10, 11], [4, 4, 4]])
+    scorer = PairScorer(model, prefix_sharing="on", device="cpu")
+    assert scorer.sharing is None and scorer.decide(*pairs) is True
+    assert (scorer.decision.mode, scorer.decision.why) == ("on", "asked") and scorer.decision.probe["pairs"] == 2
+    with pytest.raises(AttributeError):
+        scorer.sharing = False  # noqa: the decision is the scorer's
+    kept = SharingDecision("auto", False, "estimated 3.30x the cost of unshared on 8 pairs")
+    again = PairScorer(model, prefix_sharing="auto", device="cpu", keep=kept)
+    assert again.decide(*pairs) is False and again.decision is kept  # no probe, no estimate: as it scored before
+    assert PairScorer(model, prefix_sharing="on", device="cpu", keep=kept).decide(*pairs) is True  # asked anew
+    with pytest.raises(ConfigError, match="--prefix-sharing 'yes'"):
+        PairScorer(model, prefix_sharing="yes", device="cpu")
+    identity = {k: {"x": 1} for k in S.BUILD_IDENTITY_KEYS}
+    with CacheWriter(tmp_path / "c", identity) as w:
+        assert w.sharing is None
+        w.record_sharing(kept)
+        w.record_sharing(SharingDecision("auto", True, "later"))  # the first shard's decision stays
+    with CacheWriter(tmp_path / "c", identity) as w:  # the resumed build
+        assert (w.sharing.used, w.sharing.mode) == (False, "auto") and "kept from the build resumed" in w.sharing.why
+    assert SharingDecision.from_json(True).used is True and SharingDecision.from_json({"used": False}).used is False
+    assert SharingDecision.from_json(None) is None and SharingDecision.from_json({"used": "yes"}) is None
 
 
 # ---------------------------------------------------------------------------------- FlexAttention

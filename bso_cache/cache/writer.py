@@ -27,6 +27,7 @@ from ..errors import CacheError
 from ..files import atomic_write_json
 from ..hashing import file_sha256
 from ..locks import folder_lock
+from ..sharing import SharingDecision
 from .manifest import Manifest, compose, counts_text, manifest_path, read_manifest
 from .reader import ROW_GROUP_ROWS
 
@@ -184,15 +185,17 @@ class CacheWriter:
         self.dist.barrier()
 
     @property
-    def prefix_sharing(self) -> bool | None:
-        """The decision the build's first shard was scored with (None before it): a resumed build
-        keeps it, so that its shards are bit-identical to an uninterrupted build's."""
-        return self._state().get("prefix_sharing")
+    def sharing(self) -> SharingDecision | None:
+        """The prefix-sharing decision the build's first shard was scored with (None before it): a
+        resumed build keeps it, so that its shards are bit-identical to an uninterrupted build's."""
+        decision = SharingDecision.from_json(self._state().get("prefix_sharing"))
+        return decision.kept("build") if decision is not None else None
 
-    def record_sharing(self, sharing: bool | None) -> None:
+    def record_sharing(self, decision: SharingDecision | None) -> None:
+        """Keep the first shard's decision in the build's state (later ones do not replace it)."""
         state = self._state()
-        if self.dist.is_main and sharing is not None and state and state.get("prefix_sharing") is None:
-            atomic_write_json(self.out / S.BUILD_STATE_NAME, {**state, "prefix_sharing": sharing})
+        if self.dist.is_main and decision is not None and state and state.get("prefix_sharing") is None:
+            atomic_write_json(self.out / S.BUILD_STATE_NAME, {**state, "prefix_sharing": decision.to_json()})
 
     # --- shards -----------------------------------------------------------------------------------
 
