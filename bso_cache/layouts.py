@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .errors import DataError
 from .tokenize import pair_length
 
 Tensor = torch.Tensor
@@ -42,8 +43,8 @@ class TokenBatch:
 
 def _check_prompts(prompts: Sequence) -> None:
     if any(len(p) == 0 for p in prompts):
-        raise ValueError("a response starting at position 0 has no context to be scored from; "
-                         "every prompt needs at least one token")
+        raise DataError("a response starting at position 0 has no context to be scored from; every prompt "
+                        "needs at least one token (a BOS token at least)", reason="empty_prompt")
 
 
 def padded_width(width: int, multiple: int = 1) -> int:

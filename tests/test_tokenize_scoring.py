@@ -239,5 +239,7 @@ def test_padding_and_batch_do_not_change_scores(demo_assets):
 
 
 def test_make_token_batch_rejects_empty_prompt():
-    with pytest.raises(ValueError, match="at least one token"):
+    from bso_cache.errors import DataError
+
+    with pytest.raises(DataError, match="at least one token"):
         make_token_batch([[]], [[1, 2]])
