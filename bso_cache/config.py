@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from .errors import ConfigError
-from .losses import LOSS_DEFAULTS as _L
+from .losses import ALIASES as _ALIASES, GENERATORS as _GENERATORS, LOSS_DEFAULTS as _L
 
 # The allowed values, as types (the fields below use them) and as tuples (for checks and help).
 Format = Literal["auto", "pku", "hh", "generic", "implicit"]
@@ -25,6 +25,7 @@ OptimizerName = Literal["adamw", "rmsprop", "sgd", "adamw8bit", "rmsprop8bit", "
 Schedule = Literal["cosine", "linear", "constant"]
 Autocast = Literal["none", "bf16", "fp16"]
 PrefixSharing = Literal["auto", "on", "off"]   # see sharing.py
+GeneratorName = Literal[(*_GENERATORS, *_ALIASES)]  # the loss's generator h (losses.GENERATORS)
 Attention = Literal["auto", "sdpa", "eager", "flex_attention"]  # transformers' names; see models.resolve_attention
 
 FORMATS, TEMPLATE_MODES, OVERLONG, DTYPES = get_args(Format), get_args(TemplateMode), get_args(Overlong), get_args(DType)
@@ -94,7 +95,7 @@ class TrainConfig:
     policy: str | None = None           # default: the reference recorded in the manifest
     gguf_file: str | None = None
     # loss (shared BSO.md; defaults are the method authors')
-    generator: str = _L.generator       # losses.LOSS_DEFAULTS owns the loss defaults
+    generator: GeneratorName = _L.generator  # losses.LOSS_DEFAULTS owns the loss defaults
     beta: float = _L.beta
     safety_penalty: float = _L.safety_penalty
     lam: float = _L.lam

@@ -22,7 +22,7 @@ from .scoring import PairScorer
 from .cache import Cache, check_tokenizer
 from .files import atomic_write_json, require_writable
 from .config import DEFAULT_PREFIX_SHARING
-from .errors import CacheError, ConfigError
+from .errors import CacheError, ConfigError, OutputError
 
 
 
@@ -86,7 +86,7 @@ def evaluate_cache(model, cache: Cache, *, batch_size: int = 16, device: str = "
     }
 
 
-def run_eval(*, model: str, cache: Path, out: Path | None, batch_size: int, max_pairs: int | None, device: str,
+def run_eval(*, model: str, cache: Path, results: Path | None, batch_size: int, max_pairs: int | None, device: str,
              dtype: str, generate: bool, cost_model: str | None, reward_model: str | None, max_prompts: int,
              max_new_tokens: int, temperature: float, top_p: float, generations: Path | None, seed: int,
              prefix_sharing: str = DEFAULT_PREFIX_SHARING, attn_implementation: str = "auto",
@@ -98,8 +98,8 @@ def run_eval(*, model: str, cache: Path, out: Path | None, batch_size: int, max_
     if generate and not (cost_model or reward_model):  # before any work, so no result is computed and lost
         raise ConfigError("--generate needs --cost-model and/or --reward-model to score the responses")
     if generate and generations is None:
-        generations = (out.with_suffix(".generations.jsonl") if out else Path("generations.jsonl"))
-    for path, option in ((out, "--out"), (generations if generate else None, "--generations")):
+        generations = (results.with_suffix(".generations.jsonl") if results else Path("generations.jsonl"))
+    for path, option in ((results, "--results"), (generations if generate else None, "--generations")):
         if path is not None:
             require_writable(Path(path), option, file=True)
     c = Cache.open(cache)
@@ -119,10 +119,10 @@ def run_eval(*, model: str, cache: Path, out: Path | None, batch_size: int, max_
                                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                             seed=seed)
         res["generation"]["generations"] = str(generations)
-    if out is not None:
+    if results is not None:
         try:
-            atomic_write_json(Path(out), res)
-        except CacheError:  # written late and failed (a full disk): the result is not lost
+            atomic_write_json(Path(results), res)
+        except OutputError:  # written late and failed (a full disk): the result is not lost
             print(json.dumps(res, allow_nan=False))
             raise
     return res

@@ -20,7 +20,7 @@ def inspect_cache(path: str | Path, *, verify: bool = False) -> dict:
     try:
         return _report(cache)
     except Exception as e:  # noqa: BLE001 - polars raises its own types; name the cache and what to do
-        raise CacheError(f"{cache.path}: cannot be read ({type(e).__name__}: {e}); run `bso-cache verify "
+        raise CacheError(f"{cache.path}: cannot be read ({type(e).__name__}: {e}); run `bso-cache verify --cache "
                          f"{cache.path}`") from None
 
 

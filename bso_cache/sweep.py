@@ -25,6 +25,8 @@ from .trackers import tracker_parent
 SWEEPABLE = ("generator", "beta", "safety_penalty", "lam", "scale", "mu", "clamp", "clamp_lower", "clamp_upper",
              "label_smoothing", "pairs", "orientation", "optimizer", "lr", "lr_schedule", "warmup_ratio",
              "weight_decay", "grad_clip", "batch_size", "grad_accum", "epochs", "max_steps", "seed")
+# sweepable options whose grid may hold "none" (the option's default: automatic bounds, no step limit)
+NONE_ALLOWED = ("clamp", "mu", "max_steps", "clamp_lower", "clamp_upper")
 SHARED_KEYS = ("seed", "lr", "max_steps", "batch_size", "grad_accum", "epochs", "optimizer", "lr_schedule",
                "warmup_ratio", "weight_decay", "grad_clip")
 SUMMARY_METRICS = ("loss", "preference_accuracy", "safety_accuracy", "margin", "reward_margin",
@@ -57,8 +59,7 @@ def parse_grid(values: dict[str, str | None]) -> dict[str, list]:
             raise ConfigError(f"'{name}' cannot be swept; sweepable: {', '.join(SWEEPABLE)}")
         parts = [p.strip() for p in str(text).split(",") if p.strip()]
         try:
-            grid[name] = [None if p.lower() == "none" and name in ("clamp", "mu", "max_steps", "clamp_lower",
-                                                                   "clamp_upper") else types[name](p) for p in parts]
+            grid[name] = [None if p.lower() == "none" and name in NONE_ALLOWED else types[name](p) for p in parts]
         except ValueError:
             raise ConfigError(f"--{name.replace('_', '-')}: cannot read '{text}' as {types[name].__name__} values") from None
     return grid

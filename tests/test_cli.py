@@ -56,6 +56,38 @@ def test_help_imports_no_heavy_modules():
         assert command in out.stdout
 
 
+def test_the_cli_follows_its_conventions():
+    """Options are derived from the configs: every BuildConfig / TrainConfig field is an option of build /
+    train with the field's default, a Literal field's choices are the option's (shown in --help); the
+    sweep's grid options are exactly sweep.SWEEPABLE; every command that reads a cache names it --cache."""
+    import dataclasses
+    import typing
+
+    import typer.main
+
+    from bso_cache.config import BuildConfig, TrainConfig
+    from bso_cache.sweep import SWEEPABLE
+    from bso_cache.cli.app import app
+
+    commands = typer.main.get_command(app).commands
+    for name, config in (("build", BuildConfig), ("train", TrainConfig)):
+        params = {p.name: p for p in commands[name].params}
+        hints = typing.get_type_hints(config)
+        for f in dataclasses.fields(config):
+            if f.name == "bucket_batches":  # an internal knob, no option
+                continue
+            assert f.name in params, (name, f.name)
+            if f.default is not dataclasses.MISSING:
+                assert params[f.name].default == f.default, (name, f.name)
+            if typing.get_origin(hints[f.name]) is typing.Literal:
+                assert "|".join(typing.get_args(hints[f.name])) in cli(name, "--help").stdout.replace("\n", ""), f.name
+    grid = [p.name for p in commands["sweep"].params if p.name in TrainConfig.__dataclass_fields__
+            and p.name not in ("cache", "out", "eval_cache")]
+    assert grid == list(SWEEPABLE)
+    for name in ("inspect", "verify", "eval", "train", "sweep", "plan"):
+        assert any("--cache" in p.opts for p in commands[name].params), name
+
+
 def test_train_help_documents_defaults_and_bounds():
     out = cli("train", "--help").stdout
     assert "authors' recipe" in out and "min(C+10" in out and "safedpo" in out
@@ -64,7 +96,15 @@ def test_train_help_documents_defaults_and_bounds():
 @pytest.mark.parametrize("args,message", [
     (["build", "--model", "nowhere-model/x/y", "--data", "missing.jsonl", "--out", "o"], "no such file"),
     (["train", "--cache", "no-cache", "--out", "o"], "no such cache folder"),
-    (["train", "--cache", "no-cache", "--out", "o", "--generator", "sbaa"], "valid names"),
+    # choices are the configs' Literal types, checked by the parser before any work
+    (["train", "--cache", "no-cache", "--out", "o", "--generator", "sbaa"],
+     "Invalid value for '--generator': 'sbaa' is not one of 'logistic', 'kliep'"),
+    (["build", "--model", "m", "--data", "d", "--out", "o", "--dtype", "fp8"], "'fp8' is not one of 'float32'"),
+    (["eval", "--model", "m", "--cache", "c", "--prefix-sharing", "yes"], "'yes' is not one of 'auto', 'on'"),
+    (["train", "--cache", "c", "--out", "o", "--lr", "fast"], "Invalid value for '--lr'"),
+    (["train", "--cache", "c", "--out", "o", "--bogus"], "No such option: --bogus"),
+    (["inspect"], "Missing option '--cache'"),
+    (["sweep", "--cache", "c", "--out", "o", "--dtype", "fp8"], "'fp8' is not one of 'float32'"),
 ])
 def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):
     proc = subprocess.run([sys.executable, "-m", "bso_cache", *args], capture_output=True, text=True, env=ENV,
@@ -104,11 +144,11 @@ def test_end_to_end_build_inspect_train(demo_assets, tmp_path):
     cache, run = tmp_path / "cache", tmp_path / "run"
     cli("build", "--model", demo_assets["model"], "--data", demo_assets["train"], "--out", cache,
         "--max-length", 128, "--no-progress")
-    info = json.loads(cli("inspect", cache, "--json").stdout)
+    info = json.loads(cli("inspect", "--cache", cache, "--json").stdout)
     assert info["rows"]["written"] == 96
-    text = cli("inspect", cache, "--verify").stdout
+    text = cli("inspect", "--cache", cache, "--verify").stdout
     assert "written 96" in text and "pair types" in text and "safe/unsafe" in text
-    verified = json.loads(cli("verify", cache, "--sample", 5).stdout)
+    verified = json.loads(cli("verify", "--cache", cache, "--sample", 5).stdout)
     assert verified["checked"] == 5 and verified["max_abs_diff"] < 1e-3
     out = cli("train", "--cache", cache, "--out", run, "--generator", "logistic", "--safety-penalty", 0,
               "--lr", 0, "--max-steps", 2, "--batch-size", 4, "--no-progress")
@@ -146,7 +186,7 @@ def test_real_chat_model_end_to_end(smollm2_tokenizer, pku_path, tmp_path):
 
 def test_eval_and_verify_refuse_a_foreign_tokenizer(demo_cache, tinystories):
     for args in (["eval", "--model", tinystories, "--cache", demo_cache],
-                 ["verify", demo_cache, "--model", tinystories, "--sample", 2]):
+                 ["verify", "--cache", demo_cache, "--model", tinystories, "--sample", 2]):
         proc = cli_in_process(*args, check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert "not the tokenizer the cache" in proc.stderr and "tinystories-260k" in proc.stderr
@@ -161,7 +201,7 @@ def test_verify_judges_a_cache_by_its_dtype_and_a_mismatch_is_exit_2(demo_assets
     cache = tmp_path / "bf16"
     cli_in_process("build", "--model", demo_assets["model"], "--data", demo_assets["train"], "--out", cache,
         "--max-length", 128, "--dtype", "bfloat16", "--no-progress")
-    res = json.loads(cli_in_process("verify", cache, "--sample", 8).stdout)
+    res = json.loads(cli_in_process("verify", "--cache", cache, "--sample", 8).stdout)
     assert res["checked"] == 8 and res["tolerance_per_token"] == 0.05 and res["max_token_diff"] < 0.05
     assert res["failure"] is None  # the verdict is the library's (verify_cache), the CLI only prints it
     other = tmp_path / "other"
@@ -171,7 +211,7 @@ def test_verify_judges_a_cache_by_its_dtype_and_a_mismatch_is_exit_2(demo_assets
             p.add_(0.3 * torch.randn_like(p))
     model.save_pretrained(str(other))
     AutoTokenizer.from_pretrained(str(demo_assets["model"])).save_pretrained(str(other))
-    proc = cli_in_process("verify", cache, "--sample", 4, "--model", other, check=False)
+    proc = cli_in_process("verify", "--cache", cache, "--sample", 4, "--model", other, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and "nats per token off the cache" in err[0] and "pair " in err[0]

@@ -106,7 +106,7 @@ def test_eval_cli_json_and_generation_with_tiny_classifiers(demo_assets, demo_ca
         LlamaForSequenceClassification(cfg).save_pretrained(str(tmp_path / name))
         tok.save_pretrained(str(tmp_path / name))
     out = tmp_path / "eval.json"
-    proc = cli_in_process("eval", "--model", demo_assets["model"], "--cache", demo_cache, "--json", "--out", out,
+    proc = cli_in_process("eval", "--model", demo_assets["model"], "--cache", demo_cache, "--json", "--results", out,
                "--generate", "--cost-model", tmp_path / "cost", "--reward-model", tmp_path / "reward",
                "--max-prompts", 6, "--max-new-tokens", 8)
     res = json.loads(proc.stdout)
@@ -198,6 +198,6 @@ def test_eval_never_gives_rewards_against_another_reference_silently(demo_assets
     one_line_error(cli(*args, "--out", tmp_path / "r2", check=False), "--eval-cache", "was built with the reference")
     cli(*args, "--out", tmp_path / "r3", "--allow-other-reference")
     # --generate without a model to score the generations is refused before the evaluation runs
-    one_line_error(cli("eval", "--model", run, "--cache", demo_cache, "--generate", "--out", tmp_path / "e.json",
+    one_line_error(cli("eval", "--model", run, "--cache", demo_cache, "--generate", "--results", tmp_path / "e.json",
                        check=False), "--generate needs --cost-model")
     assert not (tmp_path / "e.json").exists()

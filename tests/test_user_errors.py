@@ -127,11 +127,11 @@ def damaged_copy(demo_cache, tmp_path, how):
 @pytest.mark.parametrize("how", ["missing", "flipped"])
 def test_every_command_on_a_damaged_cache_is_one_line(demo_assets, demo_cache, tmp_path, how):
     bad = damaged_copy(demo_cache, tmp_path, how)
-    commands = [("inspect", bad, "--verify"), ("verify", bad),
+    commands = [("inspect", "--cache", bad, "--verify"), ("verify", "--cache", bad),
                 ("train", "--cache", bad, "--out", tmp_path / f"r-{how}", "--max-steps", 1),
                 ("eval", "--model", demo_assets["model"], "--cache", bad)]
     if how == "missing":
-        commands.append(("inspect", bad))  # without --verify too: the shard's presence is always checked
+        commands.append(("inspect", "--cache", bad))  # without --verify too: the shard's presence is always checked
     for args in commands:
         one_line_error(cli(*args, check=False), "part-00001.parquet")
 
@@ -152,7 +152,7 @@ def test_json_results_are_strict_null_where_a_figure_does_not_exist(tinystories,
     cli("build", "--model", tinystories, "--data", data, "--out", tmp_path / "c", "--max-length", 512,
         "--no-progress")
     out = tmp_path / "eval.json"
-    proc = cli("eval", "--model", tinystories, "--cache", tmp_path / "c", "--json", "--out", out)
+    proc = cli("eval", "--model", tinystories, "--cache", tmp_path / "c", "--json", "--results", out)
     for text in (proc.stdout, out.read_text()):
         assert "NaN" not in text
         assert json.loads(text)["safety_accuracy"] is None
@@ -167,10 +167,10 @@ def test_any_edit_of_the_manifest_is_detected(demo_assets, demo_cache, tmp_path)
         m = json.loads(path.read_text())
         m[field] = {**m[field], **value}
         path.write_text(json.dumps(m))
-        for args in (("verify", copy), ("train", "--cache", copy, "--out", tmp_path / "r", "--max-steps", 1)):
+        for args in (("verify", "--cache", copy), ("train", "--cache", copy, "--out", tmp_path / "r", "--max-steps", 1)):
             one_line_error(cli(*args, check=False), "was edited after the build", "digest")
         shutil.copy(demo_cache / S.MANIFEST_NAME, path)
-    cli("verify", copy)  # the original manifest reads again
+    cli("verify", "--cache", copy)  # the original manifest reads again
 
 
 def test_model_files_follow_the_umask(demo_cache, tmp_path):
@@ -279,9 +279,9 @@ def test_version_1_caches_still_read_and_train(demo_cache, tmp_path):
     m.update(schema_version=1, bso_cache_version="0.1.0")
     m.pop("digest")
     (old / S.MANIFEST_NAME_V1).write_text(json.dumps(m))
-    cli("verify", old)
+    cli("verify", "--cache", old)
     cli("train", "--cache", old, "--out", tmp_path / "r", "--max-steps", 1, "--batch-size", 4, "--no-progress")
-    assert "written 96" in cli("inspect", old).stdout
+    assert "written 96" in cli("inspect", "--cache", old).stdout
 
 
 def _digests(folder):
@@ -381,10 +381,11 @@ def test_an_unwritable_out_is_one_line_before_any_work(demo_assets, demo_cache, 
                   "--out", unwritable / "a" / "b"),
                  ("train", "--cache", demo_cache, "--out", unwritable / "run", "--max-steps", 1),
                  ("sweep", "--cache", demo_cache, "--out", unwritable / "sw", "--max-steps", 1, "--lr", "1e-6"),
-                 ("eval", "--model", run, "--cache", demo_cache, "--out", unwritable / "e.json"),
+                 ("eval", "--model", run, "--cache", demo_cache, "--results", unwritable / "e.json"),
                  ("report", run, "--out", unwritable / "plots")):
         proc = cli(*args, check=False)
-        one_line_error(proc, f"--out {args[args.index('--out') + 1]}: cannot be written")
+        option = "--results" if "--results" in args else "--out"
+        one_line_error(proc, f"{option} {args[args.index(option) + 1]}: cannot be written")
         assert "step-0 check" not in proc.stderr and "re-scored" not in proc.stderr  # nothing ran first
     assert list(unwritable.iterdir()) == []
 

@@ -113,4 +113,4 @@ class Cache:
                 pf = pq.ParquetFile(path)
                 yield from pf.iter_batches(batch_size=batch_rows, columns=columns)
             except OSError as e:
-                raise CacheError(f"{path}: cannot be read ({e}); run `bso-cache verify {self.path}`") from None
+                raise CacheError(f"{path}: cannot be read ({e}); run `bso-cache verify --cache {self.path}`") from None
