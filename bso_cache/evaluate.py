@@ -16,8 +16,9 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from .pairs import epoch_batches, token_ids
-from .schemas import pair_type
+from .losses import pair_outcomes
+from .pairs import PairBatch, epoch_batches
+from .schemas import PAIR_TYPES
 from .scoring import PairScorer
 from .cache import Cache, check_tokenizer
 from .files import atomic_write_json, require_writable
@@ -51,22 +52,23 @@ def evaluate_cache(model, cache: Cache, *, batch_size: int = 16, device: str = "
                                    seed=0, epoch=0, shuffle=False):
             if max_pairs is not None and n >= max_pairs:
                 break
-            lp = scorer(*token_ids(batch))
+            pairs = PairBatch.of(batch, "cpu")
+            lp = scorer(*pairs.token_ids)
             bar.update(min(len(batch), total - bar.n))
-            for it, c, r in zip(batch, lp.chosen.cpu().tolist(), lp.rejected.cpu().tolist()):
-                rc, rr = c - it.ref_chosen_logp, r - it.ref_rejected_logp
-                kind = pair_type(it.chosen_unsafe, it.rejected_unsafe)
-                t = per_type[kind]
+            rc = lp.chosen.double().cpu() - pairs.ref_chosen_logps
+            rr = lp.rejected.double().cpu() - pairs.ref_rejected_logps
+            o = pair_outcomes(rc - rr, pairs.chosen_unsafe, pairs.rejected_unsafe)
+            for kind, c, r, ok in zip(o["pair_type"].tolist(), rc.tolist(), rr.tolist(), o["correct"].tolist()):
+                t = per_type[PAIR_TYPES[kind]]
                 t["n"] += 1
-                t["chosen_reward"] += rc
-                t["rejected_reward"] += rr
-                t["margin"] += rc - rr
-                t["correct"] += rc > rr
-                n += 1
-                correct += rc > rr
-                if kind in ("safe/unsafe", "unsafe/safe"):  # the responses differ in safety
-                    differs += 1
-                    safe_wins += (rc > rr) if kind == "safe/unsafe" else (rr > rc)
+                t["chosen_reward"] += c
+                t["rejected_reward"] += r
+                t["margin"] += c - r
+                t["correct"] += ok
+            n += len(batch)
+            correct += int(o["correct"].sum())
+            differs += int(o["safety_differs"].sum())
+            safe_wins += int(o["safe_wins"].sum())
     if was_training:
         model.train()
     types = {name: {"pairs": t["n"], "mean_chosen_reward": t["chosen_reward"] / t["n"],

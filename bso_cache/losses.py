@@ -348,12 +348,12 @@ def pair_diagnostics(spec: LossSpec, policy_chosen_logps: Tensor, policy_rejecte
                      ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
                      chosen_unsafe: Tensor | None, rejected_unsafe: Tensor | None,
                      terms: LossTerms | None = None) -> dict[str, Tensor]:
-    """Detached per-pair diagnostics, each (B,): rewards, margin, u, clamped, pair type.
+    """Detached per-pair diagnostics, each (B,): rewards, margin, u, clamped, and `pair_outcomes`
+    (pair type, correct, safety_differs, safe_wins).
 
-    rewards r = beta (log pi - log pi_ref); `pair_type` indexes schemas.PAIR_TYPES. `terms`, the
+    rewards r = beta (log pi - log pi_ref). `terms`, the
     loss's own `LossTerms`, spares recomputing m and u.
     """
-    import torch
     policy_chosen_logps, policy_rejected_logps = policy_chosen_logps.detach(), policy_rejected_logps.detach()
     if terms is None:
         m, u = log_ratio(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
@@ -361,23 +361,34 @@ def pair_diagnostics(spec: LossSpec, policy_chosen_logps: Tensor, policy_rejecte
                          beta=spec.beta, safety_penalty=spec.safety_penalty)
     else:
         m, u = terms.margin, terms.u
-    sw = _as_label(chosen_unsafe, m)
-    sl = _as_label(rejected_unsafe, m)
-    labelled = ~(torch.isnan(sw) | torch.isnan(sl))
-    pair_type = torch.full_like(m, UNLABELLED, dtype=torch.long)
-    pair_type[labelled] = (sw[labelled] * 2 + sl[labelled]).long()
     chosen_rewards = spec.beta * (policy_chosen_logps.double() - ref_chosen_logps.double())
     rejected_rewards = spec.beta * (policy_rejected_logps.double() - ref_rejected_logps.double())
-    # the safe response of a pair that differs in safety: chosen if s_w = 0, s_l = 1
-    differs = labelled & (sw != sl)
-    safe_wins = torch.where(sw == 0, chosen_rewards > rejected_rewards, rejected_rewards > chosen_rewards)
     return {
         "chosen_rewards": chosen_rewards,
         "rejected_rewards": rejected_rewards,
         "margin": m,
         "u": u,
         "clamped": _past(u, spec.clamp_lower, spec.clamp_upper, spec.bound_slack),
-        "pair_type": pair_type,
-        "safety_differs": differs,
-        "safe_wins": safe_wins & differs,
+        **pair_outcomes(m, chosen_unsafe, rejected_unsafe),
     }
+
+
+def pair_outcomes(margin: Tensor, chosen_unsafe: Tensor | None, rejected_unsafe: Tensor | None) -> dict[str, Tensor]:
+    """What every report counts per pair (B,), defined here once for the training metrics and
+    `bso-cache eval` alike, from the margin m = (log pi - log pi_ref)(chosen) - (...)(rejected):
+
+    - pair_type: index of schemas.PAIR_TYPES, 2 s_w + s_l, UNLABELLED when either label is unknown;
+    - correct: m > 0, chosen's implicit reward is higher (a tie counts as wrong);
+    - safety_differs: both labels known and different;
+    - safe_wins: of those, the safe response's implicit reward is higher.
+    """
+    import torch
+    sw = _as_label(chosen_unsafe, margin)
+    sl = _as_label(rejected_unsafe, margin)
+    labelled = ~(torch.isnan(sw) | torch.isnan(sl))
+    pair_type = torch.full_like(margin, UNLABELLED, dtype=torch.long)
+    pair_type[labelled] = (sw[labelled] * 2 + sl[labelled]).long()
+    differs = labelled & (sw != sl)
+    safe_wins = torch.where(sw == 0, margin > 0, margin < 0)  # the safe one is chosen when s_w = 0
+    return {"pair_type": pair_type, "correct": margin > 0, "safety_differs": differs,
+            "safe_wins": safe_wins & differs}

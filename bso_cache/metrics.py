@@ -34,7 +34,7 @@ class MetricsWindow:
         self.s["rejected_rewards"] += float(d["rejected_rewards"].sum())
         self.s["margin"] += float(d["margin"].sum())
         self.s["reward_margin"] += float((d["chosen_rewards"] - d["rejected_rewards"]).sum())
-        self.s["correct"] += float((d["margin"] > 0).sum())
+        self.s["correct"] += float(d["correct"].sum())
         self.s["u"] += float(d["u"].sum())
         self.s["clamped"] += float(d["clamped"].sum())
         self.s["u_pos"] += float((d["u"] > 0).sum())

@@ -88,14 +88,6 @@ PAIR_TYPES = ("safe/safe", "safe/unsafe", "unsafe/safe", "unsafe/unsafe", "unlab
 UNLABELLED = 4
 
 
-def pair_type(chosen_unsafe, rejected_unsafe) -> str:
-    """The PAIR_TYPES name of one pair's labels (True/1 = unsafe, False/0 = safe, None/NaN = unknown)."""
-    if chosen_unsafe is None or rejected_unsafe is None or chosen_unsafe != chosen_unsafe \
-            or rejected_unsafe != rejected_unsafe:  # x != x: NaN
-        return PAIR_TYPES[UNLABELLED]
-    return PAIR_TYPES[2 * int(chosen_unsafe) + int(rejected_unsafe)]
-
-
 # --- the manifest ------------------------------------------------------------------------------
 # `.manifest.json` is JSON; `bso_cache.cache.Manifest.from_json` reads it strictly (every required
 # field, of its type) and `to_json` writes it. `MANIFEST_REQUIRED` are its required top-level keys.
