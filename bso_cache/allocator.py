@@ -4,9 +4,9 @@ glibc serves blocks above its mmap threshold with mmap (handed back to the OS wh
 smaller ones from its arenas (kept for reuse). The threshold starts at 128 KiB and rises to the
 size of each large block freed, up to 32 MiB: after a few steps of training on the CPU, the
 activations, logits chunks and update slices (1-32 MiB each, of sizes that change with every
-length bucket) all land in the arenas, which keep them. Measured: a LoRA step of SmolLM2-135M at
-the default batch of 16 pairs held 8.7 GB of RSS with the moving threshold and 1.9 GB with a fixed
-4 MiB one (docs/PERFORMANCE.md); the 206M bench model's float32 step took ~8% longer.
+length bucket) all land in the arenas, which keep them. A fixed 4 MiB threshold hands them back:
+docs/PERFORMANCE.md ("A user's case: LoRA on SmolLM2-135M") has the RSS both ways and the time
+it costs.
 """
 
 from __future__ import annotations

@@ -40,8 +40,8 @@ class TargetLogProbs(torch.autograd.Function):
     when the weights are float64, for gradient checks).
 
     d logp_t / d logits = onehot(t) - softmax. With `store_bytes` >= the (N, V) block's size, the
-    forward keeps the softmax for the backward (3 matmuls of N x H x V in all; ~1/3 faster on the
-    CPU); otherwise it saves (hidden, weight, bias, targets, logsumexp) and the backward recomputes
+    forward keeps the softmax for the backward (3 matmuls of N x H x V in all, against 4);
+    otherwise it saves (hidden, weight, bias, targets, logsumexp) and the backward recomputes
     each chunk's logits (4 matmuls; one (chunk, V) block at a time whatever N is).
 
     `matmul_dtype` (bf16/fp16 for float32 weights under autocast) runs the matmuls in that dtype,

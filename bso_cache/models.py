@@ -123,8 +123,8 @@ def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None, trust_rem
 
 
 # `--attn-implementation auto`, by device kind (docs/PERFORMANCE.md, "GPU check"): on an H200
-# FlexAttention's layouts were exact but slower than SDPA's (build 0.45-0.67x the throughput, a
-# training step 11x the time), so SDPA there too; the CPU has no FlexAttention backward.
+# FlexAttention's layouts were exact but slower than SDPA's for both the build and the training
+# step, so SDPA there too; the CPU has no FlexAttention backward.
 AUTO_ATTENTION = {"cpu": "sdpa", "cuda": "sdpa"}
 
 
@@ -347,9 +347,9 @@ def add_lora(cfg, model):
         raise ConfigError("--lora-r needs the `peft` package: pip install 'bso-cache[lora]'") from None
     target = "all-linear" if cfg.lora_target == "all-linear" else cfg.lora_target.split(",")
     # Adapters in the weights' dtype: peft's default makes bf16/fp16 adapters float32, and each
-    # adapted layer then casts its input to float32, a copy autograd keeps for the backward (1.5x
-    # the saved activations of a bf16 Llama with all-linear adapters, measured by saved-tensor
-    # bytes; on the H200 LoRA on bf16 weights took more memory than full bf16 fine-tuning).
+    # adapted layer then casts its input to float32, a copy autograd keeps for the backward (on
+    # the H200 LoRA on bf16 weights took more memory than full bf16 fine-tuning: docs/PERFORMANCE.md,
+    # "GPU check"; tests/test_options.py counts the saved bytes).
     # Low-precision adapters learn through the optimizer's stochastic rounding (optim.py).
     return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                             target_modules=target, task_type="CAUSAL_LM"),

@@ -3,10 +3,10 @@ prompt + chosen + rejected with a block mask, `layouts.shared_layout`) or twice.
 scorer by `decide`, and recorded as a `SharingDecision` (a build's state and shard stats, a run's
 run_config.json); the numbers are the same either way, only the cost differs.
 
-What the measurements justify (docs/PERFORMANCE.md): sharing pays on the CPU for a 46M Llama (the
-shared build 0.68x the time on HH), costs 3.3x on tinystories-260k (8 heads of 8 dimensions:
-attention over the longer shared rows outweighs the prompt tokens saved), and the shared training
-step was 0.86x on an H200. So `auto` shares where a cost model of both layouts (`layout_cost`,
+What the measurements justify (docs/PERFORMANCE.md, "Prefix sharing" and "GPU check"): sharing
+pays on the CPU for a 46M Llama, costs more than it saves on tinystories-260k (8 heads of 8
+dimensions: attention over the longer shared rows outweighs the prompt tokens saved), and paid
+for the training step on an H200. So `auto` shares where a cost model of both layouts (`layout_cost`,
 fitted on the CPU) says the shared one is cheaper on the first batch, on the device kinds that were
 measured; `on` shares whenever the model can; `off` never. Before sharing, a probe scores a few
 pairs both ways: a model whose attention ignores the mask falls back to unshared, with one line.

@@ -222,3 +222,66 @@ def perturbed_copy(model_dir: Path, out: Path, scale: float = 0.05) -> Path:
     model.save_pretrained(str(out))
     AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(out))
     return out
+
+
+# --- running the product: one way for each of its two doors ------------------------------------
+
+ENV = dict(os.environ)  # offline, as set above: what every subprocess of the tests gets
+
+
+def cli(*args, check: bool = True, cwd=None, env: dict | None = None):
+    """`python -m bso_cache ARGS` in a new interpreter, as a user runs it (from `cwd`, with `env`)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "bso_cache", *map(str, args)], capture_output=True, text=True,
+                          env=ENV if env is None else env, timeout=600, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def cli_in_process(*args, check: bool = True):
+    """`cli` without a new interpreter (saves ~3 s of imports per call): for tests that run many
+    commands; the exit code, stdout and stderr are the command's, an unexpected exception's
+    traceback lands in stderr as it would on a terminal."""
+    import traceback
+    from types import SimpleNamespace
+
+    from bso_cache.cli.app import app
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    stderr = r.stderr
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(r.exception))
+    proc = SimpleNamespace(returncode=r.exit_code, stdout=r.stdout, stderr=stderr)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def one_line_error(proc, *needles):
+    """Exit 2, an `error:` line naming what is wrong, and no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def train_run(cache, out, **kw) -> dict:
+    """`bso_cache.train.train` on `cache` into `out`, quiet, with TrainConfig fields `kw`."""
+    from bso_cache.config import TrainConfig
+    from bso_cache.train import train
+
+    return train(TrainConfig(**{"cache": str(cache), "out": str(out), "progress": False, **kw}), log=lambda s: None)
+
+
+def digests(folder: Path) -> dict:
+    """sha256 of every file directly in `folder`: to show a command changed nothing."""
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,36 +12,7 @@ import pytest
 
 from bso_cache import schemas as S
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "bso_cache", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def cli_in_process(*args, check=True):
-    """`cli` without a new interpreter (saves ~3 s of imports per call): for tests that run many
-    commands; the exit code, stdout and stderr are the command's, an unexpected exception's
-    traceback lands in stderr as it would on a terminal."""
-    import traceback
-    from types import SimpleNamespace
-
-    from typer.testing import CliRunner
-
-    from bso_cache.cli.app import app
-
-    r = CliRunner().invoke(app, [str(a) for a in args])
-    stderr = r.stderr
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        stderr += "".join(traceback.format_exception(r.exception))
-    proc = SimpleNamespace(returncode=r.exit_code, stdout=r.stdout, stderr=stderr)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
+from .conftest import ENV, cli, cli_in_process, one_line_error
 
 
 def test_help_imports_no_heavy_modules():
@@ -64,10 +34,10 @@ def test_the_cli_follows_its_conventions():
     import typing
 
     import typer.main
+    from bso_cache.cli.app import app
 
     from bso_cache.config import BuildConfig, TrainConfig
     from bso_cache.sweep import SWEEPABLE
-    from bso_cache.cli.app import app
 
     commands = typer.main.get_command(app).commands
     for name, config in (("build", BuildConfig), ("train", TrainConfig)):
@@ -231,8 +201,8 @@ def test_shipped_train_recipes_load_and_validate_and_one_runs(demo_cache, tmp_pa
     runs a step from the command line (the others' keys are a subset of its)."""
     import typer.main
     import yaml
-
     from bso_cache.cli.app import app
+
     from bso_cache.config import TrainConfig
 
     recipe = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
@@ -274,7 +244,6 @@ def test_a_recipe_equals_its_flags_flags_override_it_and_a_run_config_reproduces
 
 
 def test_a_bad_recipe_is_one_line_naming_the_key_and_the_file(demo_cache, tmp_path):
-    from .test_user_errors import one_line_error
 
     for body, needles in (("learning_rate: 1e-6\n", ("unknown key 'learning_rate'", "r.yaml")),
                           ("lr: fast\n", ("key 'lr'", "r.yaml")),
@@ -301,3 +270,9 @@ def test_build_and_sweep_take_recipes_and_a_sweep_recipe_passes_train_options(de
     assert len(runs) == 2 and all(_config(r)["grad_clip"] == 5.0 for r in runs)
     card = (tmp_path / "sw" / "README.md").read_text()  # the sweep's summary table as a card
     assert card.count("| generator-") == 2 and "| run |" in card
+
+
+def test_version():
+    from bso_cache import __version__
+
+    assert cli("--version").stdout.strip() == f"bso-cache {__version__}"

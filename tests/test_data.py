@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from bso_cache.errors import ConfigError, DataError
 from bso_cache.formats import Normaliser, parse_hh_dialogue, split_hh
 from bso_cache.sources import open_source
-from bso_cache.errors import ConfigError, DataError
 
 from .conftest import read_jsonl
 
@@ -250,3 +252,42 @@ def test_a_response_of_several_messages_is_refused_naming_the_row(tmp_path):
         normalise_all(write_jsonl(tmp_path / "d.jsonl", rows))
     pairs, errors, _ = normalise_all(tmp_path / "d.jsonl", skip=True)
     assert [p.chosen for p in pairs] == ["A."] and [e.reason for e in errors] == ["multi_turn_response"]
+
+
+text = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40).filter(lambda s: s.strip())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.tuples(text, text, text, st.sampled_from([None, True, False]),
+                               st.sampled_from([None, True, False])), min_size=1, max_size=15),
+       suffix=st.sampled_from(["jsonl", "parquet", "json"]))
+def test_generic_reader_round_trip(tmp_path_factory, rows, suffix):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bso_cache.errors import DataError
+    from bso_cache.formats import Normaliser
+    from bso_cache.sources import open_source
+
+    records = [{"prompt": p, "chosen": c, "rejected": r, "chosen_unsafe": cu, "rejected_unsafe": ru}
+               for p, c, r, cu, ru in rows]
+    path = tmp_path_factory.mktemp("rows") / f"d.{suffix}"
+    if suffix == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    elif suffix == "json":
+        path.write_text(json.dumps(records), encoding="utf-8")
+    else:
+        pq.write_table(pa.Table.from_pylist(records), path)
+    norm = Normaliser()
+    raws = list(open_source(str(path)).rows())
+    assert len(raws) == len(records)  # every row is read back, none lost or invented
+    for i, raw in enumerate(raws):
+        rec = records[i]
+        if rec["chosen"] == rec["rejected"]:
+            with pytest.raises(DataError, match="identical"):
+                norm(raw, i)
+            continue
+        pair = norm(raw, i)
+        assert pair.prompt == (("user", rec["prompt"]),)
+        assert (pair.chosen, pair.rejected) == (rec["chosen"], rec["rejected"])
+        assert (pair.chosen_unsafe, pair.rejected_unsafe) == (rec["chosen_unsafe"], rec["rejected_unsafe"])

@@ -12,7 +12,7 @@ import torch
 
 from bso_cache import schemas as S
 
-from .test_reliability import compare_caches
+from .test_kills import compare_caches
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 

@@ -11,17 +11,10 @@ import torch
 from bso_cache.config import TrainConfig
 from bso_cache.errors import ConfigError
 from bso_cache.optim import ParamwiseOptimizer, make_optimizer, stochastic_round
-from bso_cache.train import train
 
-from .conftest import read_jsonl
+from .conftest import read_jsonl, train_run
 
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
-
-
-def run(cache, out, **kw):
-    cfg = dict(cache=str(cache), out=str(out), progress=False)
-    cfg.update(kw)
-    return train(TrainConfig(**cfg), log=lambda s: None)
 
 
 def weights(path):
@@ -78,12 +71,12 @@ def _displacement_ratio(demo_cache, tmp_path, **kw):
     <dw_bf16, dw_f32> / |dw_f32|^2 (1 = the same update; 0 = the update vanished)."""
     base = dict(generator="logistic", safety_penalty=0.0, pairs="none", lr=1e-6, batch_size=8, max_steps=4,
                 shuffle=False, optimizer="rmsprop")
-    run(demo_cache, tmp_path / "f32", **base)
-    run(demo_cache, tmp_path / "bf16", **base, dtype="bfloat16", **kw)
+    train_run(demo_cache, tmp_path / "f32", **base)
+    train_run(demo_cache, tmp_path / "bf16", **base, dtype="bfloat16", **kw)
     from safetensors.torch import load_file
 
-    from bso_cache.models import locate_reference
     from bso_cache.cache import Cache
+    from bso_cache.models import locate_reference
 
     ref_dir = locate_reference(Cache.open(demo_cache).manifest.reference)
     w0 = {k: v.float() for k, v in load_file(f"{ref_dir}/model.safetensors").items()}
@@ -121,13 +114,13 @@ def test_8bit_states_resume_exactly_with_bf16_weights(demo_cache, tmp_path, opti
     rounding generator all restored)."""
     kw = dict(generator="sba", optimizer=optimizer, lr=1e-4, batch_size=8, max_steps=6, save_every=3,
               dtype="bfloat16", warmup_ratio=0.2)
-    run(demo_cache, tmp_path / "full", **kw)
-    run(demo_cache, tmp_path / "part", **kw)
+    train_run(demo_cache, tmp_path / "full", **kw)
+    train_run(demo_cache, tmp_path / "part", **kw)
     part = tmp_path / "part"
     for f in ("model.safetensors", "summary.json"):
         (part / f).unlink()
     assert [p.name for p in (part / "checkpoints").iterdir()] == ["step-00000003"]
-    run(demo_cache, part, **kw, resume=True)
+    train_run(demo_cache, part, **kw, resume=True)
     a, b = weights(tmp_path / "full"), weights(part)
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -149,8 +142,8 @@ def test_optimizer_in_backward_equals_the_step_after_backward(demo_cache, tmp_pa
     """Each parameter updated as its gradient arrives (and the gradient freed) gives the weights
     of the ordinary step, and logs the same gradient norm."""
     kw = dict(generator="sba", optimizer="adamw", lr=1e-3, batch_size=8, max_steps=3, grad_clip=0.0)
-    run(demo_cache, tmp_path / "plain", **kw)
-    run(demo_cache, tmp_path / "iib", **kw, optimizer_in_backward=True)
+    train_run(demo_cache, tmp_path / "plain", **kw)
+    train_run(demo_cache, tmp_path / "iib", **kw, optimizer_in_backward=True)
     a, b = weights(tmp_path / "plain"), weights(tmp_path / "iib")
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7), k
@@ -191,7 +184,7 @@ def test_offload_on_the_cpu_is_refused_before_any_model_loads(demo_cache, tmp_pa
 
     before = len(models.LOAD_LOG)
     with pytest.raises(ConfigError, match="--optimizer-offload.*already there"):
-        run(demo_cache, tmp_path / "r", optimizer_offload=True, device="cpu")
+        train_run(demo_cache, tmp_path / "r", optimizer_offload=True, device="cpu")
     assert len(models.LOAD_LOG) == before
 
 
@@ -199,7 +192,7 @@ def test_a_missing_low_bit_library_is_one_line_naming_the_extra(demo_cache, tmp_
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(ConfigError, match=r"needs the `bitsandbytes` package: pip install 'bso-cache\[lowbit\]'"):
-        run(demo_cache, tmp_path / "r", optimizer="rmsprop8bit")
+        train_run(demo_cache, tmp_path / "r", optimizer="rmsprop8bit")
 
 
 def test_offload_path_steps_on_the_cpu_state_device(monkeypatch):
@@ -251,7 +244,7 @@ def test_8bit_state_is_the_same_in_slices(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao not installed")
 def test_adamw4bit_trains_with_bf16_weights(demo_cache, tmp_path):
-    run(demo_cache, tmp_path / "r", optimizer="adamw4bit", lr=1e-4, batch_size=8, max_steps=2, dtype="bfloat16")
+    train_run(demo_cache, tmp_path / "r", optimizer="adamw4bit", lr=1e-4, batch_size=8, max_steps=2, dtype="bfloat16")
     rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
     assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)
 

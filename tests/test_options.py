@@ -8,13 +8,8 @@ import pytest
 import torch
 
 from bso_cache.config import TrainConfig
-from bso_cache.train import train
 
-from .conftest import read_jsonl
-
-
-def run(cache, out, **kw):
-    return train(TrainConfig(cache=str(cache), out=str(out), progress=False, **kw), log=lambda s: None)
+from .conftest import read_jsonl, train_run
 
 
 def test_lora_trains_adapters_only_and_saves_merged_model(demo_cache, demo_assets, tmp_path):
@@ -22,7 +17,7 @@ def test_lora_trains_adapters_only_and_saves_merged_model(demo_cache, demo_asset
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    run(demo_cache, tmp_path / "r", lora_r=4, lora_alpha=8, optimizer="adamw", lr=1e-2, max_steps=4, batch_size=8,
+    train_run(demo_cache, tmp_path / "r", lora_r=4, lora_alpha=8, optimizer="adamw", lr=1e-2, max_steps=4, batch_size=8,
         generator="logistic", safety_penalty=0.0, pairs="none", save_every=2)
     assert (tmp_path / "r" / "adapter" / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "r"))
@@ -76,7 +71,7 @@ def test_lora_on_bf16_weights_keeps_bf16_adapters_saves_less_and_learns(demo_cac
     peft_default = get_peft_model(base(), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
                                                      task_type="CAUSAL_LM"))
     assert _saved_activation_mib(ours) < 0.8 * _saved_activation_mib(peft_default)
-    run(demo_cache, tmp_path / "r", lora_r=8, dtype="bfloat16", optimizer="adamw", lr=1e-2, max_steps=8,
+    train_run(demo_cache, tmp_path / "r", lora_r=8, dtype="bfloat16", optimizer="adamw", lr=1e-2, max_steps=8,
         batch_size=8, generator="logistic", safety_penalty=0.0, pairs="none", shuffle=False)
     rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.05, [r["loss"] for r in rows]
@@ -89,9 +84,9 @@ def test_gradient_checkpointing_and_accumulation_give_the_same_update(demo_cache
 
     base = dict(generator="sba", optimizer="sgd", lr=1e-2, max_steps=2, batch_size=8, lr_schedule="constant",
                 warmup_ratio=0.0)
-    run(demo_cache, tmp_path / "a", **base)
-    run(demo_cache, tmp_path / "b", gradient_checkpointing=True, **base)
-    run(demo_cache, tmp_path / "c", grad_accum=2, **base)
+    train_run(demo_cache, tmp_path / "a", **base)
+    train_run(demo_cache, tmp_path / "b", gradient_checkpointing=True, **base)
+    train_run(demo_cache, tmp_path / "c", grad_accum=2, **base)
     a, b, c = (load_file(str(tmp_path / x / "model.safetensors")) for x in "abc")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
@@ -99,7 +94,7 @@ def test_gradient_checkpointing_and_accumulation_give_the_same_update(demo_cache
 
 
 def test_bf16_autocast_runs_and_step0_uses_the_looser_tolerance(demo_cache, tmp_path):
-    summary = run(demo_cache, tmp_path / "r", autocast="bf16", max_steps=2, batch_size=8)
+    summary = train_run(demo_cache, tmp_path / "r", autocast="bf16", max_steps=2, batch_size=8)
     assert summary["step0"]["tolerance_per_token"] == 0.05 and summary["step0"]["max_per_token"] < 0.05
     rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
     assert all(math.isfinite(r["loss"]) for r in rows)
@@ -107,7 +102,7 @@ def test_bf16_autocast_runs_and_step0_uses_the_looser_tolerance(demo_cache, tmp_
 
 def test_tensorboard_logging(demo_cache, tmp_path):
     pytest.importorskip("tensorboard")
-    run(demo_cache, tmp_path / "r", tensorboard=True, max_steps=2, batch_size=8)
+    train_run(demo_cache, tmp_path / "r", tensorboard=True, max_steps=2, batch_size=8)
     assert list((tmp_path / "r" / "tensorboard").glob("events.out.tfevents.*"))
 
 
@@ -118,13 +113,13 @@ def test_bf16_cache_with_float32_policy_passes_step0(demo_assets, tmp_path):
 
     build_cache(BuildConfig(model=str(demo_assets["model"]), data=str(demo_assets["train"]), out=str(tmp_path / "c"),
                             max_length=128, dtype="bfloat16", progress=False), log=lambda s: None)
-    summary = run(tmp_path / "c", tmp_path / "r", max_steps=1, batch_size=8)
+    summary = train_run(tmp_path / "c", tmp_path / "r", max_steps=1, batch_size=8)
     step0 = summary["step0"]
     assert step0["policy_is_reference"] and step0["tolerance_per_token"] == 0.05
     assert 0 < step0["max_per_token"] < 0.05
     # bf16 end to end: a bf16 policy on the bf16 cache passes the same check (other batches than the
     # build's, so the padding and hence the bf16 rounding differ: not 0)
-    summary = run(tmp_path / "c", tmp_path / "r16", max_steps=1, batch_size=8, dtype="bfloat16")
+    summary = train_run(tmp_path / "c", tmp_path / "r16", max_steps=1, batch_size=8, dtype="bfloat16")
     step0 = summary["step0"]
     assert step0["policy_is_reference"] and step0["tolerance_per_token"] == 0.05
     assert step0["max_per_token"] < 0.05
@@ -138,7 +133,7 @@ def test_every_saved_model_folder_has_a_hub_model_card(demo_cache, tmp_path):
     from bso_cache.card import model_card
 
     pytest.importorskip("peft")
-    summary = run(demo_cache, tmp_path / "r", max_steps=2, batch_size=4, lora_r=4)
+    summary = train_run(demo_cache, tmp_path / "r", max_steps=2, batch_size=4, lora_r=4)
     for folder, library in ((tmp_path / "r", "transformers"), (tmp_path / "r" / "adapter", "peft")):
         text = (folder / "README.md").read_text()
         front = yaml.safe_load(text.split("---")[1])

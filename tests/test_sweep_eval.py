@@ -14,6 +14,8 @@ from bso_cache.cache import Cache
 from bso_cache.errors import ConfigError
 from bso_cache.sweep import parse_grid, plan_runs, run_sweep
 
+from .conftest import cli_in_process, one_line_error
+
 
 def is_png(path) -> bool:
     return path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
@@ -96,8 +98,6 @@ def test_sweep_on_pku_then_eval_matches_independent_computation(pku_cache, tmp_p
 def test_eval_cli_json_and_generation_with_tiny_classifiers(demo_assets, demo_cache, tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-    from .test_cli import cli_in_process
-
     tok = AutoTokenizer.from_pretrained(str(demo_assets["model"]))
     for name, seed in (("cost", 1), ("reward", 2)):
         torch.manual_seed(seed)
@@ -118,12 +118,13 @@ def test_eval_cli_json_and_generation_with_tiny_classifiers(demo_assets, demo_ca
     # sums keep, so the sign of each margin, and the accuracy, is noise too)
     assert abs(res["mean_margin"]) < 1e-3
     assert all(abs(t["mean_margin"]) < 1e-3 for t in res["by_pair_type"].values())
-    assert "safety_accuracy" in res and json.loads(out.read_text())["pairs"] == res["pairs"]
+    assert json.loads(out.read_text()) == res  # --results holds what stdout printed
     gen = res["generation"]
-    assert gen["prompts"] == 6 and 0.0 <= gen["harmless_rate"] <= 1.0 and math.isfinite(gen["mean_reward"])
     lines = [json.loads(x) for x in open(gen["generations"])]
-    assert len(lines) == 6 and {"prompt", "response", "cost", "reward"} <= set(lines[0])
-    assert sum(x["cost"] <= 0 for x in lines) / 6 == gen["harmless_rate"]
+    assert gen["prompts"] == len(lines) == 6 and {"prompt", "response", "cost", "reward"} <= set(lines[0])
+    # the summary is the per-generation scores' (harmless: cost <= 0), recomputed here
+    assert gen["harmless_rate"] == sum(x["cost"] <= 0 for x in lines) / 6
+    assert gen["mean_reward"] == pytest.approx(sum(x["reward"] for x in lines) / 6, rel=1e-12)
     # the prompt as the policy saw it, markers kept (the demo tokenizer's BOS), beside the classifiers' text
     from bso_cache.generation import cache_prompts
 
@@ -176,28 +177,75 @@ def test_eval_never_gives_rewards_against_another_reference_silently(demo_assets
     from bso_cache.config import BuildConfig
 
     from .conftest import perturbed_copy
-    from .test_cli import cli_in_process as cli
-    from .test_user_errors import one_line_error
 
     other = perturbed_copy(demo_assets["model"], tmp_path / "other-model")  # the same tokenizer, other weights
     other_cache = tmp_path / "other-cache"
     build_cache(BuildConfig(model=str(other), data=str(demo_assets["eval"]), out=str(other_cache), max_length=128,
                             batch_size=8, progress=False), log=lambda s: None)
     run = tmp_path / "run"
-    cli("train", "--cache", demo_cache, "--out", run, "--max-steps", 1, "--batch-size", 4, "--no-progress")
-    proc = cli("eval", "--model", run, "--cache", other_cache, check=False)
+    cli_in_process("train", "--cache", demo_cache, "--out", run, "--max-steps", 1, "--batch-size", 4, "--no-progress")
+    proc = cli_in_process("eval", "--model", run, "--cache", other_cache, check=False)
     one_line_error(proc, "was built with the reference", str(other), "--allow-other-reference")
-    res = json.loads(cli("eval", "--model", run, "--cache", other_cache, "--allow-other-reference", "--json").stdout)
+    res = json.loads(cli_in_process("eval", "--model", run, "--cache", other_cache, "--allow-other-reference", "--json").stdout)
     assert res["reference"] == {"name_or_path": str(other), "relation": "another model (allowed)"}
-    res = json.loads(cli("eval", "--model", run, "--cache", demo_cache, "--json").stdout)
+    res = json.loads(cli_in_process("eval", "--model", run, "--cache", demo_cache, "--json").stdout)
     assert res["reference"]["relation"] == "the run's starting point"
-    res = json.loads(cli("eval", "--model", demo_assets["model"], "--cache", demo_cache, "--json").stdout)
+    res = json.loads(cli_in_process("eval", "--model", demo_assets["model"], "--cache", demo_cache, "--json").stdout)
     assert res["reference"]["relation"] == "the model itself"
     args = ("train", "--cache", demo_cache, "--eval-cache", other_cache, "--max-steps", 1, "--batch-size", 4,
             "--no-progress")
-    one_line_error(cli(*args, "--out", tmp_path / "r2", check=False), "--eval-cache", "was built with the reference")
-    cli(*args, "--out", tmp_path / "r3", "--allow-other-reference")
+    one_line_error(cli_in_process(*args, "--out", tmp_path / "r2", check=False), "--eval-cache", "was built with the reference")
+    cli_in_process(*args, "--out", tmp_path / "r3", "--allow-other-reference")
     # --generate without a model to score the generations is refused before the evaluation runs
-    one_line_error(cli("eval", "--model", run, "--cache", demo_cache, "--generate", "--results", tmp_path / "e.json",
+    one_line_error(cli_in_process("eval", "--model", run, "--cache", demo_cache, "--generate", "--results", tmp_path / "e.json",
                        check=False), "--generate needs --cost-model")
     assert not (tmp_path / "e.json").exists()
+
+
+def test_eval_on_a_checkpoint_folder_says_what_to_use(demo_cache, tmp_path):
+    cli_in_process("train", "--cache", demo_cache, "--out", tmp_path / "r", "--max-steps", 2, "--batch-size", 4,
+        "--save-every", 1, "--no-progress")
+    ckpt = next((tmp_path / "r" / "checkpoints").iterdir())
+    one_line_error(cli_in_process("eval", "--model", ckpt, "--cache", demo_cache, check=False), "training checkpoint",
+                   "--resume")
+
+
+def test_json_results_are_strict_null_where_a_figure_does_not_exist(tinystories, hh_path, tmp_path):
+    """HH pairs carry no safety labels: safety accuracy does not exist; JSON says null, not NaN."""
+    rows = hh_path.read_text().splitlines()[:12]
+    data = tmp_path / "hh.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    cli_in_process("build", "--model", tinystories, "--data", data, "--out", tmp_path / "c", "--max-length", 512,
+        "--no-progress")
+    out = tmp_path / "eval.json"
+    proc = cli_in_process("eval", "--model", tinystories, "--cache", tmp_path / "c", "--json", "--results", out)
+    for text in (proc.stdout, out.read_text()):
+        assert "NaN" not in text
+        assert json.loads(text)["safety_accuracy"] is None
+    assert "safety_accuracy n/a" in cli_in_process("eval", "--model", tinystories, "--cache", tmp_path / "c").stdout
+
+
+def test_sweep_passes_every_train_option_through(demo_cache, tmp_path):
+    cli_in_process("sweep", "--cache", demo_cache, "--out", tmp_path / "s", "--generator", "logistic,sba", "--max-steps", 1,
+        "--batch-size", 4, "--grad-accum", 2, "--clamp-upper", 20, "--optimizer", "sgd")
+    for run in ("generator-logistic", "generator-sba"):
+        cfg = json.loads((tmp_path / "s" / run / "run_config.json").read_text())["config"]
+        assert (cfg["grad_accum"], cfg["clamp_upper"], cfg["batch_size"]) == (2, 20.0, 4), run
+    one_line_error(cli_in_process("sweep", "--cache", demo_cache, "--out", tmp_path / "s2", "--grad-acum", 2, check=False),
+                   "sweep", "--grad-acum")
+
+
+def test_loss_plots_scale_to_the_losses():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bso_cache.report import _loss_scale
+
+    for values, scale in (([1e14, 2.0, 0.5], "log"), ([1e14, -3.0], "symlog"), ([0.69, 0.5], "linear")):
+        fig, ax = plt.subplots()
+        ax.plot(range(len(values)), values)
+        _loss_scale(ax, values)
+        assert ax.get_yscale() == scale, values
+        plt.close(fig)

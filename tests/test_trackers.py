@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import read_jsonl
-from .test_cli import ENV, cli_in_process
-from .test_user_errors import one_line_error
+from .conftest import ENV, cli, cli_in_process, one_line_error, read_jsonl
 
 TRACKERS = ("wandb", "mlflow", "trackio", "tensorboard")
 
@@ -22,15 +20,6 @@ TRACKERS = ("wandb", "mlflow", "trackio", "tensorboard")
 def tracker_env(root: Path) -> dict:
     return {**ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db",
             "TRACKIO_DIR": str(root / "trackio"), "MLFLOW_EXPERIMENT_NAME": "bso-test"}
-
-
-def run_cli(env, *args):
-    # in the test's folder: MLflow keeps artifacts under ./mlruns of the working folder
-    cwd = Path(env["TRACKIO_DIR"]).parent
-    proc = subprocess.run([sys.executable, "-m", "bso_cache", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=600, cwd=cwd)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
 
 
 def wandb_records(run_dir: Path) -> list:
@@ -118,11 +107,12 @@ def check_trackio(root: Path, project: str, run_name: str, run_dir: Path) -> Non
 
 
 def test_report_to_every_tracker_holds_what_metrics_jsonl_holds(demo_cache, tmp_path):
+    # run in the test's folder (cwd): MLflow keeps artifacts under ./mlruns of the working folder
     for name in ("wandb", "mlflow", "trackio", "tensorboard"):
         pytest.importorskip(name)
     env, run = tracker_env(tmp_path), tmp_path / "run"
-    run_cli(env, "train", "--cache", demo_cache, "--eval-cache", demo_cache, "--out", run, "--max-steps", 3,
-            "--batch-size", 8, "--report-to", ",".join(TRACKERS), "--no-progress")
+    cli("train", "--cache", demo_cache, "--eval-cache", demo_cache, "--out", run, "--max-steps", 3,
+            "--batch-size", 8, "--report-to", ",".join(TRACKERS), "--no-progress", env=env, cwd=tmp_path)
     summary = json.loads((run / "summary.json").read_text())
     check_wandb(run)
     check_mlflow(tmp_path, run, summary)
@@ -136,8 +126,8 @@ def test_a_sweep_groups_its_runs_in_each_tracker(demo_cache, tmp_path):
     for name in ("wandb", "mlflow", "trackio"):
         pytest.importorskip(name)
     env, sweep = tracker_env(tmp_path), tmp_path / "sw"
-    run_cli(env, "sweep", "--cache", demo_cache, "--out", sweep, "--generator", "logistic,sba", "--max-steps", 2,
-            "--batch-size", 8, "--report-to", "wandb,mlflow,trackio", "--log-every", 1)
+    cli("sweep", "--cache", demo_cache, "--out", sweep, "--generator", "logistic,sba", "--max-steps", 2,
+            "--batch-size", 8, "--report-to", "wandb,mlflow,trackio", "--log-every", 1, env=env, cwd=tmp_path)
     parent = json.loads((sweep / "trackers.json").read_text())["mlflow"]
     for name in ("generator-logistic", "generator-sba"):
         run = sweep / name
@@ -146,8 +136,8 @@ def test_a_sweep_groups_its_runs_in_each_tracker(demo_cache, tmp_path):
         _, child = mlflow_run(tmp_path, run)
         assert child.data.tags["mlflow.parentRunId"] == parent
     # repeated: nothing retrains, the same parent
-    run_cli(env, "sweep", "--cache", demo_cache, "--out", sweep, "--generator", "logistic,sba", "--max-steps", 2,
-            "--batch-size", 8, "--report-to", "wandb,mlflow,trackio", "--log-every", 1)
+    cli("sweep", "--cache", demo_cache, "--out", sweep, "--generator", "logistic,sba", "--max-steps", 2,
+            "--batch-size", 8, "--report-to", "wandb,mlflow,trackio", "--log-every", 1, env=env, cwd=tmp_path)
     assert json.loads((sweep / "trackers.json").read_text())["mlflow"] == parent
 
 

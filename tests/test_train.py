@@ -15,15 +15,7 @@ from bso_cache.config import TrainConfig
 from bso_cache.errors import ConfigError, MismatchError
 from bso_cache.train import train
 
-from .conftest import read_jsonl
-
-QUIET = dict(progress=False)
-
-
-def run(cache, out, **kw):
-    cfg = dict(cache=str(cache), out=str(out), **QUIET)
-    cfg.update(kw)
-    return train(TrainConfig(**cfg), log=lambda s: None)
+from .conftest import read_jsonl, train_run
 
 
 def weights(path):
@@ -33,7 +25,7 @@ def weights(path):
 
 
 def test_lr0_logistic_is_log2_every_step_on_pku(pku_cache, tmp_path):
-    summary = run(pku_cache, tmp_path / "r", generator="logistic", safety_penalty=0.0, lr=0.0,
+    summary = train_run(pku_cache, tmp_path / "r", generator="logistic", safety_penalty=0.0, lr=0.0,
                   max_steps=3, batch_size=4)
     rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -46,7 +38,7 @@ def test_sba_run_loads_one_model_and_weights_move(pku_cache, tinystories, tmp_pa
     from transformers import AutoModelForCausalLM
 
     before = len(models.LOAD_LOG)
-    run(pku_cache, tmp_path / "r", generator="sba", safety_penalty=30.0, lr=1e-3, max_steps=8, batch_size=4,
+    train_run(pku_cache, tmp_path / "r", generator="sba", safety_penalty=30.0, lr=1e-3, max_steps=8, batch_size=4,
         optimizer="adamw")
     # the policy, once (from the folder the build resolved); never a reference
     assert [Path(p).resolve() for p in models.LOAD_LOG[before:]] == [Path(tinystories).resolve()]
@@ -65,7 +57,7 @@ def test_sba_run_loads_one_model_and_weights_move(pku_cache, tinystories, tmp_pa
 
 
 def test_loss_falls_on_learnable_data(demo_cache, tmp_path):
-    run(demo_cache, tmp_path / "r", generator="logistic", safety_penalty=0.0, pairs="none",
+    train_run(demo_cache, tmp_path / "r", generator="logistic", safety_penalty=0.0, pairs="none",
         optimizer="adamw", lr=3e-3, lr_schedule="constant", warmup_ratio=0.0, batch_size=16, max_steps=25,
         epochs=10)
     rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
@@ -78,7 +70,7 @@ def test_loss_falls_on_learnable_data(demo_cache, tmp_path):
 def test_tokenizer_mismatch_is_refused(demo_cache, tinystories, tmp_path):
     before = len(models.LOAD_LOG)
     with pytest.raises(MismatchError, match="tokenizer.*tinystories-260k.*not the tokenizer"):
-        run(demo_cache, tmp_path / "r", policy=str(tinystories), max_steps=1)
+        train_run(demo_cache, tmp_path / "r", policy=str(tinystories), max_steps=1)
     assert len(models.LOAD_LOG) == before  # refused before any model loaded
 
 
@@ -104,28 +96,28 @@ def test_step0_check_catches_a_wrong_cache(demo_cache, tmp_path):
     manifest["digest"] = S.manifest_digest(manifest)  # a consistent forgery: only step 0 can tell
     (bad / S.MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(MismatchError, match="step-0 check failed.*other weights"):
-        run(bad, tmp_path / "r", max_steps=2, batch_size=4)
+        train_run(bad, tmp_path / "r", max_steps=2, batch_size=4)
 
 
 def test_other_policy_weights_are_allowed_and_reported(demo_assets, demo_cache, tmp_path):
     from .conftest import perturbed_copy
 
     other = perturbed_copy(demo_assets["model"], tmp_path / "other")
-    summary = run(demo_cache, tmp_path / "r", policy=str(other), max_steps=2, batch_size=4)
+    summary = train_run(demo_cache, tmp_path / "r", policy=str(other), max_steps=2, batch_size=4)
     assert not summary["step0"]["policy_is_reference"] and summary["step0"]["max_abs_diff"] > 0.05
 
 
 def test_resume_matches_an_uninterrupted_run(demo_cache, tmp_path):
     kw = dict(generator="sba", optimizer="adamw", lr=1e-3, batch_size=8, max_steps=6, seed=0, save_every=3,
               shuffle_buffer=32, warmup_ratio=0.2)
-    run(demo_cache, tmp_path / "full", **kw)
-    run(demo_cache, tmp_path / "part", **{**kw, "save_every": 3})
+    train_run(demo_cache, tmp_path / "full", **kw)
+    train_run(demo_cache, tmp_path / "part", **{**kw, "save_every": 3})
     # pretend the second run died after its step-3 checkpoint: drop everything after it
     part = tmp_path / "part"
     for f in ("model.safetensors", "summary.json"):
         (part / f).unlink()
     assert [p.name for p in (part / "checkpoints").iterdir()] == ["step-00000003"]
-    run(demo_cache, part, **{**kw, "resume": True})
+    train_run(demo_cache, part, **{**kw, "resume": True})
     a, b = weights(tmp_path / "full"), weights(part)
     assert a.keys() == b.keys()
     for k in a:
@@ -135,9 +127,9 @@ def test_resume_matches_an_uninterrupted_run(demo_cache, tmp_path):
 
 
 def test_out_folder_is_not_clobbered(demo_cache, tmp_path):
-    run(demo_cache, tmp_path / "r", max_steps=1, batch_size=4)
+    train_run(demo_cache, tmp_path / "r", max_steps=1, batch_size=4)
     with pytest.raises(ConfigError, match="--resume.*--overwrite"):
-        run(demo_cache, tmp_path / "r", max_steps=1, batch_size=4)
+        train_run(demo_cache, tmp_path / "r", max_steps=1, batch_size=4)
 
 
 def test_pair_handling_counts(pku_cache):
@@ -171,32 +163,32 @@ def test_divergence_stops_with_a_clear_error(demo_cache, tmp_path):
     from bso_cache.errors import TrainingError
 
     with pytest.raises(TrainingError, match="not finite.*lower --lr"):
-        run(demo_cache, tmp_path / "r", generator="kliep", optimizer="sgd", lr=1e6, grad_clip=0.0, max_steps=20,
+        train_run(demo_cache, tmp_path / "r", generator="kliep", optimizer="sgd", lr=1e6, grad_clip=0.0, max_steps=20,
             batch_size=8, lr_schedule="constant", warmup_ratio=0.0)
 
 
 def test_overwrite_removes_only_what_a_run_wrote(demo_cache, tmp_path):
     """--overwrite replaces a run folder; a folder holding a file of the user's is refused, file kept."""
     out = tmp_path / "r"
-    run(demo_cache, out, max_steps=1, batch_size=4)
+    train_run(demo_cache, out, max_steps=1, batch_size=4)
     summary = json.loads((out / "summary.json").read_text())
     assert "model.safetensors" in summary["files"] and "config.json" in summary["files"]
-    run(demo_cache, out, max_steps=1, batch_size=4, overwrite=True)  # a run folder: replaced
+    train_run(demo_cache, out, max_steps=1, batch_size=4, overwrite=True)  # a run folder: replaced
     assert (out / "model.safetensors").exists()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="notes.txt.*no training run wrote"):
-        run(demo_cache, out, max_steps=1, batch_size=4, overwrite=True)
+        train_run(demo_cache, out, max_steps=1, batch_size=4, overwrite=True)
     assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").exists()
     other = tmp_path / "other"
     other.mkdir()
     (other / "data.csv").write_text("a,b\n")
     with pytest.raises(ConfigError, match="data.csv"):
-        run(demo_cache, other, max_steps=1, batch_size=4, overwrite=True)
+        train_run(demo_cache, other, max_steps=1, batch_size=4, overwrite=True)
     assert (other / "data.csv").exists()
     afile = tmp_path / "afile"
     afile.write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
-        run(demo_cache, afile, max_steps=1, batch_size=4)
+        train_run(demo_cache, afile, max_steps=1, batch_size=4)
 
 
 def test_the_log_and_summary_say_which_bound_ends_the_run(demo_cache, tmp_path):
@@ -216,3 +208,23 @@ def test_the_log_and_summary_say_which_bound_ends_the_run(demo_cache, tmp_path):
     kept = summary["pairs"]["kept"]
     assert kept < 128 and any(f"1 steps of {kept} pairs" in ln and "--max-steps 1 ends the run" in ln
                               for ln in lines), lines
+
+
+def test_no_shuffle_trains_in_cache_order_whatever_the_seed(demo_cache, tmp_path):
+    from bso_cache.cache import Cache
+    from bso_cache.config import TrainConfig
+    from bso_cache.pairs import epoch_batches
+    from bso_cache.train import Trainer
+
+    order = [it.source_index for b in epoch_batches(Cache.open(demo_cache), mode="none", orientation="better",
+                                                    batch_size=10**6, seed=0, epoch=0, shuffle=False) for it in b]
+    assert order == sorted(order)
+    seen = {}
+    for seed in (0, 1):
+        trainer = Trainer(TrainConfig(cache=str(demo_cache), out=str(tmp_path / f"s{seed}"), pairs="none",
+                                      shuffle=False, seed=seed, batch_size=8, max_steps=3, progress=False),
+                          log=lambda s: None)
+        trainer._open_caches()
+        steps = trainer._step_batches()
+        seen[seed] = [[it.source_index for it in next(steps)[2]] for _ in range(3)]
+    assert seen[0] == seen[1] == [order[0:8], order[8:16], order[16:24]]
