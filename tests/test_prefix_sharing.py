@@ -450,3 +450,32 @@ def test_a_model_without_flex_support_loads_with_sdpa_and_says_so(tmp_path):
     model = load_model(str(tmp_path), attn_implementation="flex_attention", log=lines.append)
     assert model.config._attn_implementation == "sdpa"
     assert len(lines) == 1 and "no FlexAttention support" in lines[0] and "using sdpa" in lines[0]
+
+
+@pytest.mark.parametrize("sharing", ["off", "on"])
+def test_every_safe_winner_of_the_first_batch_learns_at_step_0(demo_assets, demo_cache, sharing):
+    """Issue 19's check: the policy is the reference, the default recipe (C = 30 = the upper bound),
+    the first batch as `train` takes it from the cache (64 pairs: the demo data's default batch of 16
+    holds too few safe winners to show much). Every safe-winner pair sits on the bound up
+    to the float noise between the cache and this forward (shared or not), and each must get a
+    gradient, as it does online where the margin is exactly 0."""
+    from transformers import AutoModelForCausalLM
+
+    from bso_cache.pairs import PairBatch
+
+    cfg = TrainConfig(cache=str(demo_cache), out="-")
+    spec = cfg.loss_spec()
+    assert spec.clamp_upper == cfg.safety_penalty == 30.0
+    batch = PairBatch.of(next(epoch_batches(Cache.open(demo_cache), mode=cfg.pairs, orientation=cfg.orientation,
+                                            batch_size=64, seed=cfg.seed, epoch=0)), "cpu")
+    model = AutoModelForCausalLM.from_pretrained(str(demo_assets["model"]))
+    with torch.no_grad():
+        lp = PairScorer(model, prefix_sharing=sharing)(*batch.token_ids)
+    pc = lp.chosen.double().clone().requires_grad_(True)
+    pr = lp.rejected.double().clone().requires_grad_(True)
+    noise = (pc - batch.ref_chosen_logps) - (pr - batch.ref_rejected_logps)
+    winners = (batch.chosen_unsafe == 0) & (batch.rejected_unsafe == 1)
+    assert winners.sum() >= 8 and (noise[winners].abs() > 0).any()  # the noise is there, and some pairs to check
+    spec_loss(spec, pc, pr, batch.ref_chosen_logps, batch.ref_rejected_logps, batch.chosen_unsafe,
+              batch.rejected_unsafe).sum().backward()
+    assert (pc.grad[winners] != 0).all() and (pr.grad[winners] != 0).all(), (noise[winners], pc.grad[winners])
