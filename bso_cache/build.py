@@ -17,6 +17,7 @@ from pathlib import Path
 from . import schemas as S
 from .cache import CacheWriter, Manifest, counts_text, empty_columns, read_manifest
 from .config import DEFAULT_MAX_LENGTH, DEFAULT_ROWS_PER_SHARD, BuildConfig, to_dict
+from .quantize import QUANT_TYPE
 from .formats import Normaliser, Pair, scan_input
 from .sources import open_source
 from .dist import Dist
@@ -56,7 +57,8 @@ def _identity(cfg: BuildConfig, source, ptok: PairTokenizer, max_length: int, de
         "input": {**source.describe(), "digest": source.digest(), "format": cfg.format},
         "tokenization": {"max_length": max_length, "overlong": cfg.overlong,
                          "template": ptok.mode, "system_prompt": cfg.system_prompt},
-        "reference_pass": {"dtype": cfg.dtype, "device_kind": device.split(":")[0]},
+        "reference_pass": {"dtype": cfg.dtype, "device_kind": device.split(":")[0],
+                           **({"quantization": QUANT_TYPE} if cfg.load_in_4bit else {})},
         "layout": {"rows_per_shard": rows_per_shard},
     }
 
@@ -180,7 +182,7 @@ def _score_todo(plan: _Plan, writer: CacheWriter, todo: list[int]) -> dict:
     records about the model beyond its identity."""
     cfg = plan.cfg
     model = load_model(cfg.model, dtype=cfg.dtype, device=plan.device, gguf_file=cfg.gguf_file,
-                       trust_remote_code=cfg.trust_remote_code, log=plan.log,
+                       trust_remote_code=cfg.trust_remote_code, log=plan.log, load_in_4bit=cfg.load_in_4bit,
                        attn_implementation=resolve_attention(cfg.attn_implementation, plan.device, training=False))
     model.eval()
     reference = plan.identity["reference"]

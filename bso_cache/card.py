@@ -24,7 +24,7 @@ LOSS_KEYS = ("generator", "beta", "safety_penalty", "lam", "scale", "mu", "clamp
              "label_smoothing")
 TRAIN_KEYS = ("pairs", "orientation", "optimizer", "lr", "lr_schedule", "warmup_ratio", "weight_decay", "grad_clip",
               "batch_size", "grad_accum", "epochs", "max_steps", "seed", "dtype", "autocast", "gradient_checkpointing",
-              "optimizer_in_backward", "optimizer_offload", "lora_r", "lora_alpha", "lora_target")
+              "optimizer_in_backward", "optimizer_offload", "lora_r", "lora_alpha", "lora_target", "load_in_4bit")
 METRIC_KEYS = ("loss", "preference_accuracy", "safety_accuracy", "mean_margin", "reward_margin")
 
 

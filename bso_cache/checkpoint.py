@@ -71,8 +71,11 @@ def save_checkpoint(layout: RunLayout, position: Position, total_steps: int, *, 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     weights = tmp / RunLayout.CHECKPOINT_WEIGHTS
+    trainable = _trainable(model)
     if full_model is not None:
         save_file({k: v.detach().clone().contiguous() for k, v in full_model.items()}, str(weights))
+    elif trainable is not None:  # LoRA / QLoRA: the frozen base is the policy's source, loaded again on resume
+        save_file({k: v.detach().contiguous() for k, v in trainable.items()}, str(weights))
     else:
         save_model(model, str(weights))
     follow_umask([weights])
@@ -85,6 +88,13 @@ def save_checkpoint(layout: RunLayout, position: Position, total_steps: int, *, 
     for old in list_checkpoints(layout)[:-max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _trainable(model) -> dict | None:
+    """The trained parameters by state-dict name when some are frozen (LoRA), else None."""
+    params = dict(model.named_parameters())
+    trained = {k: v for k, v in params.items() if v.requires_grad}
+    return trained if len(trained) < len(params) else None
 
 
 def load_checkpoint(checkpoint: Path, *, model, scorer, optimizer, scheduler, fsdp: bool, device: str) -> Position:
@@ -107,6 +117,14 @@ def load_checkpoint(checkpoint: Path, *, model, scorer, optimizer, scheduler, fs
         full = {"lm." + k: v for k, v in load_file(str(weights)).items()}
         set_state_dict(scorer, optimizer, model_state_dict=full, optim_state_dict=blob["optimizer"],
                        options=StateDictOptions(full_state_dict=True))
+    elif _trainable(model) is not None:
+        saved = load_file(str(weights), device=device)
+        missing = sorted(set(_trainable(model)) - set(saved))
+        if missing:
+            raise ConfigError(f"{checkpoint}: holds no {missing[0]} ({len(missing)} trained tensors missing); "
+                              f"resume it with the run's own settings")
+        model.load_state_dict(saved, strict=False)
+        optimizer.load_state_dict(blob["optimizer"])
     else:
         load_model(model, str(weights), device=device)
         optimizer.load_state_dict(blob["optimizer"])

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from .errors import ConfigError
+from .quantize import require_libraries
 from .losses import ALIASES as _ALIASES, GENERATORS as _GENERATORS, LOSS_DEFAULTS as _L
 
 # The allowed values, as types (the fields below use them) and as tuples (for checks and help).
@@ -46,6 +47,8 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+GGUF_4BIT = ("--load-in-4bit quantizes safetensors weights with bitsandbytes; a GGUF file is de-quantized on load "
+             "and is not supported with it: convert the model to safetensors, or drop --load-in-4bit")
 DEFAULT_MAX_LENGTH = 2048        # --max-length when not given: min(this, the model's positions)
 DEFAULT_ROWS_PER_SHARD = 2000    # --rows-per-shard when not given (or the input's rows, when fewer)
 
@@ -67,6 +70,7 @@ class BuildConfig:
     batch_size: int = 8                 # pairs per forward (2x sequences)
     rows_per_shard: int | None = None   # input rows per shard; None: DEFAULT_ROWS_PER_SHARD
     dtype: DType = "float32"
+    load_in_4bit: bool = False          # the reference in 4-bit NF4 (bitsandbytes): the cache a QLoRA run trains on
     device: str = "auto"
     prefix_sharing: PrefixSharing = DEFAULT_PREFIX_SHARING  # score each prompt once (auto: where it measured faster)
     attn_implementation: Attention = "auto"
@@ -86,6 +90,10 @@ class BuildConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError("--max-length must be >= 2")
+        if self.load_in_4bit and self.gguf_file:
+            raise ConfigError(GGUF_4BIT)
+        if self.load_in_4bit:
+            require_libraries()
 
 
 @dataclass(frozen=True)
@@ -137,6 +145,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_target: str = "all-linear"
+    load_in_4bit: bool = False          # QLoRA: the base in 4-bit NF4, LoRA adapters trained on it (needs lora_r)
     # outputs
     save_every: int = 0
     keep_checkpoints: int = 2
@@ -176,6 +185,13 @@ class TrainConfig:
             raise ConfigError("--lora-r must be >= 0")
         if self.fsdp and self.lora_r:
             raise ConfigError("--fsdp with --lora-r is not supported; LoRA adapters are small: use DDP")
+        if self.load_in_4bit and not self.lora_r:
+            raise ConfigError("--load-in-4bit: 4-bit weights are not trained directly; QLoRA trains LoRA adapters "
+                              "on them: add --lora-r (e.g. 16)")
+        if self.load_in_4bit and self.gguf_file:
+            raise ConfigError(GGUF_4BIT)
+        if self.load_in_4bit:
+            require_libraries()
         self._check_memory_levers()
         self.loss_spec()
         from .trackers import parse_report_to, require_installed

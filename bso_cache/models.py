@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import warnings
 from pathlib import Path
 
 from .config import DTYPES
 from .errors import ConfigError
 from .hashing import sha256_files
+from .quantize import forget_quantizer, prepare_loaded, quantization_config
 from .schemas import RunLayout
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
@@ -149,20 +151,21 @@ def resolve_attention(choice: str, device: str, *, training: bool) -> str:
 
 def load_model(name_or_path: str, *, dtype: str = "float32", device: str = "cpu",
                gguf_file: str | None = None, trust_remote_code: bool = False,
-               attn_implementation: str | None = None, log=None):
-    """Load a causal LM (and record the load in LOAD_LOG). A model whose transformers class has no
+               attn_implementation: str | None = None, load_in_4bit: bool = False, log=None):
+    """Load a causal LM (and record the load in LOAD_LOG); `load_in_4bit`: its linear layers in
+    4-bit NF4 computing in `dtype` (quantize.py). A model whose transformers class has no
     FlexAttention support loads with sdpa instead, with one line through `log`."""
+    common = dict(dtype=dtype, device=device, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
+                  load_in_4bit=load_in_4bit)
     try:
-        return _load_model(name_or_path, dtype=dtype, device=device, gguf_file=gguf_file,
-                           trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+        return _load_model(name_or_path, attn_implementation=attn_implementation, **common)
     except _NoFlex as e:
         (log or print)(f"attention: {e}; using sdpa")
-        return _load_model(name_or_path, dtype=dtype, device=device, gguf_file=gguf_file,
-                           trust_remote_code=trust_remote_code, attn_implementation="sdpa")
+        return _load_model(name_or_path, attn_implementation="sdpa", **common)
 
 
 def _load_model(name_or_path: str, *, dtype: str, device: str, gguf_file: str | None, trust_remote_code: bool,
-                attn_implementation: str | None):
+                attn_implementation: str | None, load_in_4bit: bool):
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
@@ -172,8 +175,10 @@ def _load_model(name_or_path: str, *, dtype: str, device: str, gguf_file: str | 
         kwargs["use_safetensors"] = True
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if load_in_4bit:  # quantized as it loads, onto the device (a 4-bit model cannot be moved after)
+        kwargs.update(quantization_config=quantization_config(dtype), device_map={"": device})
     quiet_transformers()
-    model = None if gguf_file else _load_converting(name_or_path, dtype=dtype, device=device,
+    model = None if gguf_file or load_in_4bit else _load_converting(name_or_path, dtype=dtype, device=device,
                                                       trust_remote_code=trust_remote_code,
                                                       attn_implementation=attn_implementation)
     if model is None:
@@ -186,6 +191,9 @@ def _load_model(name_or_path: str, *, dtype: str, device: str, gguf_file: str | 
     LOAD_LOG.append(str(name_or_path))
     if gguf_file:
         _forget_gguf_quantizer(model, name_or_path)
+    if load_in_4bit:
+        prepare_loaded(model, device)
+        return model
     return model.to(device)
 
 
@@ -278,11 +286,7 @@ def _forget_gguf_quantizer(model, name_or_path: str) -> None:
     if bad:
         raise ConfigError(f"model '{name_or_path}': GGUF weights {bad[:3]} stayed quantized; "
                           f"convert the model to safetensors first")
-    model.hf_quantizer = None
-    if getattr(model, "is_quantized", False):  # an instance attribute set by from_pretrained
-        model.is_quantized = False
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
+    forget_quantizer(model)
 
 
 def load_classifier(name_or_path: str, *, device: str = "cpu", trust_remote_code: bool = False):
@@ -339,6 +343,16 @@ def disable_dropout(model) -> None:
             m.p = 0.0
 
 
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing, non-reentrant, under the name this transformers has
+    (5.25 renamed `gradient_checkpointing_enable`, deprecated, to `activation_checkpointing_enable`)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
 def add_lora(cfg, model):
     """`cfg.lora_r` adapters on `cfg.lora_target` (peft)."""
     try:
@@ -351,6 +365,9 @@ def add_lora(cfg, model):
     # the H200 LoRA on bf16 weights took more memory than full bf16 fine-tuning: docs/PERFORMANCE.md,
     # "GPU check"; tests/test_options.py counts the saved bytes).
     # Low-precision adapters learn through the optimizer's stochastic rounding (optim.py).
-    return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                            target_modules=target, task_type="CAUSAL_LM"),
-                          autocast_adapter_dtype=cfg.dtype == "float32")
+    with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                lora_dropout=cfg.lora_dropout, target_modules=target,
+                                                task_type="CAUSAL_LM"),
+                              autocast_adapter_dtype=cfg.dtype == "float32")

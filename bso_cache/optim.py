@@ -23,6 +23,7 @@ import torch
 
 from .config import TrainConfig
 from .errors import ConfigError
+from .quantize import import_quietly
 
 FUSED = ("adamw", "sgd")
 FUSED_DEVICES = ("cpu", "cuda")
@@ -64,10 +65,11 @@ def _inner_factory(cfg: TrainConfig):
         return make
     check_optimizer_available(name)
     if name == "adamw4bit":
+        import_quietly("torchao")
         from torchao.optim import AdamW4bit
 
         return lambda params: AdamW4bit(params, lr=cfg.lr, weight_decay=wd)
-    import bitsandbytes as bnb
+    bnb = import_quietly("bitsandbytes")
 
     kind = {"adamw8bit": bnb.optim.AdamW8bit, "rmsprop8bit": bnb.optim.RMSprop8bit}[name]
     return lambda params: kind(params, lr=cfg.lr, weight_decay=wd)

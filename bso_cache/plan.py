@@ -10,7 +10,7 @@ since the gradients are made as the backward frees the activations (and dropped 
 forward), except with `--optimizer-in-backward`, where one tensor's gradient and one update slice
 live beside the activations: weights + state + runtime + activations + head + gradients + update.
 
-    weights        parameters x bytes of --dtype (LoRA: + adapters in float32; QLoRA: 4-bit base)
+    weights        parameters x bytes of --dtype (LoRA: + adapters in --dtype; QLoRA: 4-bit NF4 linear maps)
     gradients      trainable parameters x bytes of their dtype (in backward: the largest tensor)
     optimizer      trainable parameters x the optimizer's state bytes (offload: none on the GPU)
     update         bf16/fp16 weights or offload: the float32 working copy and gradient of one slice
@@ -131,9 +131,9 @@ def predict(shape: ModelShape, o: PlanOptions) -> dict:
         weights = shape.linear_params * (0.5 + 4 / 64) + (shape.params - shape.linear_params) * wb
     else:
         weights = shape.params * wb
-    weights += adapters * 4
-    trainable, grad_bytes = (adapters, 4) if lora else (shape.params, wb)
-    largest = shape.hidden * shape.intermediate if lora else shape.largest_tensor
+    weights += adapters * wb  # adapters in the weights' dtype (QLoRA: the compute dtype), as models.add_lora makes them
+    trainable, grad_bytes = (adapters, wb) if lora else (shape.params, wb)
+    largest = (o.lora_r or 16) * max(shape.hidden, shape.intermediate) if lora else shape.largest_tensor
     grads = (min(largest, trainable) if o.optimizer_in_backward else trainable) * grad_bytes
     state = 0 if o.optimizer_offload else trainable * STATE_BYTES[o.optimizer]
     paramwise = grad_bytes != 4 or o.optimizer_offload or o.optimizer_in_backward

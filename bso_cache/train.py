@@ -33,8 +33,9 @@ from .card import write_cards
 from .evaluate import evaluate_cache, other_reference
 from .metrics import MetricsWindow, step0_check, step0_tolerance
 from .trackers import for_run
-from .models import add_lora, disable_dropout, load_model, load_tokenizer, locate_reference, resolve_attention, \
+from .models import add_lora, disable_dropout, enable_checkpointing, load_model, load_tokenizer, locate_reference, resolve_attention, \
     resolve_device, set_seed, weights_digest
+from .quantize import check_quantization, merged_model
 from .optim import check_optimizer_available, make_optimizer, make_schedule
 from .pairs import PairBatch, count_pairs, epoch_batches, prefetch, token_ids
 from .locks import folder_lock
@@ -74,6 +75,9 @@ class Trainer:
                 and not cfg.allow_other_reference:
             raise ConfigError(other_reference(f"--eval-cache {cfg.eval_cache}", self.eval_cache.manifest.reference_name,
                                               f"the reference of --cache, {self.manifest.reference_name}"))
+        for name, cache in (("--cache", self.cache), ("--eval-cache", self.eval_cache)):
+            if cache is not None:
+                check_quantization(f"{name} {cache.path}", cache.manifest.reference_quantization, cfg.load_in_4bit)
 
     def _policy_source(self) -> tuple[str, str | None]:
         if self.cfg.policy:
@@ -112,12 +116,11 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         set_seed(cfg.seed)
         model = load_model(name, dtype=cfg.dtype, device=self.device, gguf_file=gguf,
-                           trust_remote_code=cfg.trust_remote_code, log=self.log,
+                           trust_remote_code=cfg.trust_remote_code, log=self.log, load_in_4bit=cfg.load_in_4bit,
                            attn_implementation=resolve_attention(cfg.attn_implementation, self.device, training=True))
         disable_dropout(model)
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
+            enable_checkpointing(model)
         self.model = add_lora(cfg, model) if cfg.lora_r else model
         self.model.train()
         return name
@@ -373,7 +376,7 @@ class Trainer:
         model = self.model
         if self.cfg.lora_r:
             model.save_pretrained(str(self.layout.adapter))
-            model = model.merge_and_unload()
+            model = merged_model(model, self.cfg.dtype) if self.cfg.load_in_4bit else model.merge_and_unload()
         kwargs = {"state_dict": full_model} if full_model is not None else {}
         model.save_pretrained(str(self.out), safe_serialization=True, **kwargs)
         self.tokenizer.save_pretrained(str(self.out))

@@ -42,7 +42,7 @@ def verify_cache(path, *, model: str | None = None, sample: int = 0, seed: int =
             i += 1
     dev = resolve_device(device)
     lm = load_model(name, dtype=manifest.reference_dtype, device=dev, gguf_file=gguf, log=log,
-                    trust_remote_code=trust_remote_code,
+                    trust_remote_code=trust_remote_code, load_in_4bit=manifest.reference_quantization is not None,
                     attn_implementation=resolve_attention(attn_implementation, dev, training=False)).eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     scorer = PairScorer(lm, prefix_sharing=prefix_sharing, device=dev, pad_id=pad, log=log)

@@ -29,6 +29,7 @@ BUILD_OPTIONS = {
     'batch_size': Opt('Pairs per reference forward (length-bucketed).'),
     'rows_per_shard': Opt(f"Input rows per Parquet shard, the unit of resume and of torchrun ranks [default: {DEFAULT_ROWS_PER_SHARD}, or the input's rows when fewer, whatever the number of ranks; build memory is bounded by it]."),
     'dtype': Opt('Reference dtype: float32 | bfloat16 | float16 (log-softmax is float32 regardless).'),
+    'load_in_4bit': Opt("The reference's linear layers in 4-bit NF4 (bitsandbytes), computing in --dtype: the cache for a QLoRA run (train --load-in-4bit), whose reference is its 4-bit base. Needs pip install 'bso-cache[qlora]'."),
     'device': Opt(DEVICE_HELP),
     'prefix_sharing': Opt(PREFIX_SHARING_HELP),
     'attn_implementation': Opt(ATTN_HELP),

@@ -58,6 +58,7 @@ TRAIN_OPTIONS = {
     'lora_alpha': Opt('LoRA scaling alpha (the update is scaled by alpha / r).'),
     'lora_dropout': Opt('Dropout on the LoRA input.'),
     'lora_target': Opt('Comma-separated module names, or all-linear.'),
+    'load_in_4bit': Opt("QLoRA: the policy's linear layers in 4-bit NF4 (bitsandbytes, computing in --dtype) with --lora-r adapters trained on them. Its reference is the 4-bit base, so the cache must be built with --load-in-4bit too. The final model is saved merged and de-quantized (an ordinary model in --dtype), the adapters in adapter/. Needs pip install 'bso-cache[qlora]'."),
     'save_every': Opt('Checkpoint every N steps (0: only the final model).'),
     'keep_checkpoints': Opt('Checkpoints kept.'),
     'resume': Opt('Continue from the newest checkpoint in --out.'),

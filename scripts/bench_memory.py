@@ -46,6 +46,8 @@ CONFIGS = {
     "bf16-8bit-inbackward-ckpt": {"dtype": "bfloat16", "optimizer": "rmsprop8bit", "optimizer_in_backward": True,
                                   "grad_clip": 0.0, "gradient_checkpointing": True},
     "lora-r16-bf16": {"dtype": "bfloat16", "lora_r": 16, "lora_alpha": 32.0},
+    # QLoRA trains on a cache of its 4-bit reference (built in setup, outside the measured process)
+    "qlora-r16-bf16": {"dtype": "bfloat16", "lora_r": 16, "lora_alpha": 32.0, "load_in_4bit": True},
     "trl": None,
 }
 PLAN_KEYS = ("dtype", "optimizer", "lora_r", "gradient_checkpointing", "optimizer_in_backward", "optimizer_offload")
@@ -66,7 +68,16 @@ def setup(work: Path, n_pairs: int, max_length: int, quick: bool) -> dict:
                  num_key_value_heads=8) if quick else \
         dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
              num_key_value_heads=16)
-    return bench_setup(work, n_pairs, max_length, quick, "hh", model=("model-tiny" if quick else "model-200m", shape))
+    info = bench_setup(work, n_pairs, max_length, quick, "hh", model=("model-tiny" if quick else "model-200m", shape))
+    nf4 = Path(info["cache"] + "-nf4")
+    if not (nf4 / ".manifest.json").exists():
+        from bso_cache.build import build_cache
+        from bso_cache.config import BuildConfig
+
+        build_cache(BuildConfig(model=info["model"], data=info["data"], out=str(nf4), max_length=max_length,
+                                batch_size=8, dtype="bfloat16", load_in_4bit=True, progress=False, overwrite=True),
+                    log=lambda s: None)
+    return {**info, "cache_nf4": str(nf4)}
 
 
 def worker(name: str, info: dict, steps: int, batch_size: int, max_length: int) -> dict:
@@ -91,7 +102,8 @@ def worker(name: str, info: dict, steps: int, batch_size: int, max_length: int) 
     runtime = rss_mib()
     out = Path(info["cache"]).parent / f"run-{name}"
     if name != "trl":
-        train(TrainConfig(cache=info["cache"], out=str(out), generator="logistic", safety_penalty=0.0, pairs="none",
+        cache = info["cache_nf4"] if CONFIGS[name].get("load_in_4bit") else info["cache"]
+        train(TrainConfig(cache=cache, out=str(out), generator="logistic", safety_penalty=0.0, pairs="none",
                           lr=1e-6, batch_size=batch_size, max_steps=steps, epochs=100, progress=False,
                           overwrite=True, **CONFIGS[name]), log=lambda s: None)
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -171,7 +183,7 @@ def predict(name: str, info: dict, batch_size: int, steps: int) -> int | None:
         return None
     seq, resp = seen_lengths(info, batch_size, steps)
     kw = {k: v for k, v in CONFIGS[name].items() if k in PLAN_KEYS}
-    opts = PlanOptions(**kw, micro_batch=batch_size, seq_length=seq, response_tokens=resp, device="cpu")
+    opts = PlanOptions(**kw, qlora=CONFIGS[name].get("load_in_4bit", False), micro_batch=batch_size, seq_length=seq, response_tokens=resp, device="cpu")
     return plan_predict(load_shape(info["model"]), opts)["peak_bytes"]
 
 

@@ -111,7 +111,7 @@ def peak_mib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def write_cache(folder: Path, pairs, chosen, rejected, tokenizer) -> None:
+def write_cache(folder: Path, pairs, chosen, rejected, tokenizer, quantization: str | None = None) -> None:
     from bso_cache.tokenize import tokenizer_digest
 
     from bso_cache import schemas as S
@@ -131,7 +131,8 @@ def write_cache(folder: Path, pairs, chosen, rejected, tokenizer) -> None:
         "format": S.FORMAT_NAME, "schema_version": S.SCHEMA_VERSION, "created": "", "bso_cache_version": "",
         "reference": {"name_or_path": "", "weights_digest": ""},
         "tokenizer": {"vocab_digest": tokenizer_digest(tokenizer, None)}, "input": {}, "tokenization": {},
-        "reference_pass": {"dtype": "bfloat16"}, "columns": list(S.COLUMNS),
+        "reference_pass": {"dtype": "bfloat16", **({"quantization": quantization} if quantization else {})},
+        "columns": list(S.COLUMNS),
         "rows": {"input": len(pairs), "written": len(pairs), "dropped": {}},
         "shards": [{**info, "input_rows": [0, len(pairs)]}]}
     manifest["digest"] = S.manifest_digest(manifest)
@@ -345,7 +346,10 @@ TRAIN_VARIANTS = [  # key, label, TrainConfig overrides, library needed
      {"dtype": "bfloat16", "autocast": "none", "optimizer_offload": True, "optimizer_in_backward": True,
       "grad_clip": 0.0, "gradient_checkpointing": True}, "cuda"),
     ("lora", "LoRA r16 on bf16 weights", {"dtype": "bfloat16", "autocast": "none", "lora_r": 16}, "peft"),
-    ("qlora", "QLoRA r16 (4-bit base)", {}, "qlora"),
+    # the 4-bit run reads a copy of the cache marked as the 4-bit reference's (its log-probs are the bf16
+    # reference's: a memory and time row, like the others, with the step-0 check off)
+    ("qlora", "QLoRA r16 (4-bit NF4 base, bf16 compute)", {"dtype": "bfloat16", "autocast": "none", "lora_r": 16,
+                                                          "load_in_4bit": True}, "bitsandbytes"),
 ]
 
 
@@ -363,8 +367,6 @@ def _missing(need: str | None, device: str) -> str | None:
         return None
     if need == "cuda":
         return None if device.startswith("cuda") else "CUDA only"
-    if need == "qlora":
-        return "bso-cache train has no QLoRA option yet (issue 17)"
     return None if importable(need) else f"{need} is not installed here"
 
 
@@ -381,6 +383,10 @@ def train_section(ctx) -> None:
     cache_dir = work / "cache"
     cache_dir.mkdir(exist_ok=True)
     write_cache(cache_dir, train_pairs, chosen[:len(train_pairs)], rejected[:len(train_pairs)], ctx["tokenizer"])
+    nf4_dir = work / "cache-nf4"
+    nf4_dir.mkdir(exist_ok=True)
+    write_cache(nf4_dir, train_pairs, chosen[:len(train_pairs)], rejected[:len(train_pairs)], ctx["tokenizer"],
+                quantization="nf4")
     steps_per_epoch = -(-len(train_pairs) // bs)
     shape = load_shape(str(ctx["model_dir"]))
     seq = max(len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in train_pairs)
@@ -399,6 +405,8 @@ def train_section(ctx) -> None:
             out[key] = {"label": label, "skipped": "time budget"}
             continue
         opts = {**base, **over, "out": str(work / f"run-{key}")}
+        if over.get("load_in_4bit"):
+            opts["cache"] = str(nf4_dir)
         row = {"label": label}
         try:
             reset_peak(device)
@@ -412,7 +420,8 @@ def train_section(ctx) -> None:
                        tokens_per_s=sum(r["tokens_per_s"] for r in timed) / len(timed), peak_mib=peak_mib(device),
                        prefix_sharing=trainer.pair_scorer.sharing, final_loss=rows[-1]["loss"])
             plan_opts = PlanOptions(dtype=opts.get("dtype", "float32"), optimizer=opts["optimizer"],
-                                    lora_r=opts.get("lora_r", 0), gradient_checkpointing=opts.get("gradient_checkpointing", False),
+                                    lora_r=opts.get("lora_r", 0), qlora=opts.get("load_in_4bit", False),
+                                    gradient_checkpointing=opts.get("gradient_checkpointing", False),
                                     optimizer_in_backward=opts.get("optimizer_in_backward", False),
                                     optimizer_offload=opts.get("optimizer_offload", False), autocast=opts["autocast"],
                                     micro_batch=bs, seq_length=seq, response_tokens=resp, device="cuda")

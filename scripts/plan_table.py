@@ -70,8 +70,8 @@ def main() -> None:
             f"Each cell: the predicted peak at a micro-batch of "
             f"1 pair of {args.seq} tokens ({args.response} of response), then the largest micro-batch that fits a "
             f"24 GB and an 80 GB GPU (\"no\": not even one pair). CUDA runtime counted as 1 GiB. The model shapes are "
-            f"the published configs; `python scripts/plan_table.py` rebuilds this table. The QLoRA row is for "
-            f"comparison: `train` has no QLoRA option yet.\n\n" + "\n".join(lines))
+            f"the published configs; `python scripts/plan_table.py` rebuilds this table. The QLoRA row "
+            f"(`train --load-in-4bit --lora-r 16`) has not been measured on a GPU yet.\n\n" + "\n".join(lines))
     print(text)
     write_section(Path(args.doc), "plan-what-fits", text)
 

@@ -153,6 +153,11 @@ class Manifest:
         return self.reference_pass["dtype"]
 
     @property
+    def reference_quantization(self) -> str | None:
+        """"nf4" for a cache scored by the 4-bit reference of a QLoRA run (quantize.py), else None."""
+        return self.reference_pass.get("quantization")
+
+    @property
     def vocab_digest(self) -> str:
         return self.tokenizer["vocab_digest"]
 
