@@ -96,7 +96,9 @@ def prepare_loaded(model, device: str) -> None:
 
 def merged_model(peft_model, dtype: str):
     """The transformers model inside `peft_model` with each LoRA layer replaced by one Linear holding
-    dequantize(base weight) + its adapter's delta, in `dtype`; detached from its quantizer."""
+    dequantize(base weight) + its adapter's delta, in `dtype`, in host memory; detached from its
+    quantizer. For saving only: the layers it merges leave the accelerator (the trainer evaluates
+    before it saves)."""
     import torch
     from bitsandbytes.functional import dequantize_4bit
     from peft.tuners.lora import LoraLayer
@@ -110,8 +112,9 @@ def merged_model(peft_model, dtype: str):
             if getattr(weight, "quant_state", None) is not None:
                 weight = dequantize_4bit(weight.data, weight.quant_state)
             merged = weight.float() + sum(layer.get_delta_weight(a).float() for a in layer.active_adapters)
+            # in host memory: the full-precision model is what a QLoRA run could not hold on its GPU
             linear = torch.nn.Linear(merged.shape[1], merged.shape[0], bias=base.bias is not None,
-                                     device=merged.device, dtype=target)
+                                     device="cpu", dtype=target)
             linear.weight.copy_(merged)
             if base.bias is not None:
                 linear.bias.copy_(base.bias)

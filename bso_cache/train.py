@@ -326,11 +326,12 @@ class Trainer:
         return summary
 
     def _finish(self, last: dict, step0: dict | None) -> dict:
+        evaluation = self._evaluate() if self.eval_cache is not None else None  # the model as trained, unmerged
         files = self._save_final()
         summary = {"steps": self.position.step, "stopped_by": self.stopped_by, "final": last, "step0": step0,
                    "out": str(self.out), "pairs": self.pair_counts.as_dict(), "files": files}
-        if self.eval_cache is not None:
-            summary["eval"] = self._evaluate()
+        if evaluation is not None:
+            summary["eval"] = evaluation
         if self.dist.is_main:  # the model card (README.md) is one of the run's files
             summary["files"] = sorted(set(files) | set(write_cards(self.layout, summary, manifest_path(self.cache.path))))
             atomic_write_json(self.layout.summary, summary)

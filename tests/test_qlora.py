@@ -82,7 +82,8 @@ def test_qlora_starts_at_its_reference_learns_and_saves_the_trained_function(dem
     from transformers import AutoModelForCausalLM
 
     run = tmp_path / "r"
-    train_run(nf4_cache, run, load_in_4bit=True, lora_r=4, lora_alpha=8, max_steps=6, **DPO)
+    summary = train_run(nf4_cache, run, load_in_4bit=True, lora_r=4, lora_alpha=8, max_steps=6,
+                        eval_cache=str(nf4_cache), **DPO)
     losses = [r["loss"] for r in read_jsonl(run / "metrics.jsonl")]
     assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # the policy is its 4-bit reference at step 0
     assert losses[-1] < losses[0] - 0.05, losses
@@ -100,6 +101,12 @@ def test_qlora_starts_at_its_reference_learns_and_saves_the_trained_function(dem
         assert a == pytest.approx(b, abs=1e-3)
     moved = independent_logps(saved, rows)
     assert max(abs(m[0] - r[S.REF_CHOSEN_LOGP]) for m, r in zip(moved, rows)) > 0.01  # it did train
+    # the run's own evaluation (of the 4-bit model as trained, before the merge) is the saved model's
+    from bso_cache.evaluate import evaluate_cache
+
+    again = evaluate_cache(saved, Cache.open(nf4_cache), batch_size=8)
+    assert summary["eval"]["pairs"] == again["pairs"] == 96
+    assert summary["eval"]["mean_margin"] == pytest.approx(again["mean_margin"], abs=1e-4)
 
 
 def test_qlora_resumes_exactly_from_a_checkpoint_of_its_adapters(nf4_cache, tmp_path):
