@@ -14,7 +14,7 @@ random-init ~0.5B Llama (Qwen2.5-0.5B-sized), synthetic token pairs, bf16:
   every parameter's gradient;
 - train (bso-cache's Trainer from a cache, 2 epochs in cache order, the second timed): the
   layouts, then the memory levers (bf16 weights with stochastic rounding, 8-bit and 4-bit
-  states, optimizer in backward, offload, gradient checkpointing, LoRA), each with its peak
+  states, optimizer in backward, offload, gradient checkpointing, LoRA, QLoRA), each with its peak
   `max_memory_allocated` against `bso-cache plan`'s prediction; vs a reference-online DPO step,
   the policy-only limit and TRL's DPOTrainer on the same model and batches;
 - the rule's outcome: which attention and layout `auto` should pick on CUDA.
@@ -349,7 +349,7 @@ TRAIN_VARIANTS = [  # key, label, TrainConfig overrides, library needed
     # the 4-bit run reads a copy of the cache marked as the 4-bit reference's (its log-probs are the bf16
     # reference's: a memory and time row, like the others, with the step-0 check off)
     ("qlora", "QLoRA r16 (4-bit NF4 base, bf16 compute)", {"dtype": "bfloat16", "autocast": "none", "lora_r": 16,
-                                                          "load_in_4bit": True}, "bitsandbytes"),
+                                                          "load_in_4bit": True}, "bitsandbytes,peft,accelerate"),
 ]
 
 
@@ -367,7 +367,8 @@ def _missing(need: str | None, device: str) -> str | None:
         return None
     if need == "cuda":
         return None if device.startswith("cuda") else "CUDA only"
-    return None if importable(need) else f"{need} is not installed here"
+    missing = [m for m in need.split(",") if not importable(m)]
+    return f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed here" if missing else None
 
 
 def train_section(ctx) -> None:

@@ -47,6 +47,7 @@ def test_gpu_check_runs_tiny_on_cpu_from_a_bare_checkout(tmp_path):
     assert train["shared_flex"]["skipped"] == "CUDA only" and train["bf16_offload_inbwd_ckpt"]["skipped"] == "CUDA only"
     # a lever whose library is missing is a row saying so, never left out (bitsandbytes is blocked above)
     assert train["bf16_adamw8bit"]["skipped"] == "bitsandbytes is not installed here"
+    assert train["qlora"]["skipped"].startswith("bitsandbytes")
     for key in ("unshared", "bf16", "bf16_inbwd", "ckpt", "reference_online", "policy_only"):
         assert train[key]["step_seconds"] > 0, key
     # trl is checked before datasets (blocked above); CI installs the test extra only, so trl may be absent too
