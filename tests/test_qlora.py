@@ -158,3 +158,14 @@ def test_a_missing_qlora_library_is_one_line_before_any_model_loads(demo_assets,
         BuildConfig(model=str(demo_assets["model"]), data=str(demo_assets["train"]), out=str(tmp_path / "c"),
                     load_in_4bit=True)
     assert len(models.LOAD_LOG) == before and not (tmp_path / "c").exists()
+
+
+def test_qlora_under_torchrun_equals_one_process(nf4_cache, tmp_path):
+    """DDP over the adapters of a 4-bit base (gloo, 2 ranks) equals 1 process with --grad-accum 2."""
+    from .test_distributed import torchrun, weights_close
+
+    train_run(nf4_cache, tmp_path / "one", load_in_4bit=True, lora_r=4, max_steps=3, grad_accum=2, **DPO)
+    torchrun("train", "--cache", nf4_cache, "--out", tmp_path / "two", "--load-in-4bit", "--lora-r", 4,
+             "--max-steps", 3, "--generator", "logistic", "--safety-penalty", 0, "--pairs", "none",
+             "--optimizer", "adamw", "--lr", 1e-2, "--batch-size", 8, "--no-shuffle", "--no-progress")
+    weights_close(tmp_path / "one", tmp_path / "two")
