@@ -24,6 +24,7 @@ from .cache import Cache, check_tokenizer
 from .files import atomic_write_json, require_writable
 from .config import DEFAULT_PREFIX_SHARING
 from .errors import CacheError, ConfigError, OutputError
+from .quantize import require_libraries
 
 
 
@@ -93,7 +94,7 @@ def run_eval(*, model: str, cache: Path, results: Path | None, batch_size: int, 
              max_new_tokens: int, temperature: float, top_p: float, generations: Path | None, seed: int,
              prefix_sharing: str = DEFAULT_PREFIX_SHARING, attn_implementation: str = "auto",
              allow_other_reference: bool = False, gguf_file: str | None = None, progress: bool = False,
-             trust_remote_code: bool = False) -> dict:
+             trust_remote_code: bool = False, load_in_4bit: bool = False) -> dict:
     from .generation import cache_prompts, generation_eval
     from .models import load_model, load_tokenizer, resolve_attention, resolve_device
 
@@ -104,13 +105,19 @@ def run_eval(*, model: str, cache: Path, results: Path | None, batch_size: int, 
     for path, option in ((results, "--results"), (generations if generate else None, "--generations")):
         if path is not None:
             require_writable(Path(path), option, file=True)
+    if load_in_4bit:
+        require_libraries()
     c = Cache.open(cache)
     relation = reference_relation(model, cache, c.manifest, allow_other_reference, gguf_file)
+    if relation == RELATIONS[1] and c.manifest.reference_quantization and not load_in_4bit:
+        raise ConfigError(f"--cache {cache} was scored by the 4-bit ({c.manifest.reference_quantization}) version of "
+                          f"{model}: pass --load-in-4bit to evaluate it as that reference (or evaluate a QLoRA run's "
+                          f"saved model, which needs no flag)")
     tok = load_tokenizer(model, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     check_tokenizer(cache, c.manifest, tok, model)
     dev = resolve_device(device)
     lm = load_model(model, dtype=dtype, device=dev, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
-                    attn_implementation=resolve_attention(attn_implementation, dev, training=False))
+                    load_in_4bit=load_in_4bit, attn_implementation=resolve_attention(attn_implementation, dev, training=False))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     res = evaluate_cache(lm, c, batch_size=batch_size, device=dev, pad_id=pad, max_pairs=max_pairs,
                          prefix_sharing=prefix_sharing, progress=progress)

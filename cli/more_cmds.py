@@ -23,6 +23,9 @@ EVAL_OPTIONS = {
     "max_pairs": Opt("Evaluate at most this many pairs (in cache order).", type=Optional[int], default=None),
     "device": Opt(DEVICE_HELP, type=str, default=_T.device),
     "dtype": Opt("Model dtype.", type=DType, default=_T.dtype),
+    "load_in_4bit": Opt("Load the model's linear layers in 4-bit NF4 (bitsandbytes), as a QLoRA cache's reference "
+                        "was (build --load-in-4bit). A QLoRA run's saved model is an ordinary one: evaluate it "
+                        "without this.", type=bool, default=False),
     "generate": Opt("Also sample responses to the cache's prompts and score them.", type=bool, default=False),
     "cost_model": Opt("Sequence-classification cost model (harmless: cost <= 0).", type=Optional[str], default=None),
     "reward_model": Opt("Sequence-classification reward model.", type=Optional[str], default=None),

@@ -169,3 +169,15 @@ def test_qlora_under_torchrun_equals_one_process(nf4_cache, tmp_path):
              "--max-steps", 3, "--generator", "logistic", "--safety-penalty", 0, "--pairs", "none",
              "--optimizer", "adamw", "--lr", 1e-2, "--batch-size", 8, "--no-shuffle", "--no-progress")
     weights_close(tmp_path / "one", tmp_path / "two")
+
+
+def test_eval_of_the_reference_on_a_4bit_cache_needs_the_4bit_model(demo_assets, nf4_cache, tmp_path):
+    """The model files are the cache's reference, but the cache holds its 4-bit version's
+    log-probs: evaluated in full precision its margins would be quantization noise called rewards."""
+    from .conftest import cli_in_process, one_line_error
+
+    one_line_error(cli_in_process("eval", "--model", demo_assets["model"], "--cache", nf4_cache, check=False),
+                   "scored by the 4-bit (nf4) version", "--load-in-4bit")
+    res = json.loads(cli_in_process("eval", "--model", demo_assets["model"], "--cache", nf4_cache, "--load-in-4bit",
+                                    "--json", "--no-progress").stdout)
+    assert res["reference"]["relation"] == "the model itself" and abs(res["mean_margin"]) < 1e-4
