@@ -101,8 +101,8 @@ PLAN_OPTIONS = {
     "dtype": Opt("Weights dtype.", type=DType, default=_T.dtype),
     "optimizer": Opt("The optimizer (its state's bytes per parameter).", type=OptimizerName, default=_T.optimizer),
     "lora_r": Opt("LoRA rank on every linear layer (0: full fine-tuning).", type=int, default=_T.lora_r),
-    "qlora": Opt("The base in 4-bit NF4 with LoRA adapters (rank --lora-r, default 16), as train --load-in-4bit "
-                 "runs it.", type=bool, default=False),
+    "qlora": Opt("QLoRA: the base in 4-bit NF4 with LoRA adapters (rank --lora-r, default 16), as train "
+                 "--load-in-4bit runs it.", type=bool, default=False, flag="--load-in-4bit", short="--qlora"),
     "gradient_checkpointing": Opt("Activations recomputed in the backward.", type=bool,
                                   default=_T.gradient_checkpointing),
     "optimizer_in_backward": Opt("Gradients applied and freed one tensor at a time.", type=bool,
