@@ -5,8 +5,8 @@ The reference of a QLoRA run is its 4-bit base (the policy with its adapters at 
 TRL and peft, where the reference is the quantized model with the adapters disabled. So the cache
 of a QLoRA run is built from the same 4-bit model (`build --load-in-4bit`, recorded in the
 manifest's `reference_pass.quantization`), and `train` refuses a cache and a policy whose
-quantization differ: a 4-bit policy is not its full-precision reference at step 0, and on a large
-model the difference can hide inside the bf16 step-0 tolerance.
+quantization differ: a 4-bit policy is not its full-precision reference at step 0, and a small
+quantization gap could pass the loose bf16 step-0 tolerance (0.05 nats per token).
 
 The saved model is the trained function itself, dequantize(W_nf4) + (alpha / r) B A per adapted
 layer, as an ordinary model in --dtype: it loads without bitsandbytes, and its implicit rewards
