@@ -191,7 +191,7 @@ class TrainConfig:
         if self.load_in_4bit and self.gguf_file:
             raise ConfigError(GGUF_4BIT)
         if self.load_in_4bit:
-            require_libraries()
+            require_libraries(adapters=True)
         self._check_memory_levers()
         self.loss_spec()
         from .trackers import parse_report_to, require_installed

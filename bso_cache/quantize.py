@@ -53,11 +53,13 @@ def check_quantization(what: str, cache_quantization: str | None, load_in_4bit: 
                           f"(--load-in-4bit --lora-r 16), or build a full-precision cache")
 
 
-def require_libraries() -> None:
-    """What --load-in-4bit needs, checked when the config is made (before any model loads)."""
+def require_libraries(*, adapters: bool = False) -> None:
+    """What --load-in-4bit needs (with `adapters`, for training: peft too), checked when the config
+    is made, before any model loads."""
     import importlib.util
 
-    missing = [m for m in ("bitsandbytes", "peft", "accelerate") if importlib.util.find_spec(m) is None]
+    needed = ("bitsandbytes", "accelerate") + (("peft",) if adapters else ())
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
         raise ConfigError(f"--load-in-4bit needs {', '.join(missing)}: pip install 'bso-cache[qlora]'")
 
