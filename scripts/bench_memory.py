@@ -48,6 +48,9 @@ CONFIGS = {
     "lora-r16-bf16": {"dtype": "bfloat16", "lora_r": 16, "lora_alpha": 32.0},
     # QLoRA trains on a cache of its 4-bit reference (built in setup, outside the measured process)
     "qlora-r16-bf16": {"dtype": "bfloat16", "lora_r": 16, "lora_alpha": 32.0, "load_in_4bit": True},
+    "lora-r16-bf16-ckpt": {"dtype": "bfloat16", "lora_r": 16, "lora_alpha": 32.0, "gradient_checkpointing": True},
+    "qlora-r16-bf16-ckpt": {"dtype": "bfloat16", "lora_r": 16, "lora_alpha": 32.0, "load_in_4bit": True,
+                            "gradient_checkpointing": True},
     "trl": None,
 }
 PLAN_KEYS = ("dtype", "optimizer", "lora_r", "gradient_checkpointing", "optimizer_in_backward", "optimizer_offload")
