@@ -117,9 +117,9 @@ def load_checkpoint(checkpoint: Path, *, model, scorer, optimizer, scheduler, fs
         full = {"lm." + k: v for k, v in load_file(str(weights)).items()}
         set_state_dict(scorer, optimizer, model_state_dict=full, optim_state_dict=blob["optimizer"],
                        options=StateDictOptions(full_state_dict=True))
-    elif _trainable(model) is not None:
+    elif (trainable := _trainable(model)) is not None:
         saved = load_file(str(weights), device=device)
-        missing = sorted(set(_trainable(model)) - set(saved))
+        missing = sorted(set(trainable) - set(saved))
         if missing:
             raise ConfigError(f"{checkpoint}: holds no {missing[0]} ({len(missing)} trained tensors missing); "
                               f"resume it with the run's own settings")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from .errors import ConfigError
-from .quantize import require_libraries
+from .quantize import check_load_in_4bit
 from .losses import ALIASES as _ALIASES, GENERATORS as _GENERATORS, LOSS_DEFAULTS as _L
 
 # The allowed values, as types (the fields below use them) and as tuples (for checks and help).
@@ -47,8 +47,6 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-GGUF_4BIT = ("--load-in-4bit quantizes safetensors weights with bitsandbytes; a GGUF file is de-quantized on load "
-             "and is not supported with it: convert the model to safetensors, or drop --load-in-4bit")
 DEFAULT_MAX_LENGTH = 2048        # --max-length when not given: min(this, the model's positions)
 DEFAULT_ROWS_PER_SHARD = 2000    # --rows-per-shard when not given (or the input's rows, when fewer)
 
@@ -90,10 +88,8 @@ class BuildConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError("--max-length must be >= 2")
-        if self.load_in_4bit and self.gguf_file:
-            raise ConfigError(GGUF_4BIT)
         if self.load_in_4bit:
-            require_libraries()
+            check_load_in_4bit(self.gguf_file)
 
 
 @dataclass(frozen=True)
@@ -188,10 +184,8 @@ class TrainConfig:
         if self.load_in_4bit and not self.lora_r:
             raise ConfigError("--load-in-4bit: 4-bit weights are not trained directly; QLoRA trains LoRA adapters "
                               "on them: add --lora-r (e.g. 16)")
-        if self.load_in_4bit and self.gguf_file:
-            raise ConfigError(GGUF_4BIT)
         if self.load_in_4bit:
-            require_libraries(adapters=True)
+            check_load_in_4bit(self.gguf_file, adapters=True)
         self._check_memory_levers()
         self.loss_spec()
         from .trackers import parse_report_to, require_installed

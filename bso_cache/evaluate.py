@@ -24,7 +24,7 @@ from .cache import Cache, check_tokenizer
 from .files import atomic_write_json, require_writable
 from .config import DEFAULT_PREFIX_SHARING
 from .errors import CacheError, ConfigError, OutputError
-from .quantize import require_libraries
+from .quantize import check_load_in_4bit
 
 
 
@@ -106,7 +106,7 @@ def run_eval(*, model: str, cache: Path, results: Path | None, batch_size: int, 
         if path is not None:
             require_writable(Path(path), option, file=True)
     if load_in_4bit:
-        require_libraries()
+        check_load_in_4bit(gguf_file)
     c = Cache.open(cache)
     relation = reference_relation(model, cache, c.manifest, allow_other_reference, gguf_file)
     if relation == RELATIONS[1] and c.manifest.reference_quantization and not load_in_4bit:

@@ -178,9 +178,9 @@ def _load_model(name_or_path: str, *, dtype: str, device: str, gguf_file: str | 
     if load_in_4bit:  # quantized as it loads, onto the device (a 4-bit model cannot be moved after)
         kwargs.update(quantization_config=quantization_config(dtype), device_map={"": device})
     quiet_transformers()
-    model = None if gguf_file or load_in_4bit else _load_converting(name_or_path, dtype=dtype, device=device,
-                                                      trust_remote_code=trust_remote_code,
-                                                      attn_implementation=attn_implementation)
+    model = None if gguf_file or load_in_4bit else _load_converting(
+        name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation)
     if model is None:
         try:
             model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)

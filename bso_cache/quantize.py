@@ -53,11 +53,15 @@ def check_quantization(what: str, cache_quantization: str | None, load_in_4bit: 
                           f"(--load-in-4bit --lora-r 16), or build a full-precision cache")
 
 
-def require_libraries(*, adapters: bool = False) -> None:
-    """What --load-in-4bit needs (with `adapters`, for training: peft too), checked when the config
-    is made, before any model loads."""
+def check_load_in_4bit(gguf_file: str | None, *, adapters: bool = False) -> None:
+    """What --load-in-4bit needs, checked before any model loads: safetensors weights (not a GGUF
+    file), and its libraries (with `adapters`, for training: peft too)."""
     import importlib.util
 
+    if gguf_file:
+        raise ConfigError("--load-in-4bit quantizes safetensors weights with bitsandbytes; a GGUF file is "
+                          "de-quantized on load and is not supported with it: convert the model to safetensors, "
+                          "or drop --load-in-4bit")
     needed = ("bitsandbytes", "accelerate") + (("peft",) if adapters else ())
     missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:

@@ -33,8 +33,8 @@ from .card import write_cards
 from .evaluate import evaluate_cache, other_reference
 from .metrics import MetricsWindow, step0_check, step0_tolerance
 from .trackers import for_run
-from .models import add_lora, disable_dropout, enable_checkpointing, load_model, load_tokenizer, locate_reference, resolve_attention, \
-    resolve_device, set_seed, weights_digest
+from .models import add_lora, disable_dropout, enable_checkpointing, load_model, load_tokenizer, locate_reference, \
+    resolve_attention, resolve_device, set_seed, weights_digest
 from .quantize import check_quantization, merged_model
 from .optim import check_optimizer_available, make_optimizer, make_schedule
 from .pairs import PairBatch, count_pairs, epoch_batches, prefetch, token_ids

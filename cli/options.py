@@ -22,7 +22,7 @@ _FIELD = object()  # the default (or type) of the config field of the same name
 @dataclass(frozen=True)
 class Opt:
     help: str
-    short: str | None = None        # e.g. "-c"
+    short: str | None = None        # a second spelling: "-c", or an alias such as plan's "--qlora"
     type: Any = _FIELD              # the annotation
     default: Any = _FIELD           # ... for a required option
     flag: str | None = None         # the spelling when it is not --name (and --name/--no-name for a True default)

@@ -63,7 +63,7 @@ def rss_mib() -> float:
     return float("nan")
 
 
-def setup(work: Path, n_pairs: int, max_length: int, quick: bool) -> dict:
+def setup(work: Path, n_pairs: int, max_length: int, quick: bool, nf4: bool = False) -> dict:
     """The model (random init, saved once), the HH pairs (nothing truncated) and the float32 cache."""
     from bench_train import setup as bench_setup
 
@@ -72,15 +72,17 @@ def setup(work: Path, n_pairs: int, max_length: int, quick: bool) -> dict:
         dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
              num_key_value_heads=16)
     info = bench_setup(work, n_pairs, max_length, quick, "hh", model=("model-tiny" if quick else "model-200m", shape))
-    nf4 = Path(info["cache"] + "-nf4")
-    if not (nf4 / ".manifest.json").exists():
+    if not nf4:  # only a QLoRA row needs the 4-bit reference's cache (and bitsandbytes)
+        return info
+    nf4_cache = Path(info["cache"] + "-nf4")
+    if not (nf4_cache / ".manifest.json").exists():
         from bso_cache.build import build_cache
         from bso_cache.config import BuildConfig
 
-        build_cache(BuildConfig(model=info["model"], data=info["data"], out=str(nf4), max_length=max_length,
+        build_cache(BuildConfig(model=info["model"], data=info["data"], out=str(nf4_cache), max_length=max_length,
                                 batch_size=8, dtype="bfloat16", load_in_4bit=True, progress=False, overwrite=True),
                     log=lambda s: None)
-    return {**info, "cache_nf4": str(nf4)}
+    return {**info, "cache_nf4": str(nf4_cache)}
 
 
 def worker(name: str, info: dict, steps: int, batch_size: int, max_length: int) -> dict:
@@ -217,12 +219,14 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, json.loads(args.info), args.steps, args.batch_size, args.max_length)))
         return
-    info = setup(Path(args.work), args.pairs, args.max_length, args.quick)
+    names = [c for c in args.configs.split(",") if c]
+    info = setup(Path(args.work), args.pairs, args.max_length, args.quick,
+                 nf4=any((CONFIGS.get(n) or {}).get("load_in_4bit") for n in names))
     from bso_cache.plan import load_shape
 
     shape = load_shape(info["model"])
     results = []
-    for name in [c for c in args.configs.split(",") if c]:
+    for name in names:
         r = run_worker(name, args, info)
         r["predicted"] = predict(name, info, args.batch_size, args.steps)
         results.append(r)
