@@ -285,6 +285,9 @@ class Trainer:
         try:
             return self._run()
         finally:
+            close = getattr(getattr(self, "optimizer", None), "close", None)
+            if close is not None:  # the optimizer-in-backward hooks come off the model's parameters
+                close()
             self._lock.close()
 
     def _run(self) -> dict:

@@ -101,6 +101,32 @@ def reset_peak(device):
         torch.cuda.reset_peak_memory_stats()
 
 
+def held_mib(device) -> float:
+    """What is still allocated when a row starts (after reset_peak): earlier rows' leftovers count
+    in this row's peak, so a row that starts holding memory is flagged in the table."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.memory_allocated() / 2**20
+    import warnings
+
+    storages = {}
+    with warnings.catch_warnings():  # isinstance on some deprecated torch names warns
+        warnings.simplefilter("ignore")
+        objects = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    for o in objects:  # on the CPU: the bytes of the tensors Python can still reach
+        if not o.is_meta:
+            try:
+                storage = o.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+            except (RuntimeError, NotImplementedError):  # compile's fake and vmap's batched tensors own none
+                continue
+    return sum(storages.values()) / 2**20
+
+
+HELD_LIMIT_MIB = 64  # a row starting with more than this still allocated is flagged
+
+
 def peak_mib(device) -> float:
     import resource
 
@@ -411,6 +437,7 @@ def train_section(ctx) -> None:
         row = {"label": label}
         try:
             reset_peak(device)
+            row["held_before_mib"] = held_mib(device)
             trainer = Trainer(TrainConfig(**opts), log=lambda s: None)
             trainer.run()
             rows = [json.loads(x) for x in (work / f"run-{key}" / "metrics.jsonl").read_text().splitlines()]
@@ -629,6 +656,10 @@ def render(res: dict) -> str:
                          f"{_f(v.get('first_epoch_step_seconds'))} | {v['peak_mib']:,.0f} | "
                          f"{_f(v['peak_mib'] / ref_mem if ref_mem else None, '{:.2f}x')} | {_f(plan, '{:,.0f}')} | "
                          f"{_f(plan / v['peak_mib'] if plan else None, '{:.2f}')} |")
+        held = [(v["label"], v["held_before_mib"]) for v in train.values()
+                 if v.get("held_before_mib", 0) > HELD_LIMIT_MIB]
+        lines += [f"- {label}: started with {mib:,.0f} MiB still allocated by earlier rows; its peak includes them"
+                  for label, mib in held]
     rule = decide(res)
     if rule:
         lines += ["", f"Rule outcome (`auto` on this device): attention {rule['attention']}; build layout "
