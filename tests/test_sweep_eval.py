@@ -249,3 +249,30 @@ def test_loss_plots_scale_to_the_losses():
         _loss_scale(ax, values)
         assert ax.get_yscale() == scale, values
         plt.close(fig)
+
+
+def test_a_sweep_holds_one_runs_model_at_a_time(demo_cache, tmp_path, monkeypatch):
+    """Each run of a sweep starts from nothing: when a run starts, no parameter of an earlier run's
+    model is alive (optimizer-in-backward's hooks once kept every run's model and states)."""
+    import gc
+    import weakref
+
+    import bso_cache.train as train_module
+
+    loaded, alive_at_load = [], []
+    real = train_module.load_model
+
+    def load_model(*args, **kw):
+        gc.collect()
+        alive_at_load.append(sum(r() is not None for r in loaded))
+        model = real(*args, **kw)
+        loaded.extend(weakref.ref(p) for p in model.parameters())
+        return model
+
+    monkeypatch.setattr(train_module, "load_model", load_model)
+    grid = parse_grid({"lr": "1e-3,1e-4,1e-5", "max_steps": "1", "batch_size": "4"})
+    run_sweep(str(demo_cache), str(tmp_path / "sweep"), grid, [],
+              {"progress": False, "dtype": "bfloat16", "optimizer": "adamw", "optimizer_in_backward": True,
+               "grad_clip": 0.0}, log=lambda s: None, plots=False)
+    gc.collect()
+    assert alive_at_load == [0, 0, 0] and sum(r() is not None for r in loaded) == 0
