@@ -4,7 +4,8 @@
 `default_chunk` rows, so no (B, T, V) logits tensor exists. Without gradients (build, eval,
 verify) its extra memory is one (chunk, V) float32 block; with gradients it keeps the (N, V)
 softmax for the backward while that fits STORED_SOFTMAX_BYTES, else the backward recomputes
-each chunk's logits.
+the logits: by chunks of positions, or for a trainable 16-bit head by blocks of vocabulary rows
+of the same size (`_by_vocabulary`), so that its weight gradient needs no (V, H) float32 sum.
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ class TargetLogProbs(torch.autograd.Function):
         probs, ctx.probs = ctx.probs, None
         mm = ctx.mm
         h, w, b = hidden.to(mm), weight.to(mm), None if bias is None else bias.to(mm)
+        if need_w and probs is None and weight.dtype != acc:
+            return _by_vocabulary(h, w, b, targets, lse, grad_out, ctx.chunk, need_h, need_b, hidden.dtype) + \
+                (None, None, None, None)
         grad_h = torch.empty_like(hidden) if need_h else None
         # a 16-bit head with the softmax kept (one chunk: nothing to accumulate across chunks) gets its
         # gradient in blocks of vocabulary rows, each computed in float32 and stored in the weights'
@@ -119,3 +123,36 @@ class TargetLogProbs(torch.autograd.Function):
                 grad_b += d.sum(0)
         return (grad_h, grad_w.to(weight.dtype) if need_w else None,
                 grad_b.to(bias.dtype) if need_b else None, None, None, None, None)
+
+
+def _by_vocabulary(h: Tensor, w: Tensor, b: Tensor | None, targets: Tensor, lse: Tensor, grad_out: Tensor,
+                   chunk: int, need_h: bool, need_b: bool, hidden_dtype: torch.dtype) -> tuple:
+    """The backward of a 16-bit head whose softmax was not kept, in blocks of vocabulary rows.
+
+    Position chunks would need the whole (V, H) weight gradient in float32 to sum into (196 MiB at
+    the GPT-2 vocabulary and H = 1024, 2.2 GB at a 152k vocabulary and H = 3584, plus its cast).
+    Here each block of rows recomputes its softmax for all N positions at once (an (N, rows)
+    float32 block, the size of one chunk's), gets its weight gradient from one float32 matmul over
+    all positions, written in the weights' dtype, and adds its part of the hidden gradient (a
+    matmul in the weights' dtype) into a float32 (N, H) sum. The same three matmuls as by chunks.
+    """
+    acc = lse.dtype
+    n, vocab = h.shape[0], w.shape[0]
+    rows = max(1, chunk * vocab // max(n, 1))
+    g = grad_out.to(acc)
+    h_acc = h.to(acc)
+    grad_h = torch.zeros(h.shape, dtype=acc, device=h.device) if need_h else None
+    grad_w = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+    grad_b = torch.empty(b.shape, dtype=acc, device=b.device) if need_b else None
+    for v in range(0, vocab, rows):
+        w_v = w[v:v + rows]
+        d = _logits(h, w_v, None if b is None else b[v:v + rows], acc).sub_(lse[:, None]).exp_()  # softmax
+        d.mul_(-g[:, None])
+        inside = (targets >= v) & (targets < v + w_v.shape[0])  # + g * onehot, where the target is in the block
+        d.scatter_add_(1, (targets - v).clamp_(0, w_v.shape[0] - 1)[:, None], torch.where(inside, g, 0)[:, None])
+        if need_h:
+            grad_h += d.to(w.dtype) @ w_v
+        grad_w[v:v + rows] = d.t() @ h_acc
+        if need_b:
+            grad_b[v:v + rows] = d.sum(0)
+    return (grad_h.to(hidden_dtype) if need_h else None, grad_w, grad_b.to(b.dtype) if need_b else None)

@@ -18,7 +18,9 @@ live beside the activations: weights + state + runtime + activations + head + gr
     activations    per token and layer: ACT_PER_TOKEN_LAYER x hidden x activation bytes
                    (checkpointing: the layer inputs, plus one layer's full activations)
     head           the response positions' float32 softmax kept for the backward (<= 256 MiB) or
-                   one chunk, and the float32 (V, H) gradient accumulator of a trainable head
+                   one chunk, and a trainable head's (V, H) weight gradient, made while the
+                   activations are alive: float32 weights sum it in float32, a 16-bit head
+                   writes it in its own dtype (by blocks of vocabulary rows, head.py)
     runtime        CUDA: context, kernels and workspaces (RUNTIME_CUDA); CPU: 0 (measured apart)
 
 The constants are checked against measurements in docs/PERFORMANCE.md (`scripts/bench_memory.py`
@@ -152,8 +154,8 @@ def predict(shape: ModelShape, o: PlanOptions) -> dict:
     stored = positions * shape.vocab * 4
     head = stored if stored <= STORED_SOFTMAX_BYTES else default_chunk(shape.vocab, o.device) * shape.vocab * 4
     head += positions * shape.hidden * 4  # the gathered hidden states
-    if not lora:  # the head's float32 (V, H) gradient accumulator
-        head += shape.vocab * shape.hidden * 4
+    if not lora:  # the head's (V, H) weight gradient, in the weights' dtype (float32: its accumulator)
+        head += shape.vocab * shape.hidden * wb
     runtime = RUNTIME_CUDA if o.device.startswith("cuda") else 0
     parts = {"weights": weights, "gradients": grads, "optimizer_state": state, "update": update,
              "activations": acts, "head": head, "runtime": runtime}

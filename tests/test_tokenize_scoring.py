@@ -182,6 +182,48 @@ def test_bf16_head_gradient_without_a_float32_buffer_equals_the_accumulated_one(
     assert (diff <= 2 ** -7 * got[1].float().abs() + 1e-6).all()
 
 
+def test_bf16_head_recomputing_its_softmax_holds_no_float32_weight_sized_buffer():
+    """A bf16 head whose softmax is not kept (large N x V) computes its gradients by blocks of
+    vocabulary rows: no (V, H) float32 tensor at any point (by chunks of positions it summed into
+    one: 2.2 GB at a 152k vocabulary and H = 3584); the weight and bias gradients equal the
+    kept-softmax path's within a bf16 rounding, the hidden gradient is within 2.5x bf16's rounding
+    of float64."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestFloat32(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(o, torch.Tensor) and o.dtype == torch.float32:
+                    LargestFloat32.largest = max(LargestFloat32.largest, o.numel())
+            return out
+
+    torch.manual_seed(0)
+    n, vocab, hid = 48, 3000, 32
+    h = torch.randn(n, hid).to(torch.bfloat16)
+    w = (torch.randn(vocab, hid) * 0.1).to(torch.bfloat16)
+    b = (torch.randn(vocab) * 0.1).to(torch.bfloat16)
+    t = torch.randint(0, vocab, (n,))
+    g = torch.randn(n)
+    hx, wx, bx = (x.clone().requires_grad_(True) for x in (h, w, b))
+    out = TargetLogProbs.apply(hx, wx, bx, t, 8, 0)  # chunks of 8 positions: blocks of 500 rows
+    with LargestFloat32():
+        (out * g).sum().backward()
+    assert LargestFloat32.largest < vocab * hid / 2, LargestFloat32.largest
+    assert (hx.grad.dtype, wx.grad.dtype, bx.grad.dtype) == (torch.bfloat16,) * 3
+    # the kept-softmax path (the same bf16 logits, the gradient in one pass) within a bf16 rounding
+    hs, ws, bs = (x.clone().requires_grad_(True) for x in (h, w, b))
+    (TargetLogProbs.apply(hs, ws, bs, t, 8, 1 << 30) * g).sum().backward()
+    for got, want in ((wx.grad, ws.grad), (bx.grad, bs.grad)):
+        assert ((got.float() - want.float()).abs() <= 2 ** -7 * want.float().abs() + 1e-6).all()
+    h64, w64, b64 = (x.double().requires_grad_(True) for x in (h, w, b))
+    (torch.log_softmax(h64 @ w64.t() + b64, -1).gather(1, t[:, None]).squeeze(1) * g.double()).sum().backward()
+    floor = float((h64.grad.to(torch.bfloat16).double() - h64.grad).norm() / h64.grad.norm())
+    assert float((hx.grad.double() - h64.grad).norm() / h64.grad.norm()) < 2.5 * floor
+
+
 @pytest.mark.parametrize("store", [1 << 30, 0])
 def test_float32_head_under_autocast_runs_its_matmuls_as_autocast_does(store):
     """Float32 weights under bf16 autocast: values and gradients equal autocast's own linear layer
