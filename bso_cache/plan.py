@@ -154,7 +154,9 @@ def predict(shape: ModelShape, o: PlanOptions) -> dict:
     stored = positions * shape.vocab * 4
     head = stored if stored <= STORED_SOFTMAX_BYTES else default_chunk(shape.vocab, o.device) * shape.vocab * 4
     head += positions * shape.hidden * 4  # the gathered hidden states
-    if not lora:  # the head's (V, H) weight gradient, in the weights' dtype (float32: its accumulator)
+    if not lora and not o.optimizer_in_backward:
+        # the head's (V, H) weight gradient, in the weights' dtype (float32: its accumulator); in the
+        # backward pass it is the one gradient held, counted under gradients (the largest tensor)
         head += shape.vocab * shape.hidden * wb
     runtime = RUNTIME_CUDA if o.device.startswith("cuda") else 0
     parts = {"weights": weights, "gradients": grads, "optimizer_state": state, "update": update,

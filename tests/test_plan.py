@@ -55,6 +55,12 @@ def test_components_follow_the_bytes_per_parameter_of_each_lever():
     assert bf16["update"] == 14 * SLICE < 8 * shape.largest_tensor  # float32 copies and rounding buffers of one slice
     iib = predict(shape, replace(o, dtype="bfloat16", optimizer_in_backward=True))
     assert iib["gradients"] == 2 * shape.largest_tensor
+    # the head's (V, H) weight gradient: beside the activations in the weights' dtype (a bf16 head
+    # writes it by vocabulary blocks, no float32 sum); in the backward pass it is the one gradient
+    # held, counted once, under gradients
+    bf16_head = predict(shape, replace(o, dtype="bfloat16"))["head"]
+    assert bf16_head - iib["head"] == 2 * shape.vocab * shape.hidden
+    assert fp32["head"] - bf16_head == 2 * shape.vocab * shape.hidden
     off = predict(shape, replace(o, dtype="bfloat16", optimizer_offload=True))
     assert off["optimizer_state"] == 0 and off["offloaded_state_bytes"] == 4 * n
     ckpt = predict(shape, replace(o, gradient_checkpointing=True))
