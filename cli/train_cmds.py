@@ -87,8 +87,14 @@ def train(**options):
     """
     from bso_cache.train import train as run_train
 
+    from bso_cache.allocator import memory_first
+    from bso_cache.models import resolve_device
+
     options.pop("config")
     cfg = run(TrainConfig, **as_config_values(options))
+    note = memory_first(cfg, resolve_device(cfg.device))
+    if note and os.environ.get("RANK", "0") == "0":
+        log(note)
     summary = run(run_train, cfg, log=log)
     final = summary["final"] or {}
     if os.environ.get("RANK", "0") != "0":  # under torchrun the summary line is rank 0's alone

@@ -108,9 +108,14 @@ def worker(name: str, info: dict, steps: int, batch_size: int, max_length: int) 
     out = Path(info["cache"]).parent / f"run-{name}"
     if name != "trl":
         cache = info["cache_nf4"] if CONFIGS[name].get("load_in_4bit") else info["cache"]
-        train(TrainConfig(cache=cache, out=str(out), generator="logistic", safety_penalty=0.0, pairs="none",
+        cfg = TrainConfig(cache=cache, out=str(out), generator="logistic", safety_penalty=0.0, pairs="none",
                           lr=1e-6, batch_size=batch_size, max_steps=steps, epochs=100, progress=False,
-                          overwrite=True, **CONFIGS[name]), log=lambda s: None)
+                          overwrite=True, **CONFIGS[name])
+        if not os.environ.get("BENCH_GLIBC_DEFAULTS"):
+            from bso_cache.allocator import memory_first
+
+            memory_first(cfg, "cpu")  # as `bso-cache train` runs (its levers' heap policy)
+        train(cfg, log=lambda s: None)
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         from bso_cache.plan import load_shape
 
@@ -255,7 +260,8 @@ def main() -> None:
         allocator, prefix, marker = "glibc defaults (freed memory is kept for reuse)", "BENCH_GLIBC_DEFAULTS=1 ", \
             "-glibc"
     else:
-        allocator, prefix, marker = ("as `bso-cache train` runs it (glibc's mmap threshold fixed at 4 MiB: "
+        allocator, prefix, marker = ("as `bso-cache train` runs it (glibc's mmap threshold fixed at 4 MiB, at 128 "
+                                     "KiB with checkpointing or the optimizer in the backward pass: "
                                      "bso_cache/allocator.py)"), "", ""
     cmd = prefix + "python scripts/bench_memory.py " + " ".join(sys.argv[1:])
     text = (f"### Memory levers, full fine-tuning, {allocator.split(' (')[0]} ({time.strftime('%Y-%m-%d')})\n\n"

@@ -374,3 +374,24 @@ def test_optimizer_in_backward_makes_no_float32_copy_of_a_whole_gradient(monkeyp
         model(x).sum().backward()
     assert 0 < LargestFloat32.largest <= 1000
     assert opt.grad_sq == pytest.approx(expect, rel=1e-6)
+
+
+def test_memory_levers_on_the_cpu_also_get_the_frugal_heap_policy(demo_cache, tmp_path):
+    """`train --gradient-checkpointing` / `--optimizer-in-backward` on the CPU fix glibc's mmap
+    threshold at 128 KiB and say so in one line; a MALLOC_* setting of the user's rules instead;
+    a run without those levers keeps the 4 MiB default, silently."""
+    import sys
+
+    from .conftest import ENV, cli
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    env = {k: v for k, v in ENV.items() if not k.startswith("MALLOC_")}
+    base = ["train", "-c", demo_cache, "--max-steps", "1", "--batch-size", "4", "--no-progress"]
+    note = "trade time for memory, and so does the C heap now"
+    proc = cli(*base, "-o", tmp_path / "a", "--gradient-checkpointing", env=env)
+    assert f"note: --gradient-checkpointing {note}" in proc.stderr + proc.stdout
+    proc = cli(*base, "-o", tmp_path / "b", "--gradient-checkpointing", env={**env, "MALLOC_ARENA_MAX": "2"})
+    assert note not in proc.stderr + proc.stdout
+    proc = cli(*base, "-o", tmp_path / "c", env=env)
+    assert note not in proc.stderr + proc.stdout
