@@ -285,3 +285,22 @@ def digests(folder: Path) -> dict:
     import hashlib
 
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def largest_float32_made():
+    """A dispatch mode recording, in `.largest`, the element count of the largest float32 tensor
+    any operation makes while it is active: `with largest_float32_made() as seen: ...`."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestFloat32(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(o, torch.Tensor) and o.dtype == torch.float32:
+                    self.largest = max(self.largest, o.numel())
+            return out
+
+    return LargestFloat32()

@@ -349,19 +349,9 @@ def test_optimizer_in_backward_makes_no_float32_copy_of_a_whole_gradient(monkeyp
     `grad.float().pow(2).sum()` made two float32 copies of each whole gradient, 392 MiB at the
     bench's 50k x 1024 bf16 embedding, beside the activations (the frugal row's peak: 1,325 -> 1,031
     MiB above the runtime, docs/PERFORMANCE.md)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     import bso_cache.optim as optim
 
-    class LargestFloat32(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for o in (out if isinstance(out, (tuple, list)) else (out,)):
-                if isinstance(o, torch.Tensor) and o.dtype == torch.float32:
-                    LargestFloat32.largest = max(LargestFloat32.largest, o.numel())
-            return out
+    from .conftest import largest_float32_made
 
     monkeypatch.setattr(optim, "SLICE", 1000)
     torch.manual_seed(0)
@@ -370,9 +360,9 @@ def test_optimizer_in_backward_makes_no_float32_copy_of_a_whole_gradient(monkeyp
     opt = make_optimizer(cfg, list(model.parameters()))
     x = torch.randn(2, 200, dtype=torch.bfloat16)
     expect = float((torch.ones(2, 64, dtype=torch.bfloat16).t() @ x).float().pow(2).sum())
-    with LargestFloat32():
+    with largest_float32_made() as seen:
         model(x).sum().backward()
-    assert 0 < LargestFloat32.largest <= 1000
+    assert 0 < seen.largest <= 1000
     assert opt.grad_sq == pytest.approx(expect, rel=1e-6)
 
 

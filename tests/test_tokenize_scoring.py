@@ -188,17 +188,7 @@ def test_bf16_head_recomputing_its_softmax_holds_no_float32_weight_sized_buffer(
     one: 2.2 GB at a 152k vocabulary and H = 3584); the weight and bias gradients equal the
     kept-softmax path's within a bf16 rounding, the hidden gradient is within 2.5x bf16's rounding
     of float64."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class LargestFloat32(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for o in (out if isinstance(out, (tuple, list)) else (out,)):
-                if isinstance(o, torch.Tensor) and o.dtype == torch.float32:
-                    LargestFloat32.largest = max(LargestFloat32.largest, o.numel())
-            return out
+    from .conftest import largest_float32_made
 
     torch.manual_seed(0)
     n, vocab, hid = 48, 3000, 32
@@ -209,9 +199,9 @@ def test_bf16_head_recomputing_its_softmax_holds_no_float32_weight_sized_buffer(
     g = torch.randn(n)
     hx, wx, bx = (x.clone().requires_grad_(True) for x in (h, w, b))
     out = TargetLogProbs.apply(hx, wx, bx, t, 8, 0)  # chunks of 8 positions: blocks of 500 rows
-    with LargestFloat32():
+    with largest_float32_made() as seen:
         (out * g).sum().backward()
-    assert LargestFloat32.largest < vocab * hid / 2, LargestFloat32.largest
+    assert seen.largest < vocab * hid / 2, seen.largest
     assert (hx.grad.dtype, wx.grad.dtype, bx.grad.dtype) == (torch.bfloat16,) * 3
     # the kept-softmax path (the same bf16 logits, the gradient in one pass) within a bf16 rounding
     hs, ws, bs = (x.clone().requires_grad_(True) for x in (h, w, b))
