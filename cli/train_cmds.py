@@ -85,19 +85,19 @@ def train(**options):
     DPO: --generator logistic --safety-penalty 0 --pairs none. SafeDPO: --generator logistic
     --safety-penalty 10 --pairs safedpo.
     """
-    from bso_cache.train import train as run_train
-
     from bso_cache.allocator import memory_first
     from bso_cache.models import resolve_device
+    from bso_cache.train import train as run_train
 
     options.pop("config")
     cfg = run(TrainConfig, **as_config_values(options))
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, the lines below are rank 0's alone
     note = memory_first(cfg, resolve_device(cfg.device))
-    if note and os.environ.get("RANK", "0") == "0":
+    if note and main_rank:
         log(note)
     summary = run(run_train, cfg, log=log)
     final = summary["final"] or {}
-    if os.environ.get("RANK", "0") != "0":  # under torchrun the summary line is rank 0's alone
+    if not main_rank:
         return
     typer.echo(f"{'finished earlier' if summary.get('nothing_to_do') else 'trained'} {summary['steps']} steps -> "
                f"{summary['out']}; final loss "
