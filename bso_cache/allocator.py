@@ -46,3 +46,12 @@ def memory_first(cfg, device: str) -> str | None:
         return None
     return (f"note: {' and '.join(levers)} trade time for memory, and so does the C heap now: freed blocks of "
             f"128 KiB and more go back to the OS (set MALLOC_MMAP_THRESHOLD_ to choose otherwise)")
+
+
+def heap_policy(cfg, device: str, log) -> None:
+    """What a training run gets, from the command line or the Python API alike: the 4 MiB threshold,
+    and the frugal one where memory_first says so (its note printed by rank 0 alone)."""
+    return_freed_memory()
+    note = memory_first(cfg, device)
+    if note and os.environ.get("RANK", "0") == "0":
+        log(note)

@@ -20,6 +20,7 @@ from .config import DEFAULT_MAX_LENGTH, DEFAULT_ROWS_PER_SHARD, BuildConfig, to_
 from .quantize import QUANT_TYPE
 from .formats import Normaliser, Pair, scan_input
 from .sources import open_source
+from .preflight import check_build
 from .dist import Dist
 from .errors import ConfigError, DataError
 from .files import check_out
@@ -116,6 +117,7 @@ def _reference_scorer(cfg: BuildConfig, model, tokenizer, device: str, keep, log
 
 def build_cache(cfg: BuildConfig, *, log=print) -> Manifest:
     """Run a build (or resume one) and return the manifest."""
+    check_build(cfg)
     device = resolve_device(cfg.device)
     dist = Dist.from_env(device)
     if dist.enabled and device.startswith("cuda"):

@@ -13,6 +13,8 @@ import json
 import re
 from pathlib import Path
 
+from .config import TrainConfig, names, section_names
+
 TAGS = ["bso", "bso-cache", "dpo", "safety-alignment", "preference-optimization"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CITATION = """@article{bso2026,
@@ -20,11 +22,8 @@ CITATION = """@article{bso2026,
   journal = {arXiv preprint arXiv:2605.12339},
   year    = {2026}
 }"""
-LOSS_KEYS = ("generator", "beta", "safety_penalty", "lam", "scale", "mu", "clamp_lower", "clamp_upper",
-             "label_smoothing")
-TRAIN_KEYS = ("pairs", "orientation", "optimizer", "lr", "lr_schedule", "warmup_ratio", "weight_decay", "grad_clip",
-              "batch_size", "grad_accum", "epochs", "max_steps", "seed", "dtype", "autocast", "gradient_checkpointing",
-              "optimizer_in_backward", "optimizer_offload", "lora_r", "lora_alpha", "lora_target", "load_in_4bit")
+LOSS_KEYS = section_names(TrainConfig, "loss")  # those the run's resolved loss holds are shown
+TRAIN_KEYS = names(TrainConfig, card=True)      # the options with card=True (config/train.py)
 METRIC_KEYS = ("loss", "preference_accuracy", "safety_accuracy", "mean_margin", "reward_margin")
 
 

@@ -16,6 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import TrainConfig, names
 from .files import atomic_write_json, follow_umask
 from .errors import ConfigError
 from .schemas import RunLayout
@@ -185,10 +186,7 @@ def clear_run_folder(layout: RunLayout) -> None:
 
 
 # Options a resumed run may change: they decide where and how it reports, not what it computes.
-RESUME_FREE = frozenset({"out", "cache", "resume", "overwrite", "progress", "log_every", "save_every",
-                         "keep_checkpoints", "tensorboard", "report_to", "eval_cache", "eval_every", "device",
-                         "prefix_sharing", "attn_implementation", "step0_tolerance", "trust_remote_code",
-                         "allow_other_reference"})
+RESUME_FREE = frozenset(names(TrainConfig, resume=True))  # the options with resume=True (config/train.py)
 
 
 def changed_settings(layout: RunLayout, config: dict) -> list[str]:

@@ -22,9 +22,9 @@ from .schemas import PAIR_TYPES
 from .scoring import PairScorer
 from .cache import Cache, check_tokenizer
 from .files import atomic_write_json, require_writable
-from .config import DEFAULT_PREFIX_SHARING
+from .config import DEFAULT_PREFIX_SHARING, EvalConfig
 from .errors import CacheError, ConfigError, OutputError
-from .quantize import check_load_in_4bit
+from .preflight import check_eval
 
 
 
@@ -89,48 +89,46 @@ def evaluate_cache(model, cache: Cache, *, batch_size: int = 16, device: str = "
     }
 
 
-def run_eval(*, model: str, cache: Path, results: Path | None, batch_size: int, max_pairs: int | None, device: str,
-             dtype: str, generate: bool, cost_model: str | None, reward_model: str | None, max_prompts: int,
-             max_new_tokens: int, temperature: float, top_p: float, generations: Path | None, seed: int,
-             prefix_sharing: str = DEFAULT_PREFIX_SHARING, attn_implementation: str = "auto",
-             allow_other_reference: bool = False, gguf_file: str | None = None, progress: bool = False,
-             trust_remote_code: bool = False, load_in_4bit: bool = False) -> dict:
+def run_eval(cfg: EvalConfig) -> dict:
+    """`bso-cache eval`: the cached figures of cfg.model on cfg.cache, and with --generate, sampled
+    responses scored by the cost and reward models; written to cfg.results when given."""
     from .generation import cache_prompts, generation_eval
     from .models import load_model, load_tokenizer, resolve_attention, resolve_device
 
-    if generate and not (cost_model or reward_model):  # before any work, so no result is computed and lost
-        raise ConfigError("--generate needs --cost-model and/or --reward-model to score the responses")
-    if generate and generations is None:
+    check_eval(cfg)
+    results = Path(cfg.results) if cfg.results else None
+    generations = Path(cfg.generations) if cfg.generations else None
+    if cfg.generate and generations is None:
         generations = (results.with_suffix(".generations.jsonl") if results else Path("generations.jsonl"))
-    for path, option in ((results, "--results"), (generations if generate else None, "--generations")):
+    for path, option in ((results, "--results"), (generations if cfg.generate else None, "--generations")):
         if path is not None:
-            require_writable(Path(path), option, file=True)
-    if load_in_4bit:
-        check_load_in_4bit(gguf_file)
+            require_writable(path, option, file=True)
+    model, cache = cfg.model, Path(cfg.cache)
     c = Cache.open(cache)
-    relation = reference_relation(model, cache, c.manifest, allow_other_reference, gguf_file)
-    if relation == RELATIONS[1] and c.manifest.reference_quantization and not load_in_4bit:
+    relation = reference_relation(model, cache, c.manifest, cfg.allow_other_reference, cfg.gguf_file)
+    if relation == RELATIONS[1] and c.manifest.reference_quantization and not cfg.load_in_4bit:
         raise ConfigError(f"--cache {cache} was scored by the 4-bit ({c.manifest.reference_quantization}) version of "
                           f"{model}: pass --load-in-4bit to evaluate it as that reference (or evaluate a QLoRA run's "
                           f"saved model, which needs no flag)")
-    tok = load_tokenizer(model, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    tok = load_tokenizer(model, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code)
     check_tokenizer(cache, c.manifest, tok, model)
-    dev = resolve_device(device)
-    lm = load_model(model, dtype=dtype, device=dev, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
-                    load_in_4bit=load_in_4bit, attn_implementation=resolve_attention(attn_implementation, dev, training=False))
+    dev = resolve_device(cfg.device)
+    lm = load_model(model, dtype=cfg.dtype, device=dev, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code,
+                    load_in_4bit=cfg.load_in_4bit,
+                    attn_implementation=resolve_attention(cfg.attn_implementation, dev, training=False))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    res = evaluate_cache(lm, c, batch_size=batch_size, device=dev, pad_id=pad, max_pairs=max_pairs,
-                         prefix_sharing=prefix_sharing, progress=progress)
+    res = evaluate_cache(lm, c, batch_size=cfg.batch_size, device=dev, pad_id=pad, max_pairs=cfg.max_pairs,
+                         prefix_sharing=cfg.prefix_sharing, progress=cfg.progress)
     res["reference"] = {"name_or_path": c.manifest.reference_name, "relation": relation}
-    if generate:
-        res["generation"] = generation_eval(lm, tok, cache_prompts(c, max_prompts), cost_model=cost_model,
-                                            reward_model=reward_model, out_jsonl=generations, device=dev,
-                                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                            seed=seed)
+    if cfg.generate:
+        res["generation"] = generation_eval(lm, tok, cache_prompts(c, cfg.max_prompts), cost_model=cfg.cost_model,
+                                            reward_model=cfg.reward_model, out_jsonl=generations, device=dev,
+                                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                            top_p=cfg.top_p, seed=cfg.seed)
         res["generation"]["generations"] = str(generations)
     if results is not None:
         try:
-            atomic_write_json(Path(results), res)
+            atomic_write_json(results, res)
         except OutputError:  # written late and failed (a full disk): the result is not lost
             print(json.dumps(res, allow_nan=False))
             raise

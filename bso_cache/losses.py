@@ -1,4 +1,4 @@
-"""BSO losses: pure functions of (B,) tensors (specification: shared BSO.md).
+"""BSO losses: pure functions of (B,) tensors (docs/LOSSES.md).
 
     m = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
     u = log R = -(beta * m + C * (s_w - s_l))           C outside beta
@@ -15,7 +15,7 @@ on it, as torch's clamp treats a pair exactly on it online: value at the bound, 
 For `ba` and `sba` the e^(-l u)/l term is written as expm1(-l u)/l (which differs by the constant
 1/l), so that lambda -> 0 is continuous: expm1(-l u)/l -> -u, giving `ba` -> e^u + u (kliep) and
 `sba` -> (e^u + u)/s. lambda = 0 is evaluated as that limit, never as a division by zero. The
-sba loss therefore equals BSO.md's table plus 1/(lambda s); constants change no gradient.
+sba loss therefore equals docs/LOSSES.md's table plus 1/(lambda s); constants change no gradient.
 
 Everything is evaluated in float64 from the clamped u, and `check_overflow` refuses parameters
 whose exponents could overflow the input dtype. `bso_loss` (the public entry point) and the
@@ -44,7 +44,7 @@ BOUND_SLACK = 1e-3
 
 @dataclass(frozen=True)
 class LossDefaults:
-    """The BSO authors' recipe (shared BSO.md); TrainConfig and `bso_loss` both read these."""
+    """The BSO authors' recipe (docs/LOSSES.md); TrainConfig and `bso_loss` both read these."""
 
     generator: str = "sba"
     beta: float = 0.1
@@ -284,7 +284,7 @@ def loss_terms(spec: LossSpec, policy_chosen_logps: Tensor, policy_rejected_logp
     """The losses of an already validated `LossSpec` (nothing is re-checked), in float64:
 
         u = clamp(u_raw, lower, upper);  loss = l_h(u)
-        with label smoothing e (BSO.md): (1 - e) l_h(u) + e l_h(u_swap), u_swap = clamp(-u_raw, lower, upper),
+        with label smoothing e (docs/LOSSES.md): (1 - e) l_h(u) + e l_h(u_swap), u_swap = clamp(-u_raw, lower, upper),
         the swapped pair's own clamped log-ratio (equal to -u only when the bounds are symmetric).
     """
     m, u_raw = log_ratio(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,

@@ -124,7 +124,7 @@ def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None, trust_rem
     return tok
 
 
-# `--attn-implementation auto`, by device kind (docs/PERFORMANCE.md, "GPU check"): on an H200
+# `--attn-implementation auto`, by device kind (docs/GPU.md): on an H200
 # FlexAttention's layouts were exact but slower than SDPA's for both the build and the training
 # step, so SDPA there too; the CPU has no FlexAttention backward.
 AUTO_ATTENTION = {"cpu": "sdpa", "cuda": "sdpa"}

@@ -2,7 +2,7 @@
 
 Orientation (PKU-style rows): `better` keeps chosen = the more helpful response as cached;
 `safer` swaps the pairs whose safer response is the rejected one (unknown: kept as cached).
-Then the pair mode, on the oriented labels (BSO.md):
+Then the pair mode, on the oriented labels (docs/LOSSES.md):
     none              pairs as given
     safedpo           keep if chosen is safe; swap if chosen unsafe and rejected safe; drop if both unsafe
     drop-both-unsafe  drop if both unsafe, no swap

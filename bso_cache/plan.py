@@ -45,7 +45,7 @@ MLP_PER_INTERMEDIATE = 4.0  # gate, up, act(gate), act(gate) * up
 # The saved values above, counted op by op, overstate what is live at the peak: on the 206M bench
 # model (docs/PERFORMANCE.md, with glibc returning freed blocks so RSS follows the live tensors)
 # the measured peaks of 7 configurations fit 0.7 of the count. On CUDA (scripts/gpu_check.sh, H200,
-# 0.5B, batch 8 pairs of up to 723 tokens: docs/PERFORMANCE.md, "GPU check") the activations of
+# 0.5B, batch 8 pairs of up to 723 tokens: docs/GPU.md) the activations of
 # the bf16 full fine-tuning rows (plain, 8-bit, 4-bit states) were 1.68-1.69x the CPU-calibrated
 # count and fp32 + autocast 2.0x: the caching allocator's blocks and autocast's saved copies.
 ACT_CALIBRATION = 0.7
@@ -111,6 +111,14 @@ class PlanOptions:
     seq_length: int = 2048       # tokens of the longest sequence of a batch (prompt + the longer response)
     response_tokens: int = 1024  # tokens of the longer response of a pair (the scored positions)
     device: str = "cuda"
+
+    @classmethod
+    def from_train(cls, cfg, *, seq_length: int, response_tokens: int, device: str = "cuda") -> "PlanOptions":
+        """What a TrainConfig's levers and batch mean for memory (its plan=True options)."""
+        return cls(dtype=cfg.dtype, optimizer=cfg.optimizer, lora_r=cfg.lora_r, qlora=cfg.load_in_4bit,
+                   gradient_checkpointing=cfg.gradient_checkpointing, optimizer_in_backward=cfg.optimizer_in_backward,
+                   optimizer_offload=cfg.optimizer_offload, autocast=cfg.autocast, micro_batch=cfg.micro_batch,
+                   seq_length=seq_length, response_tokens=response_tokens, device=device)
 
 
 def _lora_params(shape: ModelShape, r: int) -> int:

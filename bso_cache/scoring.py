@@ -38,7 +38,7 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 
 # Rows are padded to a multiple of this many tokens, by device kind: each new (rows, width) shape
 # costs a GPU attention kernel a one-off plan (cuDNN) or compilation (FlexAttention), so fewer
-# distinct widths make a build or a run cheaper there (docs/PERFORMANCE.md, "GPU check"); the CPU
+# distinct widths make a build or a run cheaper there (docs/GPU.md); the CPU
 # has no per-shape cost, and padding would only add work.
 WIDTH_MULTIPLE = {"cpu": 1, "cuda": 64}
 

@@ -1,6 +1,6 @@
 """`bso-cache sweep`: many runs from one cache, one summary, plots.
 
-A grid is given as comma-separated values of train options; named baselines (BSO.md) are
+A grid is given as comma-separated values of train options; named baselines (docs/LOSSES.md) are
 crossed with the grid's other options. Each run gets its own folder; a run whose summary exists
 is skipped when the sweep is repeated, and an interrupted one resumes from its checkpoint.
 Each run loads its policy once; the reference is never loaded.
@@ -9,7 +9,6 @@ Each run loads its policy once; the reference is never loaded.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import gc
 import itertools
 import json
@@ -17,18 +16,16 @@ import re
 from pathlib import Path
 
 from . import schemas as S
-from .config import BASELINES, TrainConfig
+from .config import BASELINES, TrainConfig, names, options, section_names
 from .card import sweep_card
 from .errors import ConfigError
 from .trackers import tracker_parent
 
-SWEEPABLE = ("generator", "beta", "safety_penalty", "lam", "scale", "mu", "clamp", "clamp_lower", "clamp_upper",
-             "label_smoothing", "pairs", "orientation", "optimizer", "lr", "lr_schedule", "warmup_ratio",
-             "weight_decay", "grad_clip", "batch_size", "grad_accum", "epochs", "max_steps", "seed")
+SWEEPABLE = names(TrainConfig, sweep=True)  # the options with sweep=True (config/train.py)
 # sweepable options whose grid may hold "none" (the option's default: automatic bounds, no step limit)
-NONE_ALLOWED = ("clamp", "mu", "max_steps", "clamp_lower", "clamp_upper")
-SHARED_KEYS = ("seed", "lr", "max_steps", "batch_size", "grad_accum", "epochs", "optimizer", "lr_schedule",
-               "warmup_ratio", "weight_decay", "grad_clip")
+NONE_ALLOWED = tuple(o.name for o in options(TrainConfig) if o.name in SWEEPABLE and o.optional)
+# what a baseline shares with the grid: the optimisation section (a baseline fixes the loss and the pairs)
+SHARED_KEYS = tuple(n for n in section_names(TrainConfig, "optim") if n in SWEEPABLE)
 SUMMARY_METRICS = ("loss", "preference_accuracy", "safety_accuracy", "margin", "reward_margin",
                    "chosen_rewards", "rejected_rewards", "u_mean", "clamped_fraction")
 
@@ -36,15 +33,15 @@ SUMMARY_METRICS = ("loss", "preference_accuracy", "safety_accuracy", "margin", "
 def _field_types() -> dict[str, type]:
     import typing
 
-    hints = typing.get_type_hints(TrainConfig)
     out = {}
-    for name in SWEEPABLE:
-        hint = hints[name]
-        if typing.get_origin(hint) is typing.Literal:  # one of the allowed names: read as text, checked by the config
-            out[name] = str
+    for o in options(TrainConfig):
+        if o.name not in SWEEPABLE:
             continue
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        out[name] = args[0] if args else hint
+        if o.choices:  # one of the allowed names: read as text, checked by the config
+            out[o.name] = str
+            continue
+        args = [a for a in typing.get_args(o.hint) if a is not type(None)]
+        out[o.name] = args[0] if args else o.hint
     return out
 
 
@@ -151,7 +148,7 @@ def _run_sweep(cache: str, out: str, grid: dict[str, list], baselines: list[str]
             log(f"[{i}/{len(configs)}] {name}: finished earlier, skipped")
         else:
             resume = run_dir.exists() and bool(list_checkpoints(S.RunLayout(run_dir)))
-            cfg = dataclasses.replace(cfg, resume=resume, overwrite=not resume)
+            cfg = cfg.replace(resume=resume, overwrite=not resume)
             loads = len(LOAD_LOG)
             log(f"[{i}/{len(configs)}] {name}: training{' (resuming)' if resume else ''}")
             with tracker_parent(cfg, out_dir):

@@ -12,33 +12,17 @@ continues the same tracker run instead of starting another.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib.util
 import json
 import os
 from pathlib import Path
 
+from .config import parse_report_to, to_dict
 from .errors import ConfigError
 from .schemas import RunLayout
 
-REPORTERS = ("tensorboard", "wandb", "mlflow", "trackio")
 _MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 PROJECT = "bso-cache"  # W&B project, MLflow experiment and trackio project unless the environment names one
-
-
-def parse_report_to(value: str | None, tensorboard: bool = False) -> tuple[str, ...]:
-    """'wandb,mlflow' -> ('wandb', 'mlflow'); 'none' or '' -> (); `--tensorboard` adds tensorboard."""
-    names = [n.strip().lower() for n in (value or "").split(",") if n.strip()]
-    if "none" in names and len(names) > 1:
-        raise ConfigError(f"--report-to {value}: 'none' cannot be combined with a tracker")
-    names = [n for n in names if n != "none"]
-    bad = [n for n in names if n not in REPORTERS]
-    if bad:
-        raise ConfigError(f"--report-to: unknown tracker '{bad[0]}'; valid: none, {', '.join(REPORTERS)} "
-                          f"(several comma-separated)")
-    if tensorboard and "tensorboard" not in names:
-        names.append("tensorboard")
-    return tuple(dict.fromkeys(names))
 
 
 def require_installed(names: tuple[str, ...]) -> None:
@@ -56,7 +40,7 @@ def scalars(row: dict) -> dict[str, float]:
 
 def for_run(cfg, run_dir: Path, group: str | None = None) -> "Reporters":
     """The trackers a TrainConfig asks for (--report-to, --tensorboard), opened for its run folder."""
-    return Reporters(parse_report_to(cfg.report_to, cfg.tensorboard), run_dir=run_dir, config=dataclasses.asdict(cfg),
+    return Reporters(parse_report_to(cfg.report_to, cfg.tensorboard), run_dir=run_dir, config=to_dict(cfg),
                      group=group)
 
 

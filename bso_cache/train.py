@@ -36,10 +36,12 @@ from .trackers import for_run
 from .models import add_lora, disable_dropout, enable_checkpointing, load_model, load_tokenizer, locate_reference, \
     resolve_attention, resolve_device, set_seed, weights_digest
 from .quantize import check_quantization, merged_model
-from .optim import check_optimizer_available, make_optimizer, make_schedule
+from .optim import make_optimizer, make_schedule
 from .pairs import PairBatch, count_pairs, epoch_batches, prefetch, token_ids
 from .locks import folder_lock
 from . import parallel
+from .preflight import check_train
+from .allocator import heap_policy
 
 
 class Trainer:
@@ -50,13 +52,6 @@ class Trainer:
         self.dist = Dist.from_env(self.device)
         if self.dist.enabled and self.device.startswith("cuda"):
             self.device = f"cuda:{self.dist.local_rank}"
-        if cfg.optimizer_offload and not self.device.startswith("cuda"):
-            raise ConfigError(f"--optimizer-offload moves the optimizer state from the GPU to CPU memory; on "
-                              f"--device {self.device} it is already there: drop it")
-        if cfg.optimizer_in_backward and self.dist.enabled:
-            raise ConfigError("--optimizer-in-backward would update before DDP has averaged the gradients "
-                              "over the processes: run it in one process, or drop it under torchrun")
-        check_optimizer_available(cfg.optimizer)
         self.out = Path(cfg.out)
         self.layout = S.RunLayout(self.out)
         self.position = Position()
@@ -392,6 +387,9 @@ class Trainer:
 
 def train(cfg: TrainConfig, *, log=print, report_group: str | None = None) -> dict:
     """Train; with --resume on a finished run (same settings), say so and change nothing."""
+    device = resolve_device(cfg.device)
+    check_train(cfg, device)
+    heap_policy(cfg, device, log)
     done = finished_run(S.RunLayout(Path(cfg.out)), to_dict(cfg)) if cfg.resume else None
     if done is not None:
         log(f"{cfg.out}: this run is finished ({done.get('steps')} steps); nothing to do (--overwrite trains it again)")

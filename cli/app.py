@@ -1,102 +1,62 @@
-"""The `bso-cache` command line: options -> frozen configs -> library calls. No math, no I/O logic.
+"""The `bso-cache` command line: options -> frozen configs -> one library call per command.
 
-Every error a user can cause prints as one line, `error: ...`, and exits 2: the project's own
-errors (bad input, bad options, damaged caches) and the parser's (an unknown option, a value that
-is not one of an option's choices). Anything else is a bug and keeps its traceback.
+This module makes the app and registers the commands, which are plain functions in
+cache_cmds.py (build, inspect, verify), train_cmds.py (train, sweep) and more_cmds.py (eval,
+report, plan, demo); their options come from the configurations' metadata (options.py).
 
-The commands live in cache_cmds.py (build, inspect, verify), train_cmds.py (train, sweep) and
-more_cmds.py (eval, report, plan, demo); their options are tables (options.py).
+Errors are handled here, once. Every error a user can cause prints as one line, `error: ...`,
+and exits 2: the project's own errors (bad input, bad options, damaged caches) and the parser's
+(an unknown option, a value that is not one of an option's choices). Ctrl-C exits 130, a closed
+pipe (`bso-cache inspect -c C | head -1`) quietly. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from typing import Callable
 
 import typer
 from typer.core import TyperGroup
 
-try:  # Typer vendors click (typer._click) since 0.2x; its exceptions are not the installed click's
-    from typer._click import exceptions as click
-except ImportError:  # pragma: no cover - an older Typer on click itself
-    from click import exceptions as click
+from bso_cache.errors import BsoCacheError
+
+from .cache_cmds import build, inspect, verify
+from .more_cmds import demo, eval_cmd, plan, report
+from .train_cmds import sweep, train
 
 
 class _OneLineErrors(TyperGroup):
-    """The parser's usage errors as one `error:` line (exit 2), like the project's own errors."""
+    """The parser's and the library's errors as one `error:` line (through Typer's public API)."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.NoArgsIsHelpError as e:  # `bso-cache` alone: the help
-            if not standalone_mode:
-                raise
-            typer.echo(e.format_message())
-            sys.exit(e.exit_code)
-        except click.ClickException as e:
-            if not standalone_mode:
-                raise
-            where = e.ctx.command_path if isinstance(e, click.UsageError) and e.ctx else "bso-cache"
+        except typer.TyperException as e:  # click's usage errors (an unknown option, a bad value, ...)
+            ctx = getattr(e, "ctx", None)
+            where = ctx.command_path if ctx is not None else "bso-cache"
             message = e.format_message().replace("Value error, ", "").rstrip(".")
             typer.echo(f"error: {where}: {message}; see `{where} --help`", err=True)
-            sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
-        except click.Abort:
-            if not standalone_mode:
-                raise
+            sys.exit(e.exit_code)
+        except BsoCacheError as e:
+            typer.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except (KeyboardInterrupt, typer.Abort):
             typer.echo("interrupted", err=True)
             sys.exit(130)
-        if standalone_mode:
-            sys.exit(rv if isinstance(rv, int) else 0)
-        return rv
+        except BrokenPipeError:  # the reader went away (`| head`): nothing more to say, to anyone
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
-app = typer.Typer(
-    name="bso-cache",
-    cls=_OneLineErrors,
-    help="Train LMs to be helpful and safe with BSO (DPO, SafeDPO, ...) from an offline "
-         "reference-log-prob cache: `build` scores the data with the reference once, `train` "
-         "trains the policy alone, as often as you like.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
+HELP = ("Train LMs to be helpful and safe with BSO (DPO, SafeDPO, ...) from an offline reference-log-prob cache: "
+        "`build` scores the data with the reference once, `train` trains the policy alone, as often as you like.")
 
-
-def run(fn: Callable, *args, **kwargs):
-    """Call the library; its errors (BsoCacheError) become one `error:` line and exit 2."""
-    from bso_cache.errors import BsoCacheError
-
-    try:
-        return fn(*args, **kwargs)
-    except BsoCacheError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(130) from None
-
-
-def use_recipe(ctx: typer.Context, param, value):
-    from .recipes import use_recipe as read
-
-    return read(ctx, param, value)
-
-
-def log(line: str) -> None:
-    """A progress line on stderr, written above any progress bar instead of through it."""
-    from tqdm.auto import tqdm
-
-    tqdm.write(line, file=sys.stderr)
-
-
-def echo_json(obj, indent: int | None = 2) -> None:
-    """Strict JSON on stdout: null where a figure does not exist, never NaN."""
-    from bso_cache.files import strict_json
-
-    typer.echo(json.dumps(strict_json(obj), indent=indent, default=str, allow_nan=False))
+app = typer.Typer(name="bso-cache", cls=_OneLineErrors, help=HELP, add_completion=False,
+                  pretty_exceptions_enable=False, rich_markup_mode=None, invoke_without_command=True)
 
 
 def _version(value: bool) -> None:
@@ -108,11 +68,22 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+def _main(ctx: typer.Context,
+          version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
-    """Train LMs to be helpful and safe with BSO (DPO, SafeDPO, ...) from an offline reference-log-prob
-    cache: `build` scores the data with the reference once, `train` trains the policy alone, as often
-    as you like."""
+    if ctx.invoked_subcommand is None:  # `bso-cache` alone: the help
+        typer.echo(ctx.get_help())
+
+
+app.command()(build)
+app.command()(inspect)
+app.command()(verify)
+app.command()(train)
+app.command()(sweep)
+app.command("eval")(eval_cmd)
+app.command()(report)
+app.command()(plan)
+app.command()(demo)
 
 
 def main() -> None:
@@ -128,8 +99,6 @@ def main() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     app()
 
-
-from . import cache_cmds, train_cmds, more_cmds  # noqa: E402,F401,I001 - the commands register themselves, in this order
 
 if __name__ == "__main__":
     main()

@@ -3,45 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from bso_cache.config import DEFAULT_MAX_LENGTH, DEFAULT_ROWS_PER_SHARD, Attention, BuildConfig, PrefixSharing
+from bso_cache.config import BuildConfig, VerifyConfig
+from bso_cache.config.choices import CACHE_HELP
 
-from .app import app, echo_json, log, run, use_recipe
-from .options import (ATTN_HELP, CACHE_HELP, DEVICE_HELP, PREFIX_SHARING_HELP, REMOTE_CODE_HELP, Opt, as_config_values,
-                      recipe, with_options)
-
-BUILD_OPTIONS = {
-    'model': Opt('Reference model: local folder or hub id (in the local HF cache).', short='-m'),
-    'data': Opt('Input: JSONL/JSON/Parquet/CSV file or folder, a save_to_disk folder, or a HF dataset name.', short='-d'),
-    'out': Opt('Cache folder to write (resumed if unfinished).', short='-o', type=Path),
-    'split': Opt('Split of a Hugging Face dataset.'),
-    'hf_config': Opt('Configuration name of a HF dataset.'),
-    'format': Opt("Input format: auto | pku | hh | generic | implicit (TRL's implicit prompt: chosen/rejected conversations sharing their first turns; auto: from the first row)."),
-    'gguf_file': Opt('Load the model from this GGUF file inside --model.'),
-    'template': Opt("Prompt rendering: auto (chat template if the tokenizer has one) | chat | plain ('Human: ...\\n\\nAssistant:')."),
-    'chat_template': Opt("Jinja chat template file overriding the tokenizer's.", type=Optional[Path]),
-    'system_prompt': Opt("System message added to every conversation that has none (a row's own system message is kept; the manifest notes count both)."),
-    'max_length': Opt(f'Max tokens of prompt + the longer response [default: min({DEFAULT_MAX_LENGTH}, model positions)].'),
-    'overlong': Opt('Pairs over --max-length: drop (counted) | truncate (responses cut).'),
-    'batch_size': Opt('Pairs per reference forward (length-bucketed).'),
-    'rows_per_shard': Opt(f"Input rows per Parquet shard, the unit of resume and of torchrun ranks [default: {DEFAULT_ROWS_PER_SHARD}, or the input's rows when fewer, whatever the number of ranks; build memory is bounded by it]."),
-    'dtype': Opt('Reference dtype: float32 | bfloat16 | float16 (log-softmax is float32 regardless).'),
-    'load_in_4bit': Opt("The reference's linear layers in 4-bit NF4 (bitsandbytes), computing in --dtype: the cache for a QLoRA run (train --load-in-4bit), whose reference is its 4-bit base. Needs pip install 'bso-cache[qlora]'."),
-    'device': Opt(DEVICE_HELP),
-    'prefix_sharing': Opt(PREFIX_SHARING_HELP),
-    'attn_implementation': Opt(ATTN_HELP),
-    'skip_bad_rows': Opt('Count malformed rows as dropped (with the reason) instead of stopping.'),
-    'overwrite': Opt('Discard an existing cache in --out made with other settings.'),
-    'trust_remote_code': Opt('Allow model code from the hub (off by default).'),
-    'progress': Opt('Show a progress bar.'),
-}
+from .options import as_config_values, config_parameters, recipe_parameter, with_options
+from .output import echo_json, log
+from .recipes import use_recipe
 
 
-@app.command()
-@with_options((recipe(use_recipe), None), (BUILD_OPTIONS, BuildConfig))
+@with_options([recipe_parameter(use_recipe)], config_parameters(BuildConfig))
 def build(**options):
     """Score preference pairs with the frozen reference model once; write Parquet shards + manifest.
 
@@ -50,11 +23,9 @@ def build(**options):
     from bso_cache.build import build_cache
 
     options.pop("config")
-    cfg = run(BuildConfig, **as_config_values(options))
-    run(build_cache, cfg, log=log)
+    build_cache(BuildConfig(**as_config_values(options)), log=log)
 
 
-@app.command()
 def inspect(
     cache: Path = typer.Option(..., "--cache", "-c", help=CACHE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -64,7 +35,7 @@ def inspect(
     from bso_cache.cache import counts_text
     from bso_cache.inspect_cache import inspect_cache
 
-    info = run(inspect_cache, cache, verify=verify)
+    info = inspect_cache(cache, verify=verify)
     if as_json:
         echo_json(info)
         return
@@ -88,30 +59,12 @@ def inspect(
                f"reference prefers chosen in {100 * lp['ref_prefers_chosen']:.1f}%")
 
 
-VERIFY_OPTIONS = {
-    "cache": Opt(CACHE_HELP, short="-c", type=Path, default=...),
-    "model": Opt("Reference to re-score with [default: the manifest's].", type=Optional[str], default=None),
-    "sample": Opt("Pairs to re-score with the reference (0: integrity only).", type=int, default=0),
-    "seed": Opt("Seed of the sample.", type=int, default=0),
-    "device": Opt(DEVICE_HELP, type=str, default="auto"),
-    "tolerance": Opt("Fail if a re-scored log-prob differs by more than this per response token (nats) [default: "
-                     "by the cache's dtype, the step-0 check's rule: 0.001 for float32, 0.05 for bfloat16/float16].",
-                     type=Optional[float], default=None),
-    "prefix_sharing": Opt(PREFIX_SHARING_HELP, type=PrefixSharing, default=BuildConfig.prefix_sharing),
-    "attn_implementation": Opt(ATTN_HELP, type=Attention, default=BuildConfig.attn_implementation),
-    "gguf_file": Opt("Load --model from this GGUF file inside it [default: the manifest's, with the manifest's "
-                     "reference].", type=Optional[str], default=None),
-    "trust_remote_code": Opt(REMOTE_CODE_HELP, type=bool, default=False),
-}
-
-
-@app.command()
-@with_options((VERIFY_OPTIONS, None))
+@with_options(config_parameters(VerifyConfig))
 def verify(**options):
     """Check every shard (checksum, size, rows, schema); optionally re-score a sample of pairs."""
     from bso_cache.verify import verify_cache
 
-    res = run(verify_cache, options.pop("cache"), **options, log=log)
+    res = verify_cache(VerifyConfig(**as_config_values(options)), log=log)
     echo_json(res, indent=None)
     if res.get("failure"):
         typer.echo(f"error: {res['failure']}", err=True)

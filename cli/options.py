@@ -1,32 +1,25 @@
-"""Every command-line option, declared once, as a table: its help, its short flag, and where the
-command has a config dataclass (build: BuildConfig, train: TrainConfig) its type and default come
-from that field. Choices are the config's `Literal` types, so `--help` shows them and a wrong value
-is refused by the parser, naming the option. `with_options` turns a table into the command's
-signature for Typer; a command's body then takes `**options`.
+"""Command-line options derived from the configurations' field metadata (bso_cache/config/fields.py):
+each option's type, default, help and spellings are its field's; choices are the field's Literal
+type, so `--help` shows them and a wrong value is refused by the parser, naming the option.
+
+`with_options` gives a command function `fn(**options)` the parameters Typer reads; the function's
+body turns them into its configuration and calls the library once.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import typing
-from dataclasses import dataclass
+from dataclasses import MISSING
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import typer
 
-_FIELD = object()  # the default (or type) of the config field of the same name
+from bso_cache.config import OptionInfo, options as config_options
 
-
-@dataclass(frozen=True)
-class Opt:
-    help: str
-    short: str | None = None        # a second spelling: "-c", or an alias such as plan's "--qlora"
-    type: Any = _FIELD              # the annotation
-    default: Any = _FIELD           # ... for a required option
-    flag: str | None = None         # the spelling when it is not --name (and --name/--no-name for a True default)
-    extra: dict | None = None       # more typer.Option keywords (is_eager, callback, ...)
+RECIPE_HELP = ("A recipe file (YAML, TOML or JSON; a run's run_config.json too): keys are this command's option "
+               "names, flags given here override it.")
 
 
 def _plain(hint):
@@ -37,30 +30,67 @@ def _plain(hint):
     return hint
 
 
-def parameters(table: dict[str, Opt], config=None) -> list[inspect.Parameter]:
-    """The Typer parameters of a table, in its order."""
-    hints = typing.get_type_hints(config) if config else {}
-    fields = {f.name: f for f in dataclasses.fields(config)} if config else {}
+def _annotation(o: OptionInfo, optional: bool = False):
+    if o.meta.get("path"):
+        return Optional[Path] if optional or o.optional or o.default is None else Path
+    hint = _plain(o.hint)
+    return Optional[hint] if optional and not o.optional else hint
+
+
+def _flag(o: OptionInfo, default) -> str:
+    if o.meta.get("flag"):
+        return o.meta["flag"]
+    name = o.name.replace("_", "-")
+    return f"--{name}/--no-{name}" if default is True or (default is None and o.hint is bool) else f"--{name}"
+
+
+def parameter(o: OptionInfo, *, default: Any = MISSING, annotation=None, help: str | None = None,
+              aliases: Iterable[str] = ()) -> inspect.Parameter:
+    """The Typer parameter of one option (its field's default, type and help unless given)."""
+    default = o.default if default is MISSING else default
+    decls = [_flag(o, default)] + ([o.meta["short"]] if o.meta.get("short") else []) + list(aliases)
+    return inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY,
+                             annotation=annotation if annotation is not None else _annotation(o),
+                             default=typer.Option(... if default is MISSING else default, *decls,
+                                                  help=o.meta.get("help") if help is None else help))
+
+
+def config_parameters(cls, *, only: Iterable[str] | None = None, exclude: Iterable[str] = (),
+                      aliases: dict[str, tuple[str, ...]] | None = None) -> list[inspect.Parameter]:
+    """The parameters of a configuration's command-line options, in the configuration's order."""
+    keep = set(only) if only is not None else None
+    return [parameter(o, aliases=(aliases or {}).get(o.name, ())) for o in config_options(cls)
+            if o.meta.get("cli", True) and o.name not in exclude and (keep is None or o.name in keep)]
+
+
+def forwarded_parameters(cls, exclude: Iterable[str] = ()) -> list[inspect.Parameter]:
+    """Options passed through as they are, unset (None) unless given: a sweep's train options."""
+    return [parameter(o, default=None, annotation=_annotation(o, optional=True)) for o in config_options(cls)
+            if o.meta.get("cli", True) and o.name not in exclude]
+
+
+def grid_parameters(cls, names: Iterable[str]) -> list[inspect.Parameter]:
+    """One comma-separated grid option per name (a sweep's sweepable train options)."""
     params = []
-    for name, o in table.items():
-        kind = _plain(hints[name]) if o.type is _FIELD else o.type
-        if o.default is not _FIELD:
-            default = o.default
-        else:
-            f = fields[name]
-            default = ... if f.default is dataclasses.MISSING else f.default
-        flag = o.flag or (f"--{name.replace('_', '-')}/--no-{name.replace('_', '-')}" if default is True
-                          else f"--{name.replace('_', '-')}")
-        decls = [flag] + ([o.short] if o.short else [])
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
-                                        default=typer.Option(default, *decls, help=o.help, **(o.extra or {}))))
+    for o in config_options(cls):
+        if o.name not in names:
+            continue
+        what = (f" ({', '.join(map(str, o.choices))})" if o.choices
+                else " (none: the default)" if o.optional else "")
+        params.append(parameter(o, default=None, annotation=Optional[str],
+                                help=f"Grid of train's {o.flag_name}: comma-separated values{what}."))
     return params
 
 
-def with_options(*tables: tuple[dict[str, Opt], Any], context: bool = False) -> Callable:
-    """Give the decorated `fn(**options)` (or `fn(ctx, **options)`) the signature of its tables."""
+def recipe_parameter(callback: Callable, help: str = RECIPE_HELP) -> inspect.Parameter:
+    return inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                             default=typer.Option(None, "--config", help=help, is_eager=True, callback=callback))
+
+
+def with_options(*groups: list[inspect.Parameter], context: bool = False) -> Callable:
+    """Give the decorated `fn(**options)` (or `fn(ctx, **options)`) these parameters."""
     def decorate(fn):
-        params = [p for table, config in tables for p in parameters(table, config)]
+        params = [p for group in groups for p in group]
         if context:
             params.insert(0, inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                                annotation=typer.Context))
@@ -73,23 +103,3 @@ def with_options(*tables: tuple[dict[str, Opt], Any], context: bool = False) -> 
 def as_config_values(options: dict) -> dict:
     """Paths as the strings the configs hold."""
     return {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
-
-
-# ----------------------------------------------------------------------------- shared help texts
-RECIPE_HELP = ("A recipe file (YAML, TOML or JSON; a run's run_config.json too): keys are this command's option "
-               "names, flags given here override it.")
-PREFIX_SHARING_HELP = ("Score each prompt once for both responses (one sequence prompt+chosen+rejected with a "
-                       "block mask): auto (where the estimated cost for this model and data is lower, on the device "
-                       "kinds measured: the CPU and CUDA) | on | off. The numbers are the same either way; a model "
-                       "whose attention cannot take the mask falls back to off with one printed line.")
-ATTN_HELP = ("transformers' attention: auto (the measured best per device: docs/PERFORMANCE.md) | sdpa | eager | "
-             "flex_attention (prefix sharing with FlexAttention's block mask; training with it needs a GPU). A "
-             "model without FlexAttention support uses sdpa, with one printed line.")
-DEVICE_HELP = "auto | cpu | cuda[:N]."
-REMOTE_CODE_HELP = "Allow the model's own code from its repository (off unless you trust it)."
-CACHE_HELP = "Cache folder (from `bso-cache build`)."
-
-
-def recipe(callback: Callable, help: str = RECIPE_HELP) -> dict[str, Opt]:
-    return {"config": Opt(help, type=Optional[Path], default=None,
-                          extra={"is_eager": True, "callback": callback})}

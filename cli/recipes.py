@@ -16,8 +16,9 @@ import typer
 
 
 def _fail(message: str):
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+    from bso_cache.errors import ConfigError
+
+    raise ConfigError(message)
 
 
 def read_recipe(path: Path) -> dict:
@@ -63,10 +64,10 @@ def _dataclass_defaults(command_name: str) -> dict:
     """Fields a run_config.json holds that have no option (left at their defaults)."""
     import dataclasses
 
-    from bso_cache.config import BuildConfig, TrainConfig
+    from bso_cache.config import BuildConfig, TrainConfig, options
 
     cls = BuildConfig if command_name == "build" else TrainConfig
-    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    return {o.name: o.default for o in options(cls) if o.default is not dataclasses.MISSING}
 
 
 def use_recipe(ctx: typer.Context, param, value):
@@ -76,27 +77,16 @@ def use_recipe(ctx: typer.Context, param, value):
     path = Path(value)
     data = read_recipe(path)
     params = {p.name: p for p in ctx.command.params if p.name != "config"}
-    train_params = {}
-    if ctx.command.name == "sweep":
-        import typer.main
-
-        from .app import app
-
-        train_params = {p.name: p for p in typer.main.get_command(app).commands["train"].params}
-    defaults, passed = {}, {}
+    defaults = {}
     hidden = _dataclass_defaults(ctx.command.name)
     for key, raw in data.items():
         name = str(key).lstrip("-").replace("-", "_")
         if name in params:
             defaults[name] = _cast(ctx, params[name], key, raw, path)
-        elif name in train_params:  # a sweep passes any train option to every run
-            value = _cast(ctx, train_params[name], key, raw, path)
-            passed[name] = str(value) if isinstance(value, Path) else value
         elif name in hidden and raw == hidden[name]:
             continue  # a field of a saved run_config.json that no option sets
         else:
             _fail(f"--config {path}: unknown key '{key}' for `bso-cache {ctx.command.name}`; the keys are its "
                   f"option names (see `bso-cache {ctx.command.name} --help`)")
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
-    ctx.meta["recipe_train_options"] = passed
     return value

@@ -15,7 +15,7 @@ Usage (needs ../shared for the HH sample and the GPT-2 tokenizer):
     python scripts/bench_memory.py                  # ~25 minutes on 2 cores
     python scripts/bench_memory.py --quick          # a tiny model, a smoke test
     python scripts/bench_memory.py --configs fp32-rmsprop,bf16-8bit
-Writes the table to stdout and into docs/PERFORMANCE.md (between markers).
+Writes the table to stdout and into docs/PERFORMANCE-MEMORY.md (between markers).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from bso_cache.config import TrainConfig, names
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("BSO_SHARED", ROOT.parent / "shared"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,24 +38,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(ROOT / "scripts"))
 
 # name -> (train options, the same as `plan` options); "trl" is TRL's DPOTrainer
+BF16_8BIT = {"dtype": "bfloat16", "optimizer": "rmsprop8bit"}
+LORA = {"dtype": "bfloat16", "lora_r": 16, "lora_alpha": 32.0}
 CONFIGS = {
     "fp32-rmsprop": {},
     "fp32-adamw": {"optimizer": "adamw"},
     "bf16": {"dtype": "bfloat16"},
     "bf16-8bit": {"dtype": "bfloat16", "optimizer": "rmsprop8bit"},
-    "bf16-8bit-inbackward": {"dtype": "bfloat16", "optimizer": "rmsprop8bit", "optimizer_in_backward": True,
-                             "grad_clip": 0.0},
-    "bf16-8bit-inbackward-ckpt": {"dtype": "bfloat16", "optimizer": "rmsprop8bit", "optimizer_in_backward": True,
-                                  "grad_clip": 0.0, "gradient_checkpointing": True},
+    "bf16-8bit-inbackward": {**BF16_8BIT, "optimizer_in_backward": True, "grad_clip": 0.0},
+    "bf16-8bit-inbackward-ckpt": {**BF16_8BIT, "optimizer_in_backward": True, "grad_clip": 0.0,
+                                  "gradient_checkpointing": True},
     "lora-r16-bf16": {"dtype": "bfloat16", "lora_r": 16, "lora_alpha": 32.0},
     # QLoRA trains on a cache of its 4-bit reference (built in setup, outside the measured process)
     "qlora-r16-bf16": {"dtype": "bfloat16", "lora_r": 16, "lora_alpha": 32.0, "load_in_4bit": True},
     "lora-r16-bf16-ckpt": {"dtype": "bfloat16", "lora_r": 16, "lora_alpha": 32.0, "gradient_checkpointing": True},
-    "qlora-r16-bf16-ckpt": {"dtype": "bfloat16", "lora_r": 16, "lora_alpha": 32.0, "load_in_4bit": True,
-                            "gradient_checkpointing": True},
+    "qlora-r16-bf16-ckpt": {**LORA, "load_in_4bit": True, "gradient_checkpointing": True},
     "trl": None,
 }
-PLAN_KEYS = ("dtype", "optimizer", "lora_r", "gradient_checkpointing", "optimizer_in_backward", "optimizer_offload")
+PLAN_KEYS = tuple(n for n in names(TrainConfig, plan=True) if n not in ("batch_size", "grad_accum", "autocast",
+                                                                       "load_in_4bit"))
 
 
 def rss_mib() -> float:
@@ -219,7 +222,7 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--work", default=str(ROOT / "bench-out" / "memory"))
-    ap.add_argument("--doc", default=str(ROOT / "docs" / "PERFORMANCE.md"))
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "PERFORMANCE-MEMORY.md"))
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, json.loads(args.info), args.steps, args.batch_size, args.max_length)))

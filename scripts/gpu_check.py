@@ -350,6 +350,7 @@ def exactness_section(ctx) -> None:
 
 # ------------------------------------------------------------------------------------------ train
 
+IN_BACKWARD = {"dtype": "bfloat16", "autocast": "none", "optimizer_in_backward": True, "grad_clip": 0.0}
 TRAIN_VARIANTS = [  # key, label, TrainConfig overrides, library needed
     ("unshared", "fp32 weights + bf16 autocast, AdamW, unshared", {}, None),
     ("shared_sdpa", "the same, prefix sharing (SDPA dense mask)", {"prefix_sharing": "on"}, None),
@@ -363,14 +364,10 @@ TRAIN_VARIANTS = [  # key, label, TrainConfig overrides, library needed
                                                   "optimizer": "rmsprop8bit"}, "bitsandbytes"),
     ("bf16_adamw4bit", "bf16 + 4-bit AdamW", {"dtype": "bfloat16", "autocast": "none", "optimizer": "adamw4bit"},
      "torchao"),
-    ("bf16_inbwd", "bf16 + optimizer in backward", {"dtype": "bfloat16", "autocast": "none",
-                                                   "optimizer_in_backward": True, "grad_clip": 0.0}, None),
-    ("bf16_inbwd_ckpt", "bf16 + in backward + checkpointing",
-     {"dtype": "bfloat16", "autocast": "none", "optimizer_in_backward": True, "grad_clip": 0.0,
-      "gradient_checkpointing": True}, None),
+    ("bf16_inbwd", "bf16 + optimizer in backward", IN_BACKWARD, None),
+    ("bf16_inbwd_ckpt", "bf16 + in backward + checkpointing", {**IN_BACKWARD, "gradient_checkpointing": True}, None),
     ("bf16_offload_inbwd_ckpt", "bf16 + offload + in backward + checkpointing",
-     {"dtype": "bfloat16", "autocast": "none", "optimizer_offload": True, "optimizer_in_backward": True,
-      "grad_clip": 0.0, "gradient_checkpointing": True}, "cuda"),
+     {**IN_BACKWARD, "optimizer_offload": True, "gradient_checkpointing": True}, "cuda"),
     ("lora", "LoRA r16 on bf16 weights", {"dtype": "bfloat16", "autocast": "none", "lora_r": 16}, "peft"),
     # the 4-bit run reads a copy of the cache marked as the 4-bit reference's (its log-probs are the bf16
     # reference's: a memory and time row, like the others, with the step-0 check off)

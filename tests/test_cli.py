@@ -27,33 +27,35 @@ def test_help_imports_no_heavy_modules():
 
 
 def test_the_cli_follows_its_conventions():
-    """Options are derived from the configs: every BuildConfig / TrainConfig field is an option of build /
-    train with the field's default, a Literal field's choices are the option's (shown in --help); the
-    sweep's grid options are exactly sweep.SWEEPABLE; every command that reads a cache names it --cache."""
+    """Options are derived from the configs: every option of build / train / eval / verify is an option
+    of its command with the field's default and help, a Literal field's choices are the option's (shown
+    in --help); the sweep's grid options are exactly sweep.SWEEPABLE and every other train option is
+    passed through; every command that reads a cache names it --cache."""
     import dataclasses
-    import typing
 
     import typer.main
     from bso_cache.cli.app import app
 
-    from bso_cache.config import BuildConfig, TrainConfig
+    from bso_cache.config import BuildConfig, EvalConfig, TrainConfig, VerifyConfig, options
     from bso_cache.sweep import SWEEPABLE
 
     commands = typer.main.get_command(app).commands
-    for name, config in (("build", BuildConfig), ("train", TrainConfig)):
+    for name, config in (("build", BuildConfig), ("train", TrainConfig), ("eval", EvalConfig),
+                         ("verify", VerifyConfig)):
         params = {p.name: p for p in commands[name].params}
-        hints = typing.get_type_hints(config)
-        for f in dataclasses.fields(config):
-            if f.name == "bucket_batches":  # an internal knob, no option
+        for o in options(config):
+            if not o.meta["cli"]:  # an internal knob, no option
+                assert o.name not in params
                 continue
-            assert f.name in params, (name, f.name)
-            if f.default is not dataclasses.MISSING:
-                assert params[f.name].default == f.default, (name, f.name)
-            if typing.get_origin(hints[f.name]) is typing.Literal:
-                assert "|".join(typing.get_args(hints[f.name])) in cli(name, "--help").stdout.replace("\n", ""), f.name
-    grid = [p.name for p in commands["sweep"].params if p.name in TrainConfig.__dataclass_fields__
-            and p.name not in ("cache", "out", "eval_cache")]
-    assert grid == list(SWEEPABLE)
+            assert o.name in params, (name, o.name)
+            assert params[o.name].help == o.meta["help"], (name, o.name)
+            if o.default is not dataclasses.MISSING:
+                assert params[o.name].default == o.default, (name, o.name)
+            if o.choices:
+                assert "|".join(o.choices) in cli(name, "--help").stdout.replace("\n", ""), o.name
+    sweep = [p.name for p in commands["sweep"].params]
+    assert [n for n in sweep if n in SWEEPABLE] == list(SWEEPABLE)
+    assert {o.name for o in options(TrainConfig) if o.meta["cli"]} <= set(sweep)
     for name in ("inspect", "verify", "eval", "train", "sweep", "plan"):
         assert any("--cache" in p.opts for p in commands[name].params), name
 
@@ -209,8 +211,7 @@ def test_shipped_train_recipes_load_and_validate_and_one_runs(demo_cache, tmp_pa
     command = typer.main.get_command(app).commands["train"]
     params = command.make_context("train", ["--config", str(RECIPES / f"{name}.yaml"), "--cache", "c", "--out", "o"]).params
     params.pop("config")
-    config = TrainConfig(**{k: str(v) if k in ("cache", "out") else v for k, v in params.items()
-                            if k in TrainConfig.__dataclass_fields__})
+    config = TrainConfig(**{k: str(v) if k in ("cache", "out") else v for k, v in params.items()})
     for key, value in recipe.items():
         assert getattr(config, key.replace("-", "_")) == value, key
     if name == "bso":
@@ -276,3 +277,33 @@ def test_version():
     from bso_cache import __version__
 
     assert cli("--version").stdout.strip() == f"bso-cache {__version__}"
+
+
+def _run_main(code: str, *args: str, shell_tail: str = "") -> subprocess.CompletedProcess:
+    """`bso-cache ARGS` in a new interpreter after `code` ran (to inject a fault), optionally piped."""
+    program = f"{code}\nimport sys\nfrom bso_cache.cli.app import main\nsys.argv = ['bso-cache', *{list(args)!r}]\nmain()"
+    if not shell_tail:
+        return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=ENV, timeout=120)
+    import shlex
+
+    return subprocess.run(["bash", "-c", f"{shlex.quote(sys.executable)} -c {shlex.quote(program)} {shell_tail}"],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+
+
+def test_an_unexpected_exception_keeps_its_own_type_and_message(tmp_path):
+    """A bug is not a user's error: its traceback ends with its own type and message (the error
+    path must not hide it behind one of its own, as a private Typer name once did)."""
+    inject = ("import bso_cache.inspect_cache as m\n"
+              "def boom(*a, **k):\n    raise RuntimeError('injected: not a user error')\n"
+              "m.inspect_cache = boom")
+    proc = _run_main(inject, "inspect", "-c", str(tmp_path))
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "RuntimeError: injected: not a user error", proc.stderr
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """`bso-cache inspect ... | true`: the reader is gone before the output (1 MB, past any pipe's
+    buffer) is written; the command ends without a traceback."""
+    inject = "import bso_cache.inspect_cache as m\nm.inspect_cache = lambda *a, **k: {'figures': 'x' * 1_000_000}"
+    proc = _run_main(inject, "inspect", "-c", str(tmp_path), "--json", shell_tail="| true")
+    assert "Traceback" not in proc.stderr and "Error" not in proc.stderr, proc.stderr

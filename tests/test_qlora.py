@@ -147,20 +147,22 @@ def test_a_missing_qlora_library_is_one_line_before_any_model_loads(demo_assets,
     import importlib.util
 
     from bso_cache import models
+    from bso_cache.build import build_cache
     from bso_cache.config import BuildConfig
+    from bso_cache.preflight import check_build
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
     before = len(models.LOAD_LOG)
     with pytest.raises(ConfigError, match=rf"--load-in-4bit needs {missing}: pip install 'bso-cache\[qlora\]'"):
         train_run(nf4_cache, tmp_path / "r", load_in_4bit=True, lora_r=4)
-    build = dict(model=str(demo_assets["model"]), data=str(demo_assets["train"]), out=str(tmp_path / "c"),
-                 load_in_4bit=True)
+    build = BuildConfig(model=str(demo_assets["model"]), data=str(demo_assets["train"]), out=str(tmp_path / "c"),
+                        load_in_4bit=True)  # values only: the packages are the preflight's (build_cache's first step)
     if missing == "peft":  # a build scores with the 4-bit model alone: no adapters
-        BuildConfig(**build)
+        check_build(build)
     else:
         with pytest.raises(ConfigError, match=rf"needs {missing}"):
-            BuildConfig(**build)
+            build_cache(build, log=lambda s: None)
     assert len(models.LOAD_LOG) == before and not (tmp_path / "c").exists()
 
 

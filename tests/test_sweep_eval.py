@@ -137,6 +137,7 @@ def test_report_and_verify(demo_cache, tmp_path):
     from bso_cache.config import TrainConfig
     from bso_cache.report import plot_run
     from bso_cache.train import train
+    from bso_cache.config import VerifyConfig
     from bso_cache.verify import verify_cache
 
     train(TrainConfig(cache=str(demo_cache), out=str(tmp_path / "r"), max_steps=3, batch_size=4, progress=False),
@@ -151,7 +152,7 @@ def test_report_and_verify(demo_cache, tmp_path):
     u_axes = [ax for ax in fig.axes if "u_mean" in [ln.get_label() for ln in ax.lines]]
     assert len(u_axes) == 1 and [ln.get_label() for ln in u_axes[0].lines] == ["u_mean"]
     assert "training metrics" in fig._suptitle.get_text()
-    res = verify_cache(demo_cache, sample=10, log=lambda s: None)
+    res = verify_cache(VerifyConfig(cache=str(demo_cache), sample=10), log=lambda s: None)
     assert res["checked"] == 10 and res["max_abs_diff"] < 1e-4
 
 
