@@ -27,7 +27,7 @@ SHARD_PATTERN = SHARD_PREFIX + "{:05d}.parquet"
 SHARD_FILE_RE = "^" + SHARD_PREFIX + r"\d{5}\.parquet$"
 FORMAT_NAME = "bso-cache"
 
-# --- shard columns (the contract of DESIGN.md, plus the columns loss variants need) ----------
+# --- shard columns (the cache contract: docs/CACHE.md, plus the columns loss variants need) ----------
 PAIR_ID = "pair_id"                    # string: stable id of the pair (same input -> same id)
 SOURCE_INDEX = "source_index"          # int64: row number in the input (0-based)
 PROMPT_IDS = "prompt_ids"              # list<int32>: rendered prompt, exactly as scored

@@ -4,7 +4,7 @@ per token and per sequence, against a float32 cache; and what the step-0 check s
 policy scores a bf16 cache (the case `train --dtype bfloat16` on a `build --dtype bfloat16` cache).
 
 Needs ../shared (tinystories-260k, the PKU and HH samples). Prints a Markdown table and writes it
-into docs/PERFORMANCE.md between the bench-bf16 markers.
+into docs/PERFORMANCE-MEMORY.md between the bench-bf16 markers.
 
     python scripts/bench_bf16.py [--rows 128]
 """
@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=128)
-    ap.add_argument("--doc", default=str(ROOT / "docs" / "PERFORMANCE.md"))
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "PERFORMANCE-MEMORY.md"))
     args = ap.parse_args()
     import torch
     from transformers import AutoModelForCausalLM

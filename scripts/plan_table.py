@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""The "what fits" table of docs/PERFORMANCE.md: `bso-cache plan` for 0.5B-8B models on 24 GB and
+"""The "what fits" table of docs/PERFORMANCE-MEMORY.md: `bso-cache plan` for 0.5B-8B models on 24 GB and
 80 GB GPUs, for each memory lever. Predicted, not measured: the models' configs are written here
 from their published shapes (no weights, no network), and `plan` reads them like any config.json.
 
-Usage: python scripts/plan_table.py [--seq 1024 --response 512] [--doc docs/PERFORMANCE.md]
+Usage: python scripts/plan_table.py [--seq 1024 --response 512] [--doc docs/PERFORMANCE-MEMORY.md]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq", type=int, default=1024, help="tokens of prompt + the longer response")
     ap.add_argument("--response", type=int, default=512, help="tokens of the longer response")
-    ap.add_argument("--doc", default=str(ROOT / "docs" / "PERFORMANCE.md"))
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "PERFORMANCE-MEMORY.md"))
     args = ap.parse_args()
     base = PlanOptions(seq_length=args.seq, response_tokens=args.response, micro_batch=1, device="cuda")
     shapes = {}

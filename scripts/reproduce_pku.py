@@ -4,7 +4,7 @@
 The 500-row sample of ../shared/data is split by row into train (400) and held-out (100) with a
 fixed seed; one train cache and one held-out cache are built with the reference; then, for
 each seed, the three methods train from the same cache and are evaluated on the held-out pairs
-(implicit-reward preference and safety accuracy, BSO.md). Mean and spread over seeds are
+(implicit-reward preference and safety accuracy, docs/LOSSES.md). Mean and spread over seeds are
 written to docs/RESULTS.md.
 
     python scripts/reproduce_pku.py                               # tinystories-260k, 3 seeds

@@ -12,21 +12,25 @@ MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 
 
-def modules() -> dict[str, tuple[Path, ast.Module]]:
+def modules(with_cli: bool = False) -> dict[str, tuple[Path, ast.Module]]:
     """Every module of the package by its dotted name under bso_cache ("cache.writer"; a package's
-    __init__ by the package's name)."""
+    __init__ by the package's name); with_cli: the command line's too ("cli.app", installed as
+    bso_cache.cli)."""
     out = {}
-    for p in sorted(PACKAGE.rglob("*.py")):
-        parts = list(p.relative_to(PACKAGE).with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        out[".".join(parts) or "__init__"] = (p, ast.parse(p.read_text()))
+    roots = [(PACKAGE, [])] + ([(ROOT / "cli", ["cli"])] if with_cli else [])
+    for root, prefix in roots:
+        for p in sorted(root.rglob("*.py")):
+            parts = prefix + list(p.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join(parts) or "__init__"] = (p, ast.parse(p.read_text()))
     return out
 
 
 def internal_imports(path: Path, tree: ast.Module) -> set[str]:
     """bso_cache modules a module imports, at any depth of its body (function-level imports too)."""
-    package = list(path.relative_to(PACKAGE).parent.parts)
+    package = (["cli"] + list(path.relative_to(ROOT / "cli").parent.parts) if path.is_relative_to(ROOT / "cli")
+               else list(path.relative_to(PACKAGE).parent.parts))
     out = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
@@ -43,8 +47,8 @@ def internal_imports(path: Path, tree: ast.Module) -> set[str]:
     return out
 
 
-def import_graph() -> dict[str, set[str]]:
-    return {name: internal_imports(p, tree) - {name} for name, (p, tree) in modules().items()}
+def import_graph(with_cli: bool = False) -> dict[str, set[str]]:
+    return {name: internal_imports(p, tree) - {name} for name, (p, tree) in modules(with_cli).items()}
 
 
 def circles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -85,8 +89,8 @@ def closure(graph: dict[str, set[str]], start: str) -> set[str]:
 
 
 def test_import_graph():
+    assert not circles(import_graph(with_cli=True)), circles(import_graph(with_cli=True))
     graph = import_graph()
-    assert not circles(graph), circles(graph)
     assert "build" not in closure(graph, "verify") and "build" not in closure(graph, "train")
     # evaluation in one home: train's --eval-cache, eval and the demo all use evaluate.py's
     assert "evaluate" in closure(graph, "train") and "evaluate" in closure(graph, "demo")
@@ -136,3 +140,45 @@ def test_file_names_are_spelled_once():
     for name in ('"metrics.jsonl"', '"summary.json"', '"run_config.json"', '"build.json"', '"checkpoints"'):
         assert schemas.count(name) == 1, name
         assert not [n for n, s in source.items() if name in s], (name, [n for n, s in source.items() if name in s])
+
+
+def test_option_names_are_listed_only_where_they_are_declared():
+    """No literal list, tuple, set or dict of five or more of TrainConfig's option names outside
+    config/train.py: the sweep's grid, the resume rules, the card and plan read the fields' metadata."""
+    from bso_cache.config import TrainConfig, options
+
+    train_names = {o.name for o in options(TrainConfig)}
+    found = []
+    files = [p for p in sorted(PACKAGE.rglob("*.py")) + sorted((ROOT / "cli").glob("*.py"))
+             + sorted((ROOT / "scripts").glob("*.py")) if p != PACKAGE / "config" / "train.py"]
+    for p in files:
+        for node in ast.walk(ast.parse(p.read_text())):
+            items = (node.elts if isinstance(node, (ast.List, ast.Tuple, ast.Set))
+                     else node.keys if isinstance(node, ast.Dict) else [])
+            strings = {e.value for e in items if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+            if len(strings & train_names) >= 5:
+                found.append(f"{p.relative_to(ROOT)}:{node.lineno}")
+    assert not found, found
+
+
+def test_docs_tell_one_truth_in_pages_a_person_reads():
+    """The README is a landing page (<= 250 lines) whose relative links resolve; no docs page is over
+    500 lines or keeps a History; nothing the project ships cites the specification files a user does
+    not have (the project's own words are in docs/LOSSES.md)."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+            if not target.startswith(("http://", "https://")):
+                assert (page.parent / target).exists(), (page.name, target)
+        if page.parent.name == "docs":
+            assert len(text.splitlines()) <= 500, page.name
+            assert not re.search(r"^#+ History", text, re.M), page.name
+    shipped = [p for p in ROOT.rglob("*") if p.is_file() and p.suffix in (".py", ".md", ".yaml", ".toml", ".sh")
+               and not {"tests", ".git", ".venv", "build"} & set(p.relative_to(ROOT).parts)
+               and ".egg-info" not in str(p)]
+    assert not [p.name for p in shipped if re.search(r"\b(BSO|DESIGN)\.md", p.read_text())]
