@@ -257,6 +257,36 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
             self._generator(torch.device(key)).set_state(g_state)
 
 
+class Updates:
+    """What the trainer asks of its optimizer, the same in every mode: `zero()` before a step's
+    backward passes, `step()` after them, which returns the gradient norm before clipping (in the
+    backward pass the updates were already made and the norm summed as they were), and `close()`
+    when the run ends. `optimizer` is the torch optimizer, for the schedule and the checkpoints."""
+
+    def __init__(self, cfg: TrainConfig, params) -> None:
+        self.params = list(params)
+        self.optimizer = make_optimizer(cfg, self.params)
+        self.clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        self.in_backward = cfg.optimizer_in_backward
+
+    def zero(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> float:
+        if self.in_backward:
+            norm = math.sqrt(self.optimizer.grad_sq)
+        else:
+            total = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+            norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)  # a DTensor under FSDP
+        self.optimizer.step()
+        return norm
+
+    def close(self) -> None:
+        """The optimizer-in-backward hooks come off the model's parameters (the model may live on)."""
+        if isinstance(self.optimizer, ParamwiseOptimizer):
+            self.optimizer.close()
+
+
 def make_schedule(cfg: TrainConfig, optimizer, total_steps: int):
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
 

@@ -36,7 +36,7 @@ from .trackers import for_run
 from .models import add_lora, disable_dropout, enable_checkpointing, load_model, load_tokenizer, locate_reference, \
     resolve_attention, resolve_device, set_seed, weights_digest
 from .quantize import check_quantization, merged_model
-from .optim import make_optimizer, make_schedule
+from .optim import Updates, make_schedule
 from .pairs import PairBatch, count_pairs, epoch_batches, prefetch, token_ids
 from .locks import folder_lock
 from . import parallel
@@ -162,7 +162,8 @@ class Trainer:
         self._prepare_out()
         name = self._load_policy()
         self._make_scorer()
-        self.optimizer = make_optimizer(cfg, [p for p in self.model.parameters() if p.requires_grad])
+        self.updates = Updates(cfg, [p for p in self.model.parameters() if p.requires_grad])
+        self.optimizer = self.updates.optimizer
         self._plan_steps()
         self.scheduler = make_schedule(cfg, self.optimizer, self.total_steps)
         if cfg.resume:
@@ -231,7 +232,7 @@ class Trainer:
 
         mine = parallel.share_step(pairs, grad_accum=self.cfg.grad_accum, dist=self.dist)
         tokens = 0
-        self.optimizer.zero_grad(set_to_none=True)
+        self.updates.zero()
         for k, (items, weight) in enumerate(mine):
             with parallel.grad_sync(self.scorer, fsdp=self.cfg.fsdp, dist=self.dist, last=k == len(mine) - 1):
                 batch = PairBatch.of(items, self.pair_scorer.device)
@@ -250,14 +251,8 @@ class Trainer:
             if weight:
                 tokens += lp.tokens
                 window.add(self.spec, terms, lp.chosen.detach(), lp.rejected.detach(), batch)
-        if self.cfg.optimizer_in_backward:  # applied during the backward pass, which summed the norm
-            grad_norm = math.sqrt(self.optimizer.grad_sq)
-        else:
-            clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], clip)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        grad_norm = self.updates.step()
         self.scheduler.step()
         return tokens, grad_norm, lr
 
@@ -280,9 +275,8 @@ class Trainer:
         try:
             return self._run()
         finally:
-            close = getattr(getattr(self, "optimizer", None), "close", None)
-            if close is not None:  # the optimizer-in-backward hooks come off the model's parameters
-                close()
+            if getattr(self, "updates", None) is not None:
+                self.updates.close()
             self._lock.close()
 
     def _run(self) -> dict:
@@ -339,7 +333,7 @@ class Trainer:
             import gc
 
             self.scorer = self.pair_scorer = None
-            self.optimizer = None
+            self.optimizer = self.updates = None
             gc.collect()
         self.dist.close()
         return summary
