@@ -2,7 +2,6 @@
 
 Weights load through `from_pretrained` (local folder, hub id in the local cache, or a GGUF
 file), with safetensors required for folders, and `trust_remote_code` only when asked.
-`LOAD_LOG` records every model load, so tests and sweeps can prove the reference is never loaded.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from .quantize import forget_quantizer, prepare_loaded, quantization_config
 from .schemas import RunLayout
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
-LOAD_LOG: list[str] = []
 
 
 def torch_dtype(name: str):
@@ -152,7 +150,7 @@ def resolve_attention(choice: str, device: str, *, training: bool) -> str:
 def load_model(name_or_path: str, *, dtype: str = "float32", device: str = "cpu",
                gguf_file: str | None = None, trust_remote_code: bool = False,
                attn_implementation: str | None = None, load_in_4bit: bool = False, log=None):
-    """Load a causal LM (and record the load in LOAD_LOG); `load_in_4bit`: its linear layers in
+    """Load a causal LM; `load_in_4bit`: its linear layers in
     4-bit NF4 computing in `dtype` (quantize.py). A model whose transformers class has no
     FlexAttention support loads with sdpa instead, with one line through `log`."""
     common = dict(dtype=dtype, device=device, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
@@ -188,7 +186,6 @@ def _load_model(name_or_path: str, *, dtype: str, device: str, gguf_file: str | 
             if attn_implementation == "flex_attention" and "flex" in str(e).lower():
                 raise _NoFlex(f"{name_or_path} has no FlexAttention support in transformers") from None
             raise ConfigError(f"could not load a model from '{name_or_path}': {e}") from None
-    LOAD_LOG.append(str(name_or_path))
     if gguf_file:
         _forget_gguf_quantizer(model, name_or_path)
     if load_in_4bit:

@@ -126,7 +126,6 @@ def run_sweep(cache: str, out: str, grid: dict[str, list], baselines: list[str],
 def _run_sweep(cache: str, out: str, grid: dict[str, list], baselines: list[str], base: dict,
                eval_cache: str | None, log, plots: bool) -> list[dict]:
     from .checkpoint import list_checkpoints
-    from .models import LOAD_LOG
     from .train import train
 
     out_dir = Path(out)
@@ -149,12 +148,9 @@ def _run_sweep(cache: str, out: str, grid: dict[str, list], baselines: list[str]
         else:
             resume = run_dir.exists() and bool(list_checkpoints(S.RunLayout(run_dir)))
             cfg = cfg.replace(resume=resume, overwrite=not resume)
-            loads = len(LOAD_LOG)
             log(f"[{i}/{len(configs)}] {name}: training{' (resuming)' if resume else ''}")
             with tracker_parent(cfg, out_dir):
                 train(cfg, log=lambda s: None, report_group=out_dir.name)
-            if len(LOAD_LOG) - loads != 1:
-                raise AssertionError(f"run {name} loaded {len(LOAD_LOG) - loads} models; expected exactly 1")
             gc.collect()
         summary = json.loads(summary_path.read_text())
         from .report import read_metrics

@@ -206,6 +206,23 @@ def chat_tokenizer(request, tmp_path_factory):
     return AutoTokenizer.from_pretrained(str(request.getfixturevalue("stand_ins")["chat_tokenizer"]))
 
 
+@pytest.fixture
+def model_loads(monkeypatch) -> list[str]:
+    """Every causal LM loaded while the test runs (bso_cache.models' one loading function), in order."""
+    from bso_cache import models
+
+    seen: list[str] = []
+    real = models._load_model
+
+    def counting(name_or_path, **kw):
+        model = real(name_or_path, **kw)
+        seen.append(str(name_or_path))
+        return model
+
+    monkeypatch.setattr(models, "_load_model", counting)
+    return seen
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

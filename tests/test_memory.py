@@ -179,13 +179,10 @@ def test_combinations_that_cannot_work_are_refused_in_one_line(kw, message):
         TrainConfig(cache="-", out="-", **kw)
 
 
-def test_offload_on_the_cpu_is_refused_before_any_model_loads(demo_cache, tmp_path):
-    from bso_cache import models
-
-    before = len(models.LOAD_LOG)
+def test_offload_on_the_cpu_is_refused_before_any_model_loads(demo_cache, tmp_path, model_loads):
     with pytest.raises(ConfigError, match="--optimizer-offload.*already there"):
         train_run(demo_cache, tmp_path / "r", optimizer_offload=True, device="cpu")
-    assert len(models.LOAD_LOG) == before
+    assert model_loads == []
 
 
 def test_a_missing_low_bit_library_is_one_line_naming_the_extra(demo_cache, tmp_path, monkeypatch):

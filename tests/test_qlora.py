@@ -143,17 +143,15 @@ def test_a_cache_and_a_policy_of_other_quantizations_are_refused(demo_cache, nf4
 
 @pytest.mark.parametrize("missing", ["bitsandbytes", "peft", "accelerate"])
 def test_a_missing_qlora_library_is_one_line_before_any_model_loads(demo_assets, nf4_cache, tmp_path, monkeypatch,
-                                                                    missing):
+                                                                    missing, model_loads):
     import importlib.util
 
-    from bso_cache import models
     from bso_cache.build import build_cache
     from bso_cache.config import BuildConfig
     from bso_cache.preflight import check_build
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
-    before = len(models.LOAD_LOG)
     with pytest.raises(ConfigError, match=rf"--load-in-4bit needs {missing}: pip install 'bso-cache\[qlora\]'"):
         train_run(nf4_cache, tmp_path / "r", load_in_4bit=True, lora_r=4)
     build = BuildConfig(model=str(demo_assets["model"]), data=str(demo_assets["train"]), out=str(tmp_path / "c"),
@@ -163,7 +161,7 @@ def test_a_missing_qlora_library_is_one_line_before_any_model_loads(demo_assets,
     else:
         with pytest.raises(ConfigError, match=rf"needs {missing}"):
             build_cache(build, log=lambda s: None)
-    assert len(models.LOAD_LOG) == before and not (tmp_path / "c").exists()
+    assert model_loads == [] and not (tmp_path / "c").exists()
 
 
 def test_qlora_under_torchrun_equals_one_process(nf4_cache, tmp_path):

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from bso_cache import models
 from bso_cache.cache import Cache
 from bso_cache.errors import ConfigError
 from bso_cache.sweep import parse_grid, plan_runs, run_sweep
@@ -62,14 +61,13 @@ def test_grid_parsing_and_planning():
         plan_runs({}, ["ppo"])
 
 
-def test_sweep_on_pku_then_eval_matches_independent_computation(pku_cache, tmp_path):
+def test_sweep_on_pku_then_eval_matches_independent_computation(pku_cache, tmp_path, model_loads):
     out = tmp_path / "sweep"
-    before = len(models.LOAD_LOG)
     grid = parse_grid({"generator": "logistic,kliep,sba", "max_steps": "4", "batch_size": "4"})
     lines = []
     run_sweep(str(pku_cache), str(out), grid, [], {"progress": False, "lr": 1e-3, "optimizer": "adamw"},
               log=lines.append)
-    assert len(models.LOAD_LOG) - before == 3  # one policy per run, never the reference
+    assert len(model_loads) == 3  # one policy per run, never the reference
     with open(out / "summary.csv") as f:
         table = list(csv.DictReader(f))
     # each run's figures as it finishes, equal to the summary's
@@ -81,10 +79,10 @@ def test_sweep_on_pku_then_eval_matches_independent_computation(pku_cache, tmp_p
     assert is_png(out / "loss_curves.png") and is_png(out / "tradeoff.png")
     assert json.loads((out / "summary.json").read_text())[0]["run"] == "generator-logistic"
     # repeated: finished runs are skipped, no model loads
-    before = len(models.LOAD_LOG)
+    model_loads.clear()
     run_sweep(str(pku_cache), str(out), grid, [], {"progress": False, "lr": 1e-3, "optimizer": "adamw"},
               log=lambda s: None, plots=False)
-    assert len(models.LOAD_LOG) == before
+    assert model_loads == []
     # eval of one run's model equals the definitions computed independently
     from bso_cache.evaluate import evaluate_cache
     from bso_cache.models import load_model

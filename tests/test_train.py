@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from bso_cache import models
 from bso_cache.config import TrainConfig
 from bso_cache.errors import ConfigError, MismatchError
 from bso_cache.train import train
@@ -34,14 +33,13 @@ def test_lr0_logistic_is_log2_every_step_on_pku(pku_cache, tmp_path):
     assert summary["step0"]["policy_is_reference"] and summary["step0"]["max_abs_diff"] < 1e-3
 
 
-def test_sba_run_loads_one_model_and_weights_move(pku_cache, tinystories, tmp_path):
+def test_sba_run_loads_one_model_and_weights_move(pku_cache, tinystories, tmp_path, model_loads):
     from transformers import AutoModelForCausalLM
 
-    before = len(models.LOAD_LOG)
     train_run(pku_cache, tmp_path / "r", generator="sba", safety_penalty=30.0, lr=1e-3, max_steps=8, batch_size=4,
         optimizer="adamw")
     # the policy, once (from the folder the build resolved); never a reference
-    assert [Path(p).resolve() for p in models.LOAD_LOG[before:]] == [Path(tinystories).resolve()]
+    assert [Path(p).resolve() for p in model_loads] == [Path(tinystories).resolve()]
     rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
     assert len(rows) == 8 and all(math.isfinite(r["loss"]) for r in rows)
     for key in ("step", "loss", "chosen_rewards", "rejected_rewards", "margin", "preference_accuracy",
@@ -67,11 +65,10 @@ def test_loss_falls_on_learnable_data(demo_cache, tmp_path):
     assert rows[-1]["preference_accuracy"] > 0.8
 
 
-def test_tokenizer_mismatch_is_refused(demo_cache, tinystories, tmp_path):
-    before = len(models.LOAD_LOG)
+def test_tokenizer_mismatch_is_refused(demo_cache, tinystories, tmp_path, model_loads):
     with pytest.raises(MismatchError, match="tokenizer.*tinystories-260k.*not the tokenizer"):
         train_run(demo_cache, tmp_path / "r", policy=str(tinystories), max_steps=1)
-    assert len(models.LOAD_LOG) == before  # refused before any model loaded
+    assert model_loads == []  # refused before any model loaded
 
 
 def test_step0_check_catches_a_wrong_cache(demo_cache, tmp_path):
