@@ -173,7 +173,9 @@ def clear_run_folder(layout: RunLayout) -> None:
     listed = listed_files(layout)
     if listed is not None:
         owned |= set(listed)
-    patterns = () if listed is not None else _SAVE_PRETRAINED_FILES  # a run older than the "files" list
+    # without the list (a run killed between saving its model and its summary): the names
+    # save_pretrained writes
+    patterns = () if listed is not None else _SAVE_PRETRAINED_FILES
     foreign = sorted(p.name for p in root.iterdir()
                      if p.name not in owned and not any(fnmatch.fnmatch(p.name, pat) for pat in patterns))
     if foreign:

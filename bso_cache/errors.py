@@ -34,7 +34,6 @@ class DataError(BsoCacheError):
         self.source = source
         self.row = row
         self.field = field
-        self.detail = message
 
 
 class CacheError(BsoCacheError):

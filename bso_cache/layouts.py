@@ -140,19 +140,6 @@ def flex_pair_mask(segments: Tensor, parts: Tensor):
     return create_block_mask(mask_mod, rows, None, width, width, device=segments.device)
 
 
-def padding_mask_mod(padding_mask: Tensor):
-    """FlexAttention's BlockMask for right-padded causal rows (the unshared layout)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    lengths = padding_mask.sum(1)
-
-    def mask_mod(b, h, q, kv):
-        return ((q >= kv) & (kv < lengths[b])) | (q == kv)
-
-    rows, width = padding_mask.shape
-    return create_block_mask(mask_mod, rows, None, width, width, device=padding_mask.device)
-
-
 def unshared_layout(prompts: Sequence, chosen: Sequence, rejected: Sequence, pad_id: int = 0,
                     multiple: int = 1) -> ScoringLayout:
     """2B right-padded rows: prompt + chosen for each pair, then prompt + rejected."""

@@ -239,6 +239,3 @@ class PairBatch:
     def token_ids(self) -> tuple[list, list, list]:
         """(prompts, chosen responses, rejected responses)."""
         return token_ids(self.items)
-
-    def __len__(self) -> int:
-        return len(self.items)

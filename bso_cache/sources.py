@@ -114,20 +114,14 @@ class InputSource:
                 f"dataset: {type(e).__name__}: {e}"
             ) from None
 
-    def rows(self, start: int = 0) -> Iterator[RawRow]:
-        """Stream rows in a fixed order. `start` skips that many rows cheaply (resume)."""
-        seen = 0
+    def rows(self) -> Iterator[RawRow]:
+        """Stream rows in a fixed order."""
         if self.files:
             for path in self.files:
-                for raw in _file_rows(path):
-                    if seen >= start:
-                        yield raw
-                    seen += 1
+                yield from _file_rows(path)
             return
         for i, record in enumerate(self._load_hf(), start=1):
-            if seen >= start:
-                yield RawRow(self.spec, i, dict(record))
-            seen += 1
+            yield RawRow(self.spec, i, dict(record))
 
 
 def open_source(spec: str, *, split: str = "train", hf_config: str | None = None) -> InputSource:

@@ -16,10 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA_VERSION = 2                     # 2: the manifest is `.manifest.json` (1: `manifest.json`); shards alike
-READ_VERSIONS = (1, 2)
+SCHEMA_VERSION = 2                     # 2: the manifest is `.manifest.json`, with a digest
+READ_VERSIONS = (2,)
 MANIFEST_NAME = ".manifest.json"
-MANIFEST_NAME_V1 = "manifest.json"
+MANIFEST_NAME_V1 = "manifest.json"     # 0.1.0's (schema 1): recognised, to refuse it by name, never read
 BUILD_STATE_NAME = "build.json"        # an unfinished build's identity (folded into the manifest at the end)
 BUILD_LOCK_NAME = ".build.lock"        # held while a build writes (a dot file: folder readers skip it)
 SHARD_PREFIX = "part-"                 # every file a build writes per shard (shard, sidecar, temporaries)
@@ -106,8 +106,6 @@ MANIFEST_SECTION_FIELDS = {
 }
 MANIFEST_TOP_TYPES = {"format": str, "schema_version": int, "created": str, "bso_cache_version": str,
                       "shards": list, "columns": list}
-# Releases whose manifests carry no digest (read as they are; every later one must have it).
-UNDIGESTED_RELEASES = ("0.1.0",)
 
 
 def manifest_digest(obj: dict) -> str:

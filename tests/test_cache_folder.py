@@ -158,18 +158,23 @@ def test_the_cache_folder_opens_directly_in_the_usual_readers(demo_cache):
     assert duckdb.sql(f"select count(*) from read_parquet('{demo_cache}/*.parquet')").fetchall()[0][0] == n
 
 
-def test_version_1_caches_still_read_and_train(demo_cache, tmp_path):
-    """A cache of the first release: `manifest.json`, schema_version 1, no digest."""
+def test_a_first_release_cache_is_refused_by_name_and_no_manifest_skips_its_digest(demo_cache, tmp_path):
+    """A cache of 0.1.0 (`manifest.json`, schema_version 1, no digest) is refused in one line saying
+    what it is; a current manifest that claims that release still needs its digest."""
     old = tmp_path / "v1"
     shutil.copytree(demo_cache, old)
     m = json.loads((old / S.MANIFEST_NAME).read_text())
     (old / S.MANIFEST_NAME).unlink()
-    m.update(schema_version=1, bso_cache_version="0.1.0")
+    (old / S.MANIFEST_NAME_V1).write_text(json.dumps({**m, "schema_version": 1, "bso_cache_version": "0.1.0"}))
+    for args in (("verify", "--cache", old), ("inspect", "--cache", old),
+                 ("train", "--cache", old, "--out", tmp_path / "r", "--max-steps", 1, "--no-progress")):
+        one_line_error(cli_in_process(*args, check=False), "bso-cache 0.1.0", "rebuild it")
+    claims = tmp_path / "claims"
+    shutil.copytree(demo_cache, claims)
+    m.update(bso_cache_version="0.1.0")
     m.pop("digest")
-    (old / S.MANIFEST_NAME_V1).write_text(json.dumps(m))
-    cli_in_process("verify", "--cache", old)
-    cli_in_process("train", "--cache", old, "--out", tmp_path / "r", "--max-steps", 1, "--batch-size", 4, "--no-progress")
-    assert "written 96" in cli_in_process("inspect", "--cache", old).stdout
+    (claims / S.MANIFEST_NAME).write_text(json.dumps(m))
+    one_line_error(cli_in_process("verify", "--cache", claims, check=False), "'digest' is missing")
 
 
 def test_caches_and_runs_never_nest_and_overwrite_checks_before_it_deletes(demo_assets, demo_cache, tmp_path):

@@ -307,3 +307,17 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
     inject = "import bso_cache.inspect_cache as m\nm.inspect_cache = lambda *a, **k: {'figures': 'x' * 1_000_000}"
     proc = _run_main(inject, "inspect", "-c", str(tmp_path), "--json", shell_tail="| true")
     assert "Traceback" not in proc.stderr and "Error" not in proc.stderr, proc.stderr
+
+
+def test_every_option_of_the_last_release_still_exists():
+    """The commands and every spelling of every option of 0.2.0 (tests/data/options_0.2.0.json,
+    recorded from be12fdf's command line) are still there: a rename keeps the old name as an alias."""
+    import typer.main
+    from bso_cache.cli.app import app
+
+    old = json.loads((Path(__file__).parent / "data" / "options_0.2.0.json").read_text())
+    commands = typer.main.get_command(app).commands
+    assert list(commands) == list(old)
+    for name, spellings in old.items():
+        have = {o for p in commands[name].params for o in p.opts + p.secondary_opts}
+        assert not set(spellings) - have, (name, sorted(set(spellings) - have))

@@ -113,7 +113,7 @@ class Manifest:
             if not isinstance(value, dict):
                 raise ManifestError(f"field '{key}' is {type(value).__name__}, expected dict")
         digest = obj.get("digest")
-        if digest is None and obj["bso_cache_version"] not in S.UNDIGESTED_RELEASES:
+        if digest is None:
             raise ManifestError("field 'digest' is missing (the manifest was edited, or not written by bso-cache)")
         if digest is not None and digest != S.manifest_digest(obj):
             raise ManifestError("was edited after the build: its digest does not match its content (field "
@@ -161,20 +161,14 @@ class Manifest:
     def vocab_digest(self) -> str:
         return self.tokenizer["vocab_digest"]
 
-    def identity(self) -> dict:
-        """The sections that identify the build (compared when a build is resumed)."""
-        return {k: getattr(self, k) for k in S.BUILD_IDENTITY_KEYS}
-
 
 
 
 # --- reading -------------------------------------------------------------------------------------
 
 def manifest_path(cache_dir: Path) -> Path:
-    """The manifest of a cache: `.manifest.json`, or `manifest.json` in a version-1 cache."""
-    cache_dir = Path(cache_dir)
-    v1 = cache_dir / S.MANIFEST_NAME_V1
-    return v1 if v1.exists() and not (cache_dir / S.MANIFEST_NAME).exists() else cache_dir / S.MANIFEST_NAME
+    """The manifest of a cache: `.manifest.json`."""
+    return Path(cache_dir) / S.MANIFEST_NAME
 
 
 def read_manifest(cache_dir: Path) -> Manifest:
@@ -185,7 +179,9 @@ def read_manifest(cache_dir: Path) -> Manifest:
     path = manifest_path(cache_dir)
     if not path.exists():
         hint = (" (an unfinished build: re-run the same build command to resume it)"
-                if (cache_dir / S.BUILD_STATE_NAME).exists() else "")
+                if (cache_dir / S.BUILD_STATE_NAME).exists() else
+                f" ({S.MANIFEST_NAME_V1} is a cache of bso-cache 0.1.0, which this version does not read: rebuild "
+                f"it with this version)" if (cache_dir / S.MANIFEST_NAME_V1).exists() else "")
         raise CacheError(f"{path}: missing; this folder is not a finished bso-cache cache{hint}")
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
