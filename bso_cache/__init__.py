@@ -10,16 +10,17 @@ The Python API (docs/API.md) is what `__all__` names; each name is imported on f
 __version__ = "0.2.0"
 
 # public name -> (the module that defines it, its name there); no public name is a submodule's
-# name (`bso_cache.train` stays the module; its `train` function is `train_policy` here)
+# name (`bso_cache.training.train` is the module; its `train` function is `train_policy` here)
 _PUBLIC = {
     "bso_loss": ("losses", "bso_loss"), "make_loss_spec": ("losses", "make_loss_spec"),
     "spec_loss": ("losses", "spec_loss"), "LOSS_DEFAULTS": ("losses", "LOSS_DEFAULTS"),
-    "GENERATORS": ("losses", "GENERATORS"), "Cache": ("cache", "Cache"), "CacheDataset": ("data", "CacheDataset"),
-    "collate_pairs": ("data", "collate_pairs"), "score_pairs": ("scoring", "score_pairs"),
-    "sequence_logps": ("scoring", "sequence_logps"), "PairLogps": ("scoring", "PairLogps"),
-    "BuildConfig": ("config", "BuildConfig"), "TrainConfig": ("config", "TrainConfig"),
-    "build_cache": ("build", "build_cache"), "train_policy": ("train", "train"),
-    "evaluate_cache": ("evaluate", "evaluate_cache"), "EvalConfig": ("config", "EvalConfig"),
+    "GENERATORS": ("losses", "GENERATORS"), "Cache": ("cache", "Cache"),
+    "CacheDataset": ("data.dataset", "CacheDataset"), "collate_pairs": ("data.dataset", "collate_pairs"),
+    "score_pairs": ("scoring.scorer", "score_pairs"), "sequence_logps": ("scoring.scorer", "sequence_logps"),
+    "PairLogps": ("scoring.scorer", "PairLogps"), "BuildConfig": ("config", "BuildConfig"),
+    "TrainConfig": ("config", "TrainConfig"), "EvalConfig": ("config", "EvalConfig"),
+    "build_cache": ("cache.build", "build_cache"), "train_policy": ("training.train", "train"),
+    "evaluate_cache": ("reporting.evaluate", "evaluate_cache"),
 }
 __all__ = ["__version__", *_PUBLIC]
 

@@ -28,8 +28,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from .errors import ConfigError
-from .schemas import UNLABELLED
+from bso_cache.errors import ConfigError
+from bso_cache.schemas import UNLABELLED
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that the CLI and configs start fast
     import torch

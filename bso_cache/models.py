@@ -12,11 +12,11 @@ import random
 import warnings
 from pathlib import Path
 
-from .config import DTYPES
-from .errors import ConfigError
-from .hashing import sha256_files
-from .quantize import forget_quantizer, prepare_loaded, quantization_config
-from .schemas import RunLayout
+from bso_cache.config import DTYPES
+from bso_cache.errors import ConfigError
+from bso_cache.hashing import sha256_files
+from bso_cache.quantize import forget_quantizer, prepare_loaded, quantization_config
+from bso_cache.schemas import RunLayout
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 

@@ -16,7 +16,7 @@ merge on a 4-bit layer does, would add a second rounding the run never saw.)
 
 from __future__ import annotations
 
-from .errors import ConfigError
+from bso_cache.errors import ConfigError
 
 QUANT_TYPE = "nf4"  # the QLoRA paper's 4-bit NormalFloat, blocks of 64 weights with one absmax each
 # What bitsandbytes and torchao log on import about optional native kernels they could not load (a

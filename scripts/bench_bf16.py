@@ -31,11 +31,11 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from bso_cache.build import build_cache
+    from bso_cache.cache.build import build_cache
     from bso_cache.cache import Cache
     from bso_cache.config import BuildConfig
-    from bso_cache.pairs import epoch_batches
-    from bso_cache.scoring import score_pairs
+    from bso_cache.data.pairs import epoch_batches
+    from bso_cache.scoring.scorer import score_pairs
 
     model_dir = SHARED / "models" / "tinystories-260k"
     data = {"PKU": SHARED / "data" / "PKU-Alignment_PKU-SafeRLHF_sample.jsonl",

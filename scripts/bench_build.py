@@ -37,8 +37,8 @@ def worker(kind: str, info: dict, batch_size: int, max_length: int, out: str) ->
 
     t0 = time.perf_counter()
     if kind.startswith("bso-cache-build"):
-        from bso_cache import scoring
-        from bso_cache.build import build_cache
+        from bso_cache.scoring import scorer as scoring
+        from bso_cache.cache.build import build_cache
         from bso_cache.config import BuildConfig
 
         if kind.endswith("-packed"):  # packing is not a user option (it does not pay on the CPU): measure it here
@@ -54,8 +54,8 @@ def worker(kind: str, info: dict, batch_size: int, max_length: int, out: str) ->
         from transformers import AutoModelForCausalLM
 
         from bso_cache.cache import Cache
-        from bso_cache.pairs import epoch_batches
-        from bso_cache.layouts import make_token_batch
+        from bso_cache.data.pairs import epoch_batches
+        from bso_cache.scoring.layouts import make_token_batch
 
         model = AutoModelForCausalLM.from_pretrained(info["model"]).eval()
         cache = Cache.open(info["cache"])
@@ -96,7 +96,7 @@ def worker(kind: str, info: dict, batch_size: int, max_length: int, out: str) ->
         pairs, padding = len(rows), None
     elif kind == "train":
         from bso_cache.config import TrainConfig
-        from bso_cache.train import train
+        from bso_cache.training.train import train
 
         train(TrainConfig(cache=info["cache"], out=out, generator="sba", optimizer="adamw", lr=1e-6, batch_size=8,
                           max_steps=info["steps"], progress=False, overwrite=True, shuffle_buffer=256),

@@ -1,4 +1,4 @@
-"""Peak RSS of one bf16 head forward + backward (bso_cache.head.TargetLogProbs) at gpu_check's
+"""Peak RSS of one bf16 head forward + backward (bso_cache.scoring.head.TargetLogProbs) at gpu_check's
 vocabulary and hidden size (151,936 x 896) for N response positions, the softmax too large to keep.
 
     MALLOC_MMAP_THRESHOLD_=131072 python scripts/bench_head.py 4096
@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from bso_cache.head import TargetLogProbs, default_chunk
+from bso_cache.scoring.head import TargetLogProbs, default_chunk
 
 torch.manual_seed(0)
 n, V, H = int(sys.argv[1]) if len(sys.argv) > 1 else 4096, 151936, 896

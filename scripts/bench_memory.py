@@ -79,7 +79,7 @@ def setup(work: Path, n_pairs: int, max_length: int, quick: bool, nf4: bool = Fa
         return info
     nf4_cache = Path(info["cache"] + "-nf4")
     if not (nf4_cache / ".manifest.json").exists():
-        from bso_cache.build import build_cache
+        from bso_cache.cache.build import build_cache
         from bso_cache.config import BuildConfig
 
         build_cache(BuildConfig(model=info["model"], data=info["data"], out=str(nf4_cache), max_length=max_length,
@@ -93,15 +93,15 @@ def worker(name: str, info: dict, steps: int, batch_size: int, max_length: int) 
 
     from bench_train import peak_rss_mib
 
-    from bso_cache.allocator import return_freed_memory
+    from bso_cache.training.allocator import return_freed_memory
     from bso_cache.config import TrainConfig
-    from bso_cache.train import train
+    from bso_cache.training.train import train
 
     if not os.environ.get("BENCH_GLIBC_DEFAULTS"):
         return_freed_memory()  # as `bso-cache train` runs (a MALLOC_* variable in the environment wins)
     # the runtime's own memory: every library a run imports, loaded before the baseline is read
-    for module in ("torch", "transformers", "pyarrow.parquet", "safetensors.torch", "tqdm.auto", "bso_cache.scoring",
-                   "bso_cache.pairs", "bso_cache.cache", "bitsandbytes", "peft", "transformers.models.llama") + \
+    for module in ("torch", "transformers", "pyarrow.parquet", "safetensors.torch", "tqdm.auto", "bso_cache.scoring.scorer",
+                   "bso_cache.data.pairs", "bso_cache.cache", "bitsandbytes", "peft", "transformers.models.llama") + \
             (("trl", "datasets") if name == "trl" else ()):
         try:
             importlib.import_module(module)
@@ -115,12 +115,12 @@ def worker(name: str, info: dict, steps: int, batch_size: int, max_length: int) 
                           lr=1e-6, batch_size=batch_size, max_steps=steps, epochs=100, progress=False,
                           overwrite=True, **CONFIGS[name])
         if not os.environ.get("BENCH_GLIBC_DEFAULTS"):
-            from bso_cache.allocator import memory_first
+            from bso_cache.training.allocator import memory_first
 
             memory_first(cfg, "cpu")  # as `bso-cache train` runs (its levers' heap policy)
         train(cfg, log=lambda s: None)
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        from bso_cache.plan import load_shape
+        from bso_cache.training.plan import load_shape
 
         params = load_shape(info["model"]).params
         per_step = sum(r["step_seconds"] for r in rows[1:]) / max(1, len(rows) - 1)
@@ -175,7 +175,7 @@ def seen_lengths(info: dict, batch_size: int, steps: int) -> tuple[int, int]:
     the same stream as `train` (seed 0, epoch 0, the default shuffle and bucketing)."""
     from bso_cache.cache import Cache
     from bso_cache.config import TrainConfig
-    from bso_cache.pairs import epoch_batches
+    from bso_cache.data.pairs import epoch_batches
 
     d = TrainConfig(cache="-", out="-")
     seq = resp = 0
@@ -190,7 +190,7 @@ def seen_lengths(info: dict, batch_size: int, steps: int) -> tuple[int, int]:
 
 
 def predict(name: str, info: dict, batch_size: int, steps: int) -> int | None:
-    from bso_cache.plan import PlanOptions, load_shape, predict as plan_predict
+    from bso_cache.training.plan import PlanOptions, load_shape, predict as plan_predict
 
     if CONFIGS.get(name) is None:
         return None
@@ -230,7 +230,7 @@ def main() -> None:
     names = [c for c in args.configs.split(",") if c]
     info = setup(Path(args.work), args.pairs, args.max_length, args.quick,
                  nf4=any((CONFIGS.get(n) or {}).get("load_in_4bit") for n in names))
-    from bso_cache.plan import load_shape
+    from bso_cache.training.plan import load_shape
 
     shape = load_shape(info["model"])
     results = []
@@ -265,7 +265,7 @@ def main() -> None:
     else:
         allocator, prefix, marker = ("as `bso-cache train` runs it (glibc's mmap threshold fixed at 4 MiB, at 128 "
                                      "KiB with checkpointing or the optimizer in the backward pass: "
-                                     "bso_cache/allocator.py)"), "", ""
+                                     "bso_cache/training/allocator.py)"), "", ""
     cmd = prefix + "python scripts/bench_memory.py " + " ".join(sys.argv[1:])
     text = (f"### Memory levers, full fine-tuning, {allocator.split(' (')[0]} ({time.strftime('%Y-%m-%d')})\n\n"
             f"{'tiny Llama (quick)' if args.quick else 'random-init Llama'} of {shape.params / 1e6:.0f}M parameters "

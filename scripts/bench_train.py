@@ -63,9 +63,9 @@ def setup(work: Path, n_pairs: int, max_length: int, quick: bool, data: str = "p
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from bso_cache.formats import Normaliser
-    from bso_cache.sources import open_source
-    from bso_cache.tokenize import PairTokenizer
+    from bso_cache.data.formats import Normaliser
+    from bso_cache.data.sources import open_source
+    from bso_cache.data.tokenize import PairTokenizer
 
     work.mkdir(parents=True, exist_ok=True)
     model_dir = work / (model[0] if model else "model-tiny" if quick else "model-46m")
@@ -103,7 +103,7 @@ def setup(work: Path, n_pairs: int, max_length: int, quick: bool, data: str = "p
     trl_data.write_text("".join(json.dumps(r) + "\n" for r in trl_rows))
     cache = work / f"cache-{model_dir.name}-{tag}"
     from bso_cache import schemas as S
-    from bso_cache.build import build_cache
+    from bso_cache.cache.build import build_cache
     from bso_cache.config import BuildConfig
 
     if not (cache / S.MANIFEST_NAME).exists():
@@ -123,7 +123,7 @@ def worker(system: str, steps: int, info: dict, batch_size: int, max_length: int
     tokens = 0
     if system.startswith("bso-cache"):
         from bso_cache.config import TrainConfig
-        from bso_cache.train import train
+        from bso_cache.training.train import train
 
         out = Path(info["cache"]).parent / f"run-{system}-{steps}"
         train(TrainConfig(cache=info["cache"], out=str(out), generator="logistic", safety_penalty=0.0,
@@ -161,8 +161,8 @@ def worker(system: str, steps: int, info: dict, batch_size: int, max_length: int
         from transformers import AutoModelForCausalLM
 
         from bso_cache.cache import Cache
-        from bso_cache.pairs import epoch_batches
-        from bso_cache.layouts import make_token_batch
+        from bso_cache.data.pairs import epoch_batches
+        from bso_cache.scoring.layouts import make_token_batch
 
         model = AutoModelForCausalLM.from_pretrained(info["model"]).to(device)
         model.train()

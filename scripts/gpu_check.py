@@ -40,22 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _bso_cache_importable() -> None:
-    """bso_cache.schemas lives in schemas/ (mapped at install time); map it for a bare checkout."""
-    try:
-        import bso_cache.schemas  # noqa: F401
-    except ImportError:
-        import importlib.util
-
-        root = Path(__file__).resolve().parents[1]
-        for name, folder in (("bso_cache.schemas", "schemas"), ("bso_cache.cli", "cli")):
-            spec = importlib.util.spec_from_file_location(name, root / folder / "__init__.py",
-                                                          submodule_search_locations=[str(root / folder)])
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[name] = mod
-            spec.loader.exec_module(mod)
-
-
 def model_config(tiny: bool):
     from transformers import LlamaConfig
 
@@ -71,7 +55,7 @@ def model_config(tiny: bool):
 def synthetic_pairs(n: int, vocab: int, tiny: bool, seed: int = 0):
     import torch
 
-    from bso_cache.tokenize import PairTokens
+    from bso_cache.data.tokenize import PairTokens
 
     g = torch.Generator().manual_seed(seed)
     lo_p, hi_p, lo_r, hi_r = (8, 32, 8, 48) if tiny else (64, 320, 64, 448)
@@ -138,11 +122,11 @@ def peak_mib(device) -> float:
 
 
 def write_cache(folder: Path, pairs, chosen, rejected, tokenizer, quantization: str | None = None) -> None:
-    from bso_cache.tokenize import tokenizer_digest
+    from bso_cache.data.tokenize import tokenizer_digest
 
     from bso_cache import schemas as S
     from bso_cache.cache import empty_columns, write_shard
-    from bso_cache.files import atomic_write_json
+    from bso_cache.io.files import atomic_write_json
 
     cols = empty_columns()
     for i, (e, c, r) in enumerate(zip(pairs, chosen, rejected)):
@@ -234,8 +218,8 @@ BUILD_VARIANTS = [  # key, label, prefix sharing, packing, attention, width mult
 def build_section(ctx) -> None:
     import torch
 
-    from bso_cache.layouts import make_token_batch
-    from bso_cache.scoring import score_pairs
+    from bso_cache.scoring.layouts import make_token_batch
+    from bso_cache.scoring.scorer import score_pairs
 
     device, bs, pairs = ctx["device"], ctx["bs"], ctx["pairs"]
     ref = ctx["load"](torch.bfloat16).eval()
@@ -310,7 +294,7 @@ def exactness_section(ctx) -> None:
     """Float32 on the device: every layout against unshared SDPA, values and gradients."""
     import torch
 
-    from bso_cache.scoring import score_pairs
+    from bso_cache.scoring.scorer import score_pairs
 
     device = ctx["device"]
     model = ctx["load"](torch.float32)
@@ -398,8 +382,8 @@ def train_section(ctx) -> None:
     import torch
 
     from bso_cache.config import TrainConfig
-    from bso_cache.plan import RUNTIME_CUDA, PlanOptions, load_shape, predict
-    from bso_cache.train import Trainer
+    from bso_cache.training.plan import RUNTIME_CUDA, PlanOptions, load_shape, predict
+    from bso_cache.training.train import Trainer
 
     device, bs, work = ctx["device"], ctx["bs"], ctx["work"]
     train_pairs = ctx["pairs"][:ctx["n_train"]]
@@ -497,7 +481,7 @@ def baselines_section(ctx) -> None:
     """The same batches (cache order, `bs` pairs), two passes, the second timed."""
     import torch
 
-    from bso_cache.layouts import make_token_batch
+    from bso_cache.scoring.layouts import make_token_batch
 
     device, bs = ctx["device"], ctx["bs"]
     train_pairs = ctx["pairs"][:ctx["n_train"]]
@@ -680,7 +664,6 @@ def main() -> None:
     args = ap.parse_args()
     if not args.out:
         raise SystemExit("give an output folder (or set $OUT)")
-    _bso_cache_importable()
     import torch
     import transformers
     from transformers import LlamaForCausalLM

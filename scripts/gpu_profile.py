@@ -63,8 +63,8 @@ def main() -> None:
     import torch
     from transformers import LlamaForCausalLM
 
-    from bso_cache.layouts import make_token_batch
-    from bso_cache.scoring import score_pairs
+    from bso_cache.scoring.layouts import make_token_batch
+    from bso_cache.scoring.scorer import score_pairs
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bs = args.batch_size or (4 if args.tiny else 8)

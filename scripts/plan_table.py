@@ -38,7 +38,7 @@ def main() -> None:
     from transformers import LlamaConfig, Qwen2Config
 
     from bench_train import write_section
-    from bso_cache.plan import LEVERS, PlanOptions, combination, largest_batch, load_shape, predict
+    from bso_cache.training.plan import LEVERS, PlanOptions, combination, largest_batch, load_shape, predict
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq", type=int, default=1024, help="tokens of prompt + the longer response")

@@ -64,12 +64,12 @@ def main() -> None:
 
     from bench_train import write_section
 
-    from bso_cache.build import build_cache
+    from bso_cache.cache.build import build_cache
     from bso_cache.cache import Cache
     from bso_cache.config import BuildConfig, TrainConfig
-    from bso_cache.evaluate import evaluate_cache
+    from bso_cache.reporting.evaluate import evaluate_cache
     from bso_cache.models import load_model
-    from bso_cache.train import train
+    from bso_cache.training.train import train
 
     work = Path(args.work) / args.model
     work.mkdir(parents=True, exist_ok=True)

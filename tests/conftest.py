@@ -1,7 +1,7 @@
 """Shared fixtures: offline, tiny, deterministic, CPU.
 
 Tests that need the real samples and models in ../shared skip when it is absent (a user's
-clone); the rest use assets the project generates itself (bso_cache.demo).
+clone); the rest use assets the project generates itself (bso_cache.reporting.demo).
 """
 
 from __future__ import annotations
@@ -104,14 +104,14 @@ def smollm2_tokenizer():
 @pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory) -> dict:
     """The project's own synthetic data, tokenizer and tiny random Llama."""
-    from bso_cache.demo import make_demo_assets
+    from bso_cache.reporting.demo import make_demo_assets
 
     return make_demo_assets(tmp_path_factory.mktemp("demo"), n_train=96, n_eval=48)
 
 
 @pytest.fixture(scope="session")
 def demo_cache(demo_assets, tmp_path_factory) -> Path:
-    from bso_cache.build import build_cache
+    from bso_cache.cache.build import build_cache
     from bso_cache.config import BuildConfig
 
     out = tmp_path_factory.mktemp("demo-cache") / "cache"
@@ -123,7 +123,7 @@ def demo_cache(demo_assets, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def pku_cache(pku_path, tinystories, tmp_path_factory) -> Path:
     """The 500-row PKU sample built with tinystories-260k at --max-length 512 (shared by tests)."""
-    from bso_cache.build import build_cache
+    from bso_cache.cache.build import build_cache
     from bso_cache.config import BuildConfig
 
     out = tmp_path_factory.mktemp("pku-cache") / "cache"
@@ -138,14 +138,14 @@ def pku_cache(pku_path, tinystories, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def stand_ins(tmp_path_factory) -> dict:
-    """PKU- and HH-format rows written from the project's own templates (bso_cache.demo), some HH
+    """PKU- and HH-format rows written from the project's own templates (bso_cache.reporting.demo), some HH
     dialogues with an earlier exchange; its WordPiece tokenizer with a tiny Llama (1024
     positions, plain template), and the same tokenizer with ChatML special tokens and template."""
     import random
 
     from transformers import AutoTokenizer
 
-    from bso_cache.demo import make_demo_assets, make_tiny_llama, synthetic_rows
+    from bso_cache.reporting.demo import make_demo_assets, make_tiny_llama, synthetic_rows
 
     root = tmp_path_factory.mktemp("stand-ins")
     rng = random.Random(7)
@@ -290,9 +290,9 @@ def one_line_error(proc, *needles):
 
 
 def train_run(cache, out, **kw) -> dict:
-    """`bso_cache.train.train` on `cache` into `out`, quiet, with TrainConfig fields `kw`."""
+    """`bso_cache.training.train.train` on `cache` into `out`, quiet, with TrainConfig fields `kw`."""
     from bso_cache.config import TrainConfig
-    from bso_cache.train import train
+    from bso_cache.training.train import train
 
     return train(TrainConfig(**{"cache": str(cache), "out": str(out), "progress": False, **kw}), log=lambda s: None)
 

@@ -23,8 +23,11 @@ def test_the_public_names_resolve_and_the_doc_lists_each():
             assert f"`{name}" in text, name
     import importlib
 
-    module = importlib.import_module("bso_cache.train")  # a public name never shadows a submodule
-    assert getattr(bso_cache, "train") is module and bso_cache.train_policy is module.train
+    module = importlib.import_module("bso_cache.training.train")
+    assert bso_cache.train_policy is module.train
+    # a public name never shadows a module or a wing of the package
+    package = Path(bso_cache.__file__).parent
+    assert not set(bso_cache.__all__) & {p.stem for p in package.iterdir() if p.suffix == ".py" or p.is_dir()}
 
 
 def test_importing_the_package_does_not_import_torch():
@@ -42,7 +45,7 @@ def test_the_docs_example_runs_as_written(tmp_path):
 
 
 def test_the_dataset_yields_every_kept_pair_with_its_cached_log_probs(demo_cache):
-    from bso_cache.pairs import count_pairs, epoch_batches
+    from bso_cache.data.pairs import count_pairs, epoch_batches
 
     cache = bso_cache.Cache.open(demo_cache)
     loader = torch.utils.data.DataLoader(bso_cache.CacheDataset(cache, pairs="safedpo"), batch_size=16,

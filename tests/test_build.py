@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bso_cache import schemas as S
-from bso_cache.build import build_cache
+from bso_cache.cache.build import build_cache
 from bso_cache.cache import Cache, read_manifest
 from bso_cache.config import BuildConfig
 from bso_cache.errors import CacheError, DataError
@@ -191,7 +191,7 @@ def test_inspect_reports_lazily(pku_cache, monkeypatch):
     import polars as pl
     import pyarrow.parquet as pq
 
-    from bso_cache.inspect_cache import inspect_cache
+    from bso_cache.cache.inspect import inspect_cache
 
     def eager(*a, **k):
         raise AssertionError("inspect read a whole table eagerly")
@@ -216,9 +216,9 @@ def test_degenerate_rows_are_counted_and_the_system_prompt_rule_is_recorded(demo
     manifest says how many got it and how many kept their own."""
     from transformers import AutoTokenizer
 
-    from bso_cache.formats import Normaliser
-    from bso_cache.sources import RawRow
-    from bso_cache.tokenize import PairTokenizer
+    from bso_cache.data.formats import Normaliser
+    from bso_cache.data.sources import RawRow
+    from bso_cache.data.tokenize import PairTokenizer
 
     base = read_jsonl(demo_assets["train"])[:6]
     own_system = {**base[1], "prompt": [{"role": "system", "content": "Answer in French."},

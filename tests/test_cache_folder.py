@@ -75,7 +75,7 @@ def test_a_full_disk_while_writing_a_shard_is_one_error_and_leaves_no_temporary(
 
     import pyarrow.parquet as pq
 
-    from bso_cache.build import build_cache
+    from bso_cache.cache.build import build_cache
     from bso_cache.config import BuildConfig
     from bso_cache.errors import CacheError
 
@@ -245,7 +245,7 @@ def test_the_write_probe_survives_another_rank_removing_the_folder_it_made(tmp_p
     probe, possibly between another rank's mkdir and its probe (seen as a flaky 2-rank build)."""
     import tempfile
 
-    from bso_cache.files import require_writable
+    from bso_cache.io.files import require_writable
 
     real, calls = tempfile.mkstemp, []
 

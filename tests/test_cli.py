@@ -37,7 +37,7 @@ def test_the_cli_follows_its_conventions():
     from bso_cache.cli.app import app
 
     from bso_cache.config import BuildConfig, EvalConfig, TrainConfig, VerifyConfig, options
-    from bso_cache.sweep import SWEEPABLE
+    from bso_cache.training.sweep import SWEEPABLE
 
     commands = typer.main.get_command(app).commands
     for name, config in (("build", BuildConfig), ("train", TrainConfig), ("eval", EvalConfig),
@@ -293,7 +293,7 @@ def _run_main(code: str, *args: str, shell_tail: str = "") -> subprocess.Complet
 def test_an_unexpected_exception_keeps_its_own_type_and_message(tmp_path):
     """A bug is not a user's error: its traceback ends with its own type and message (the error
     path must not hide it behind one of its own, as a private Typer name once did)."""
-    inject = ("import bso_cache.inspect_cache as m\n"
+    inject = ("import bso_cache.cache.inspect as m\n"
               "def boom(*a, **k):\n    raise RuntimeError('injected: not a user error')\n"
               "m.inspect_cache = boom")
     proc = _run_main(inject, "inspect", "-c", str(tmp_path))
@@ -304,7 +304,7 @@ def test_an_unexpected_exception_keeps_its_own_type_and_message(tmp_path):
 def test_a_closed_pipe_ends_quietly(tmp_path):
     """`bso-cache inspect ... | true`: the reader is gone before the output (1 MB, past any pipe's
     buffer) is written; the command ends without a traceback."""
-    inject = "import bso_cache.inspect_cache as m\nm.inspect_cache = lambda *a, **k: {'figures': 'x' * 1_000_000}"
+    inject = "import bso_cache.cache.inspect as m\nm.inspect_cache = lambda *a, **k: {'figures': 'x' * 1_000_000}"
     proc = _run_main(inject, "inspect", "-c", str(tmp_path), "--json", shell_tail="| true")
     assert "Traceback" not in proc.stderr and "Error" not in proc.stderr, proc.stderr
 

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bso_cache.errors import ConfigError, DataError
-from bso_cache.formats import Normaliser, parse_hh_dialogue, split_hh
-from bso_cache.sources import open_source
+from bso_cache.data.formats import Normaliser, parse_hh_dialogue, split_hh
+from bso_cache.data.sources import open_source
 
 from .conftest import read_jsonl
 
@@ -266,8 +266,8 @@ def test_generic_reader_round_trip(tmp_path_factory, rows, suffix):
     import pyarrow.parquet as pq
 
     from bso_cache.errors import DataError
-    from bso_cache.formats import Normaliser
-    from bso_cache.sources import open_source
+    from bso_cache.data.formats import Normaliser
+    from bso_cache.data.sources import open_source
 
     records = [{"prompt": p, "chosen": c, "rejected": r, "chosen_unsafe": cu, "rejected_unsafe": ru}
                for p, c, r, cu, ru in rows]

@@ -34,7 +34,7 @@ def test_torchrun_build_equals_one_process(demo_assets, demo_cache, tmp_path):
     assert [s["file"] for s in m["shards"]] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     assert not list(out.glob("part-*.json")) and not (out / "build.json").exists()
     # without --rows-per-shard the layout does not depend on the number of ranks: the same shards
-    from bso_cache.build import build_cache
+    from bso_cache.cache.build import build_cache
     from bso_cache.config import BuildConfig
 
     common = dict(model=str(demo_assets["model"]), data=str(demo_assets["train"]), max_length=128, batch_size=8)
@@ -60,7 +60,7 @@ def two_ranks_vs_one(demo_cache, tmp_path, name, optimizer, *extra):
     """Train 4 steps on 2 ranks (with a checkpoint at 2) and on 1 process with --grad-accum 2;
     the weights agree; then resume the 2-rank run from its checkpoint and agree again."""
     from bso_cache.config import TrainConfig
-    from bso_cache.train import train
+    from bso_cache.training.train import train
 
     args = dict(generator="sba", optimizer=optimizer, lr=1e-2 if optimizer == "sgd" else 1e-3, batch_size=8,
                 max_steps=4, lr_schedule="constant", warmup_ratio=0.0, seed=0)

@@ -71,8 +71,8 @@ def test_cuda_scoring_matches_cpu(demo_assets):
         pytest.skip("needs CUDA")
     from transformers import AutoModelForCausalLM
 
-    from bso_cache.layouts import make_token_batch
-    from bso_cache.scoring import sequence_logps
+    from bso_cache.scoring.layouts import make_token_batch
+    from bso_cache.scoring.scorer import sequence_logps
 
     model = AutoModelForCausalLM.from_pretrained(str(demo_assets["model"])).eval()
     batch = make_token_batch([[1, 5, 6], [1, 7]], [[8, 9, 10], [11, 12, 13, 14]])

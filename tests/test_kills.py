@@ -70,7 +70,7 @@ def killed_build(args, out: Path, kill_after_shards: list[int]) -> int:
 
 
 def test_build_killed_repeatedly_resumes_to_the_clean_cache(demo_assets, tmp_path):
-    from bso_cache.demo import synthetic_rows, write_jsonl
+    from bso_cache.reporting.demo import synthetic_rows, write_jsonl
 
     data = write_jsonl(synthetic_rows(240, seed=5), tmp_path / "data.jsonl")
     args = ["--model", demo_assets["model"], "--data", data, "--max-length", 128, "--rows-per-shard", 20,
@@ -115,7 +115,7 @@ def test_training_killed_after_a_checkpoint_resumes_exactly(demo_cache, tmp_path
     from safetensors.torch import load_file
 
     from bso_cache.config import TrainConfig
-    from bso_cache.train import train
+    from bso_cache.training.train import train
 
     kw = dict(generator="sba", optimizer="adamw", lr=1e-3, batch_size=8, max_steps=30, seed=0, save_every=5,
               shuffle_buffer=32)

@@ -130,7 +130,7 @@ def test_safedpo_identity():
     """logistic with C = Delta on SafeDPO-transformed pairs is -log sigmoid(beta m - (s_l - s_w) Delta)."""
     import random
 
-    from bso_cache.pairs import plan_pairs
+    from bso_cache.data.pairs import plan_pairs
 
     rng = random.Random(0)
     rows = [(rng.uniform(-90, -10), rng.uniform(-90, -10), rng.uniform(-90, -10), rng.uniform(-90, -10),

@@ -10,7 +10,7 @@ import torch
 
 from bso_cache.config import TrainConfig
 from bso_cache.errors import ConfigError
-from bso_cache.optim import ParamwiseOptimizer, make_optimizer, stochastic_round
+from bso_cache.training.optim import ParamwiseOptimizer, make_optimizer, stochastic_round
 
 from .conftest import read_jsonl, train_run
 
@@ -99,7 +99,7 @@ def test_bf16_training_moves_the_weights_as_float32_does(demo_cache, tmp_path):
 
 def test_bf16_with_round_to_nearest_would_fail_the_same_check(demo_cache, tmp_path, monkeypatch):
     """The check above fails when the update is rounded to nearest (what torch does on bf16 weights)."""
-    import bso_cache.optim as optim
+    import bso_cache.training.optim as optim
 
     monkeypatch.setattr(optim, "stochastic_round", lambda x, dtype, generator: x.to(dtype))
     ratio = _displacement_ratio(demo_cache, tmp_path)
@@ -195,7 +195,7 @@ def test_a_missing_low_bit_library_is_one_line_naming_the_extra(demo_cache, tmp_
 def test_offload_path_steps_on_the_cpu_state_device(monkeypatch):
     """The offload mechanism (state and update on the CPU, weights where they are) on CPU weights,
     in float32 working slices of 128 elements: the same update as the in-place step on the whole."""
-    import bso_cache.optim as optim
+    import bso_cache.training.optim as optim
 
     monkeypatch.setattr(optim, "SLICE", 128)
     torch.manual_seed(0)
@@ -220,7 +220,7 @@ def test_8bit_state_is_the_same_in_slices(monkeypatch):
     multiple of the block give the same update as the whole tensor."""
     import bitsandbytes as bnb
 
-    import bso_cache.optim as optim
+    import bso_cache.training.optim as optim
 
     monkeypatch.setattr(optim, "SLICE", 8192)
     torch.manual_seed(0)
@@ -279,7 +279,7 @@ def test_converting_load_equals_from_pretrained(demo_assets, dtype, tmp_path):
 def test_the_allocator_policy_is_set_unless_the_user_set_one(monkeypatch):
     import sys
 
-    from bso_cache.allocator import return_freed_memory
+    from bso_cache.training.allocator import return_freed_memory
 
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc only")
@@ -321,7 +321,7 @@ def test_a_finished_trainer_frees_its_model_and_optimizer(demo_cache, tmp_path, 
     import gc
     import weakref
 
-    from bso_cache.train import Trainer
+    from bso_cache.training.train import Trainer
 
     cfg = TrainConfig(cache=str(demo_cache), out=str(tmp_path / "run"), progress=False, max_steps=1, batch_size=4, **kw)
     trainer = Trainer(cfg, log=lambda s: None)
@@ -346,7 +346,7 @@ def test_optimizer_in_backward_makes_no_float32_copy_of_a_whole_gradient(monkeyp
     `grad.float().pow(2).sum()` made two float32 copies of each whole gradient, 392 MiB at the
     bench's 50k x 1024 bf16 embedding, beside the activations (the frugal row's peak: 1,325 -> 1,031
     MiB above the runtime, docs/PERFORMANCE.md)."""
-    import bso_cache.optim as optim
+    import bso_cache.training.optim as optim
 
     from .conftest import largest_float32_made
 

@@ -108,7 +108,7 @@ def test_tensorboard_logging(demo_cache, tmp_path):
 
 def test_bf16_cache_with_float32_policy_passes_step0(demo_assets, tmp_path):
     """The authors' setup: reference pass in half precision, policy in float32."""
-    from bso_cache.build import build_cache
+    from bso_cache.cache.build import build_cache
     from bso_cache.config import BuildConfig
 
     build_cache(BuildConfig(model=str(demo_assets["model"]), data=str(demo_assets["train"]), out=str(tmp_path / "c"),
@@ -130,7 +130,7 @@ def test_every_saved_model_folder_has_a_hub_model_card(demo_cache, tmp_path):
     the final metrics equal to summary.json's, in the model folder and the LoRA adapter folder."""
     import yaml
 
-    from bso_cache.card import model_card
+    from bso_cache.reporting.card import model_card
 
     pytest.importorskip("peft")
     summary = train_run(demo_cache, tmp_path / "r", max_steps=2, batch_size=4, lora_r=4)

@@ -1,4 +1,4 @@
-"""The pair stream (`bso_cache.pairs`), property-tested on caches written without a model: every
+"""The pair stream (`bso_cache.data.pairs`), property-tested on caches written without a model: every
 pair exactly once per epoch, reproducible for a seed, and the pair modes keep what their counts say."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from bso_cache import schemas as S
 from bso_cache.cache import Cache, empty_columns, write_shard
-from bso_cache.files import atomic_write_json
+from bso_cache.io.files import atomic_write_json
 
 
 def fake_cache(path: Path, lengths: list[int], rows_per_shard: int) -> Cache:
@@ -54,7 +54,7 @@ def fake_cache(path: Path, lengths: list[int], rows_per_shard: int) -> Cache:
        seed=st.integers(0, 3), epoch=st.integers(0, 2))
 def test_every_pair_exactly_once_per_epoch(tmp_path_factory, lengths, rows_per_shard, batch_size, buffer,
                                            bucket, seed, epoch):
-    from bso_cache.pairs import epoch_batches
+    from bso_cache.data.pairs import epoch_batches
 
     cache = fake_cache(tmp_path_factory.mktemp("fake"), lengths, rows_per_shard)
     batches = list(epoch_batches(cache, mode="none", orientation="better", batch_size=batch_size, seed=seed,
@@ -72,7 +72,7 @@ def test_every_pair_exactly_once_per_epoch(tmp_path_factory, lengths, rows_per_s
 @given(lengths=st.lists(st.integers(1, 30), min_size=1, max_size=60), mode=st.sampled_from(["none", "safedpo",
        "drop-both-unsafe"]), batch_size=st.integers(1, 9))
 def test_pair_modes_keep_what_the_counts_say(tmp_path_factory, lengths, mode, batch_size):
-    from bso_cache.pairs import count_pairs, epoch_batches
+    from bso_cache.data.pairs import count_pairs, epoch_batches
 
     cache = fake_cache(tmp_path_factory.mktemp("fake"), lengths, 7)
     counts = count_pairs(cache, mode, "better")

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bso_cache.errors import ConfigError
-from bso_cache.plan import GIB, LEVERS, ModelShape, PlanOptions, largest_batch, parse_bytes, predict
+from bso_cache.training.plan import GIB, LEVERS, ModelShape, PlanOptions, largest_batch, parse_bytes, predict
 
 from bso_cache.cli.app import app
 
@@ -50,7 +50,7 @@ def test_components_follow_the_bytes_per_parameter_of_each_lever():
     assert predict(shape, replace(o, optimizer="adamw"))["optimizer_state"] == 8 * n
     bf16 = predict(shape, replace(o, dtype="bfloat16", optimizer="rmsprop8bit"))
     assert (bf16["weights"], bf16["gradients"], bf16["optimizer_state"]) == (2 * n, 2 * n, n)
-    from bso_cache.optim import SLICE
+    from bso_cache.training.optim import SLICE
 
     assert bf16["update"] == 14 * SLICE < 8 * shape.largest_tensor  # float32 copies and rounding buffers of one slice
     iib = predict(shape, replace(o, dtype="bfloat16", optimizer_in_backward=True))
@@ -116,7 +116,7 @@ def test_cli_reads_only_the_config_and_says_what_fits(tmp_path):
 
 
 def test_cli_takes_the_lengths_from_a_cache(demo_cache, demo_assets):
-    from bso_cache.plan import lengths_from_cache
+    from bso_cache.training.plan import lengths_from_cache
 
     seq, resp = lengths_from_cache(str(demo_cache))
     assert 0 < resp < seq <= 128

@@ -16,15 +16,15 @@ import pytest
 from bso_cache import schemas as S
 import torch
 
-from bso_cache import scoring, sharing
-from bso_cache.build import build_cache
+from bso_cache.scoring import scorer as scoring, sharing
+from bso_cache.cache.build import build_cache
 from bso_cache.cache import Cache
 from bso_cache.config import BuildConfig, TrainConfig
 from bso_cache.errors import ConfigError
 from bso_cache.losses import make_loss_spec, spec_loss
-from bso_cache.pairs import epoch_batches
-from bso_cache.layouts import shared_layout, unshared_layout
-from bso_cache.scoring import PairScorer, score_pairs
+from bso_cache.data.pairs import epoch_batches
+from bso_cache.scoring.layouts import shared_layout, unshared_layout
+from bso_cache.scoring.scorer import PairScorer, score_pairs
 
 from .conftest import read_jsonl
 
@@ -199,7 +199,7 @@ def test_caches_built_either_way_are_interchangeable(shared_caches, llama_model,
 
 
 def one_step(cache, out, **kw):
-    from bso_cache.train import train
+    from bso_cache.training.train import train
 
     cfg = dict(cache=str(cache), out=str(out), generator="logistic", safety_penalty=5.0, optimizer="sgd", lr=1.0,
                lr_schedule="constant", warmup_ratio=0.0, grad_clip=0.0, batch_size=8, max_steps=1, progress=False)
@@ -297,7 +297,7 @@ def test_probe_catches_an_attention_that_ignores_the_mask(llama_model, monkeypat
 
 
 def test_training_a_fallback_model_passes_the_step0_check(shared_caches, llama_model, tmp_path, monkeypatch):
-    from bso_cache import train as train_mod
+    from bso_cache.training import train as train_mod
     from bso_cache.models import load_model
 
     impl = _register_mask_ignoring_attention()
@@ -344,7 +344,7 @@ def test_the_decision_is_one_record_kept_by_a_resume_and_the_scorer_owns_it(llam
     and a run's run_config.json record the same SharingDecision; a resume under auto keeps it
     (records of earlier releases, a bare bool or {"used": ...}, too); a bad mode is a ConfigError."""
     from bso_cache.cache import CacheWriter
-    from bso_cache.sharing import SharingDecision
+    from bso_cache.scoring.sharing import SharingDecision
 
     model = load(llama_model)
     pairs = ([[1, 5, 6], [1, 9]], [[7, 8, 9], [3]], [[10, 11], [4, 4, 4]])
@@ -418,7 +418,7 @@ def _check_flex_layouts(shared_caches, llama_model, chat_model, model_name, data
 
 def test_flex_block_mask_is_the_dense_mask():
     """The BlockMask's rule, evaluated densely, is the SDPA mask, packing and padding included."""
-    from bso_cache.layouts import flex_pair_mask, pair_mask
+    from bso_cache.scoring.layouts import flex_pair_mask, pair_mask
 
     prompts, chosen, rejected = [[1, 2, 3, 4], [5], [6], [7, 8]], [[7, 8], [9], [10], [1]], [[11], [12], [13, 14], [2, 3]]
     for pack in (False, True):
@@ -432,7 +432,7 @@ def test_flex_block_mask_is_the_dense_mask():
 
 
 def test_training_with_flex_on_the_cpu_is_refused_in_one_line(demo_cache, demo_assets, tmp_path):
-    from bso_cache.train import train
+    from bso_cache.training.train import train
 
     cfg = TrainConfig(cache=str(demo_cache), out=str(tmp_path / "run"), policy=str(demo_assets["model"]),
                       attn_implementation="flex_attention", device="cpu", max_steps=1, progress=False)
@@ -461,7 +461,7 @@ def test_every_safe_winner_of_the_first_batch_learns_at_step_0(demo_assets, demo
     gradient, as it does online where the margin is exactly 0."""
     from transformers import AutoModelForCausalLM
 
-    from bso_cache.pairs import PairBatch
+    from bso_cache.data.pairs import PairBatch
 
     cfg = TrainConfig(cache=str(demo_cache), out="-")
     spec = cfg.loss_spec()

@@ -24,7 +24,7 @@ DPO = dict(generator="logistic", safety_penalty=0.0, pairs="none", optimizer="ad
 
 @pytest.fixture(scope="module")
 def nf4_cache(demo_assets, tmp_path_factory):
-    from bso_cache.build import build_cache
+    from bso_cache.cache.build import build_cache
     from bso_cache.config import BuildConfig
 
     out = tmp_path_factory.mktemp("nf4") / "cache"
@@ -102,7 +102,7 @@ def test_qlora_starts_at_its_reference_learns_and_saves_the_trained_function(dem
     moved = independent_logps(saved, rows)
     assert max(abs(m[0] - r[S.REF_CHOSEN_LOGP]) for m, r in zip(moved, rows)) > 0.01  # it did train
     # the run's own evaluation (of the 4-bit model as trained, before the merge) is the saved model's
-    from bso_cache.evaluate import evaluate_cache
+    from bso_cache.reporting.evaluate import evaluate_cache
 
     again = evaluate_cache(saved, Cache.open(nf4_cache), batch_size=8)
     assert summary["eval"]["pairs"] == again["pairs"] == 96
@@ -146,9 +146,9 @@ def test_a_missing_qlora_library_is_one_line_before_any_model_loads(demo_assets,
                                                                     missing, model_loads):
     import importlib.util
 
-    from bso_cache.build import build_cache
+    from bso_cache.cache.build import build_cache
     from bso_cache.config import BuildConfig
-    from bso_cache.preflight import check_build
+    from bso_cache.training.preflight import check_build
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))

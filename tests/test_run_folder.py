@@ -16,7 +16,7 @@ from .conftest import cli_in_process, digests, one_line_error
 
 def test_model_files_follow_the_umask(demo_cache, tmp_path):
     from bso_cache.config import TrainConfig
-    from bso_cache.train import train
+    from bso_cache.training.train import train
 
     old = os.umask(0o022)
     try:

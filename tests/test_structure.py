@@ -10,45 +10,46 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "bso_cache"
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
+# the modules every wing may use, which use no wing
+GROUND = ("config", "errors", "losses", "models", "quantize", "hashing", "schemas", "__init__")
 
 
-def modules(with_cli: bool = False) -> dict[str, tuple[Path, ast.Module]]:
+def modules() -> dict[str, tuple[Path, ast.Module]]:
     """Every module of the package by its dotted name under bso_cache ("cache.writer"; a package's
-    __init__ by the package's name); with_cli: the command line's too ("cli.app", installed as
-    bso_cache.cli)."""
+    __init__ by the package's name)."""
     out = {}
-    roots = [(PACKAGE, [])] + ([(ROOT / "cli", ["cli"])] if with_cli else [])
-    for root, prefix in roots:
-        for p in sorted(root.rglob("*.py")):
-            parts = prefix + list(p.relative_to(root).with_suffix("").parts)
-            if parts[-1] == "__init__":
-                parts = parts[:-1]
-            out[".".join(parts) or "__init__"] = (p, ast.parse(p.read_text()))
+    for p in sorted(PACKAGE.rglob("*.py")):
+        parts = list(p.relative_to(PACKAGE).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts) or "__init__"] = (p, ast.parse(p.read_text()))
     return out
 
 
-def internal_imports(path: Path, tree: ast.Module) -> set[str]:
-    """bso_cache modules a module imports, at any depth of its body (function-level imports too)."""
-    package = (["cli"] + list(path.relative_to(ROOT / "cli").parent.parts) if path.is_relative_to(ROOT / "cli")
-               else list(path.relative_to(PACKAGE).parent.parts))
+def internal_imports(path: Path, tree: ast.Module, known: set[str]) -> set[str]:
+    """bso_cache modules a module imports, at any depth of its body (function-level imports too):
+    `from bso_cache.training import parallel` is an import of training.parallel."""
+    package = list(path.relative_to(PACKAGE).parent.parts)
     out = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package[:len(package) - (node.level - 1)]
-                if node.module:
-                    out.add(".".join(base + node.module.split(".")))
-                else:
-                    out.update(".".join(base + [a.name]) for a in node.names)
-            elif node.module and node.module.startswith("bso_cache."):
-                out.add(node.module.removeprefix("bso_cache."))
+                base = ".".join(package[:len(package) - (node.level - 1)] + ([node.module] if node.module else []))
+            elif node.module == "bso_cache" or (node.module or "").startswith("bso_cache."):
+                base = node.module.removeprefix("bso_cache").lstrip(".")
+            else:
+                continue
+            for a in node.names:
+                name = f"{base}.{a.name}" if base else a.name
+                out.add(name if name in known else base or "__init__")
         elif isinstance(node, ast.Import):
             out.update(a.name.removeprefix("bso_cache.") for a in node.names if a.name.startswith("bso_cache."))
     return out
 
 
-def import_graph(with_cli: bool = False) -> dict[str, set[str]]:
-    return {name: internal_imports(p, tree) - {name} for name, (p, tree) in modules(with_cli).items()}
+def import_graph() -> dict[str, set[str]]:
+    found = modules()
+    return {name: internal_imports(p, tree, set(found)) - {name} for name, (p, tree) in found.items()}
 
 
 def circles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -89,17 +90,24 @@ def closure(graph: dict[str, set[str]], start: str) -> set[str]:
 
 
 def test_import_graph():
-    assert not circles(import_graph(with_cli=True)), circles(import_graph(with_cli=True))
+    """No circle anywhere, the CLI included; the wings depend on the ground, never the other way."""
     graph = import_graph()
-    assert "build" not in closure(graph, "verify") and "build" not in closure(graph, "train")
+    assert not circles(graph), circles(graph)
+    build, train = "cache.build", "training.train"
+    assert build not in closure(graph, "cache.verify") and build not in closure(graph, train)
     # evaluation in one home: train's --eval-cache, eval and the demo all use evaluate.py's
-    assert "evaluate" in closure(graph, "train") and "evaluate" in closure(graph, "demo")
-    assert "scoring" not in graph["metrics"]
+    assert "reporting.evaluate" in closure(graph, train) and "reporting.evaluate" in closure(graph, "reporting.demo")
+    assert "scoring.scorer" not in graph["training.metrics"]
     # library modules never import the CLI (only `python -m bso_cache`, the entry point, does)
-    assert [m for m, deps in graph.items() if any(d.startswith("cli") for d in deps)] == ["__main__"]
-    # the one pair scorer: build, train, evaluate and verify all reach scoring
-    for user in ("build", "train", "evaluate", "verify"):
-        assert "scoring" in closure(graph, user), user
+    assert [m for m, deps in graph.items() if not m.startswith("cli") and any(d.startswith("cli") for d in deps)] \
+        == ["__main__"]
+    # the one pair scorer: build, train, evaluate and verify all reach it
+    for user in (build, train, "reporting.evaluate", "cache.verify"):
+        assert "scoring.scorer" in closure(graph, user), user
+    # the ground (configuration, errors, losses, models, the contract) stands on no wing
+    ground = [m for m in graph if m.split(".")[0] in GROUND]
+    assert not {m: sorted(d for d in graph[m] if d.split(".")[0] not in GROUND) for m in ground
+                if any(d.split(".")[0] not in GROUND for d in graph[m])}
 
 
 def test_the_cache_has_one_writer():
@@ -111,11 +119,12 @@ def test_the_cache_has_one_writer():
     writers = sorted(n for n, text in texts.items() if "write_shard(" in text or "S.SHARD_PREFIX" in text
                      or "S.SHARD_PATTERN" in text or "S.BUILD_LOCK_NAME" in text)
     assert writers == ["cache.writer"], writers
-    assert sorted(n for n, text in texts.items() if "CacheWriter(" in text and n != "cache.writer") == ["build"]
-    assert not [n for n, text in texts.items() if '"part-' in text], "the shard prefix is spelled in schemas/ only"
-    assert "cache.writer" in closure(graph, "build") and "build" not in closure(graph, "cache")
-    cli = {p.name: p.read_text() for p in (ROOT / "cli").glob("*.py")}
-    assert [n for n, text in cli.items() if "bso_cache.build import build_cache" in text] == ["cache_cmds.py"]
+    assert sorted(n for n, text in texts.items() if "CacheWriter(" in text and n != "cache.writer") == ["cache.build"]
+    assert not [n for n, text in texts.items() if '"part-' in text and n != "schemas"], \
+        "the shard prefix is spelled in schemas.py only"
+    assert "cache.writer" in closure(graph, "cache.build") and "cache.build" not in closure(graph, "cache")
+    cli = {p.name: p.read_text() for p in (PACKAGE / "cli").glob("*.py")}
+    assert [n for n, text in cli.items() if "bso_cache.cache.build import build_cache" in text] == ["cache_cmds.py"]
     assert not [n for n, text in cli.items() if "CacheWriter" in text or "write_shard" in text]
 
 
@@ -135,8 +144,8 @@ def test_module_and_function_sizes():
 
 
 def test_file_names_are_spelled_once():
-    source = {p.name: p.read_text() for p in PACKAGE.rglob("*.py")}
-    schemas = (ROOT / "schemas" / "__init__.py").read_text()
+    source = {p.name: p.read_text() for p in PACKAGE.rglob("*.py") if p != PACKAGE / "schemas.py"}
+    schemas = (PACKAGE / "schemas.py").read_text()
     for name in ('"metrics.jsonl"', '"summary.json"', '"run_config.json"', '"build.json"', '"checkpoints"'):
         assert schemas.count(name) == 1, name
         assert not [n for n, s in source.items() if name in s], (name, [n for n, s in source.items() if name in s])

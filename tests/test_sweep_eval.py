@@ -11,7 +11,7 @@ import torch
 
 from bso_cache.cache import Cache
 from bso_cache.errors import ConfigError
-from bso_cache.sweep import parse_grid, plan_runs, run_sweep
+from bso_cache.training.sweep import parse_grid, plan_runs, run_sweep
 
 from .conftest import cli_in_process, one_line_error
 
@@ -84,7 +84,7 @@ def test_sweep_on_pku_then_eval_matches_independent_computation(pku_cache, tmp_p
               log=lambda s: None, plots=False)
     assert model_loads == []
     # eval of one run's model equals the definitions computed independently
-    from bso_cache.evaluate import evaluate_cache
+    from bso_cache.reporting.evaluate import evaluate_cache
     from bso_cache.models import load_model
 
     res = evaluate_cache(load_model(str(out / "generator-sba")), Cache.open(pku_cache), batch_size=8)
@@ -124,7 +124,7 @@ def test_eval_cli_json_and_generation_with_tiny_classifiers(demo_assets, demo_ca
     assert gen["harmless_rate"] == sum(x["cost"] <= 0 for x in lines) / 6
     assert gen["mean_reward"] == pytest.approx(sum(x["reward"] for x in lines) / 6, rel=1e-12)
     # the prompt as the policy saw it, markers kept (the demo tokenizer's BOS), beside the classifiers' text
-    from bso_cache.generation import cache_prompts
+    from bso_cache.reporting.generation import cache_prompts
 
     first = cache_prompts(Cache.open(demo_cache), 6)[0]
     assert lines[0]["prompt_rendered"] == tok.decode(first) and tok.decode(first) != tok.decode(first, skip_special_tokens=True)
@@ -133,17 +133,17 @@ def test_eval_cli_json_and_generation_with_tiny_classifiers(demo_assets, demo_ca
 
 def test_report_and_verify(demo_cache, tmp_path):
     from bso_cache.config import TrainConfig
-    from bso_cache.report import plot_run
-    from bso_cache.train import train
+    from bso_cache.reporting.report import plot_run
+    from bso_cache.training.train import train
     from bso_cache.config import VerifyConfig
-    from bso_cache.verify import verify_cache
+    from bso_cache.cache.verify import verify_cache
 
     train(TrainConfig(cache=str(demo_cache), out=str(tmp_path / "r"), max_steps=3, batch_size=4, progress=False),
           log=lambda s: None)
     files = plot_run(tmp_path / "r")
     assert all(is_png(f) for f in files)
     # as a person reads it: every panel has a y label, u apart from the fractions, the source said
-    from bso_cache.report import read_metrics, run_figure
+    from bso_cache.reporting.report import read_metrics, run_figure
 
     fig = run_figure(read_metrics(tmp_path / "r"), "r")
     assert all(ax.get_ylabel() for ax in fig.axes)
@@ -155,7 +155,7 @@ def test_report_and_verify(demo_cache, tmp_path):
 
 
 def test_tradeoff_plot_names_its_runs_its_source_and_its_pair_counts():
-    from bso_cache.report import tradeoff_figure
+    from bso_cache.reporting.report import tradeoff_figure
 
     points = {f"run-{i}": {"preference_accuracy": 0.5, "safety_accuracy": 1.0, "pairs": 8, "safety_pairs": 3}
               for i in range(3)}  # three runs on one spot: labels on the points would overlap
@@ -172,7 +172,7 @@ def test_eval_never_gives_rewards_against_another_reference_silently(demo_assets
     """The implicit reward is log pi - log pi_ref of the cache's reference. A run that started from
     other weights than that reference is refused (naming both) unless --allow-other-reference, and
     the result says which reference the numbers are relative to; train --eval-cache alike."""
-    from bso_cache.build import build_cache
+    from bso_cache.cache.build import build_cache
     from bso_cache.config import BuildConfig
 
     from .conftest import perturbed_copy
@@ -240,7 +240,7 @@ def test_loss_plots_scale_to_the_losses():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from bso_cache.report import _loss_scale
+    from bso_cache.reporting.report import _loss_scale
 
     for values, scale in (([1e14, 2.0, 0.5], "log"), ([1e14, -3.0], "symlog"), ([0.69, 0.5], "linear")):
         fig, ax = plt.subplots()
@@ -256,7 +256,7 @@ def test_a_sweep_holds_one_runs_model_at_a_time(demo_cache, tmp_path, monkeypatc
     import gc
     import weakref
 
-    import bso_cache.train as train_module
+    import bso_cache.training.train as train_module
 
     loaded, alive_at_load = [], []
     real = train_module.load_model

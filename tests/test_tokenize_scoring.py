@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from bso_cache.formats import Pair
-from bso_cache.layouts import make_token_batch
-from bso_cache.head import TargetLogProbs
-from bso_cache.scoring import sequence_logps
-from bso_cache.tokenize import PairTokenizer, apply_length_policy, PairTokens
+from bso_cache.data.formats import Pair
+from bso_cache.scoring.layouts import make_token_batch
+from bso_cache.scoring.head import TargetLogProbs
+from bso_cache.scoring.scorer import sequence_logps
+from bso_cache.data.tokenize import PairTokenizer, apply_length_policy, PairTokens
 
 PAIR = Pair(0, (("user", "How do I bake bread?"), ("assistant", "With flour."), ("user", "And then?")),
             "Knead the dough, let it rise, and bake it for 30 minutes.", "No idea.")
@@ -164,7 +164,7 @@ def test_stored_softmax_backward_equals_recompute_and_a_second_backward():
 def test_bf16_head_gradient_without_a_float32_buffer_equals_the_accumulated_one(monkeypatch):
     """A bf16 head with the softmax kept writes its weight gradient block by block in bf16: the same
     numbers as the float32 accumulator rounded to bf16 (within one bf16 rounding)."""
-    import bso_cache.head as head
+    import bso_cache.scoring.head as head
 
     monkeypatch.setattr(head, "GRAD_BLOCK_BYTES", 4 * 32 * 1000)  # blocks of 1,000 vocabulary rows: 3 of them
     torch.manual_seed(0)

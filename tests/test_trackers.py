@@ -160,7 +160,7 @@ def test_a_resumed_run_continues_its_tracker_runs(demo_cache, tmp_path, monkeypa
         pytest.importorskip(name)
     from mlflow.tracking import MlflowClient
 
-    from bso_cache import train as T
+    from bso_cache.training import train as T
     from bso_cache.config import TrainConfig
 
     for k, v in tracker_env(tmp_path).items():

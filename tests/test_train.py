@@ -12,7 +12,7 @@ import torch
 
 from bso_cache.config import TrainConfig
 from bso_cache.errors import ConfigError, MismatchError
-from bso_cache.train import train
+from bso_cache.training.train import train
 
 from .conftest import read_jsonl, train_run
 
@@ -131,7 +131,7 @@ def test_out_folder_is_not_clobbered(demo_cache, tmp_path):
 
 def test_pair_handling_counts(pku_cache):
     from bso_cache.cache import Cache
-    from bso_cache.pairs import count_pairs
+    from bso_cache.data.pairs import count_pairs
 
     cache = Cache.open(pku_cache)
     none = count_pairs(cache, "none", "better")
@@ -146,7 +146,7 @@ def test_pair_handling_counts(pku_cache):
 
 def test_every_pair_once_per_epoch(demo_cache):
     from bso_cache.cache import Cache
-    from bso_cache.pairs import epoch_batches
+    from bso_cache.data.pairs import epoch_batches
 
     cache = Cache.open(demo_cache)
     for bs in (1, 5, 16):
@@ -210,8 +210,8 @@ def test_the_log_and_summary_say_which_bound_ends_the_run(demo_cache, tmp_path):
 def test_no_shuffle_trains_in_cache_order_whatever_the_seed(demo_cache, tmp_path):
     from bso_cache.cache import Cache
     from bso_cache.config import TrainConfig
-    from bso_cache.pairs import epoch_batches
-    from bso_cache.train import Trainer
+    from bso_cache.data.pairs import epoch_batches
+    from bso_cache.training.train import Trainer
 
     order = [it.source_index for b in epoch_batches(Cache.open(demo_cache), mode="none", orientation="better",
                                                     batch_size=10**6, seed=0, epoch=0, shuffle=False) for it in b]

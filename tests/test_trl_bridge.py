@@ -34,7 +34,7 @@ def trl_losses(model_dir, cache, out, *, steps, batch_size, lr, **kw):
 
 def test_trl_trains_from_the_cache_with_no_reference_forward_and_equals_bso_cache(demo_assets, demo_cache, tmp_path):
     from bso_cache.config import TrainConfig
-    from bso_cache.train import train
+    from bso_cache.training.train import train
 
     steps, batch, lr = 5, 8, 1e-3
     losses, ref_forwards, policy_forwards, _ = trl_losses(demo_assets["model"], demo_cache, tmp_path / "trl",

@@ -1,5 +1,5 @@
 """A cache's manifest in one place: its type (`Manifest`, checked field by field against the contract
-in schemas/), how it is composed from a build's finished shards, and how it is read.
+in bso_cache/schemas.py), how it is composed from a build's finished shards, and how it is read.
 
 The file is written only by `bso_cache.cache.writer`, once every shard is done, atomically.
 """
@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import __version__
-from .. import schemas as S
-from ..errors import CacheError, ManifestError
+from bso_cache import __version__
+from bso_cache import schemas as S
+from bso_cache.errors import CacheError, ManifestError
 
 
 def counts_text(counts: dict[str, int]) -> str:

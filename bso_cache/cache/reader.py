@@ -6,17 +6,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .. import schemas as S
-from ..errors import CacheError, MismatchError
-from ..hashing import file_sha256
-from .manifest import Manifest, read_manifest
+from bso_cache import schemas as S
+from bso_cache.errors import CacheError, MismatchError
+from bso_cache.hashing import file_sha256
+from bso_cache.cache.manifest import Manifest, read_manifest
 
 ROW_GROUP_ROWS = 512  # rows per Parquet row group: the reader's unit of memory
 
 
 def check_tokenizer(cache_dir, manifest: Manifest, tokenizer, name: str) -> None:
     """Refuse a tokenizer other than the one the cache's token ids were made with."""
-    from ..tokenize import tokenizer_digest
+    from bso_cache.data.tokenize import tokenizer_digest
 
     if tokenizer_digest(tokenizer, None) != manifest.vocab_digest:
         raise MismatchError(

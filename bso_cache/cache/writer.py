@@ -21,15 +21,15 @@ import shutil
 import time
 from pathlib import Path
 
-from .. import schemas as S
-from ..dist import Dist
-from ..errors import CacheError
-from ..files import atomic_write_json
-from ..hashing import file_sha256
-from ..locks import folder_lock
-from ..sharing import SharingDecision
-from .manifest import Manifest, compose, counts_text, manifest_path, read_manifest
-from .reader import ROW_GROUP_ROWS
+from bso_cache import schemas as S
+from bso_cache.io.dist import Dist
+from bso_cache.errors import CacheError
+from bso_cache.io.files import atomic_write_json
+from bso_cache.hashing import file_sha256
+from bso_cache.io.locks import folder_lock
+from bso_cache.scoring.sharing import SharingDecision
+from bso_cache.cache.manifest import Manifest, compose, counts_text, manifest_path, read_manifest
+from bso_cache.cache.reader import ROW_GROUP_ROWS
 
 # How the inputs were spelled, not what they are (their digests are compared): a build resumes
 # whether --model / --data are given relative, absolute or from another working directory.

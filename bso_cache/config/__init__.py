@@ -7,14 +7,15 @@ its help, declared once (fields.py says what each option's metadata tells the re
     commands.py   EvalConfig, VerifyConfig, PlanConfig
 """
 
-from .build import BuildConfig
-from .choices import (ATTENTION, AUTOCAST, DEFAULT_MAX_LENGTH, DEFAULT_PREFIX_SHARING, DEFAULT_ROWS_PER_SHARD, DTYPES,
-                      FORMATS, OPTIMIZERS, ORIENTATIONS, OVERLONG, PAIR_MODES, PREFIX_SHARING, SCHEDULES,
-                      TEMPLATE_MODES, Attention, Autocast, DType, Format, GeneratorName, OptimizerName, Orientation,
-                      Overlong, PairMode, PrefixSharing, Schedule, TemplateMode)
-from .commands import EVAL_DEFAULTS, EvalConfig, PlanConfig, VerifyConfig
-from .fields import OptionInfo, names, option, options, section_names, to_dict
-from .train import BASELINES, REPORTERS, TrainConfig, parse_report_to
+from bso_cache.config.build import BuildConfig
+from bso_cache.config.choices import (ATTENTION, AUTOCAST, DEFAULT_MAX_LENGTH, DEFAULT_PREFIX_SHARING,
+                                      DEFAULT_ROWS_PER_SHARD, DTYPES, FORMATS, OPTIMIZERS, ORIENTATIONS, OVERLONG,
+                                      PAIR_MODES, PREFIX_SHARING, SCHEDULES, TEMPLATE_MODES, Attention, Autocast,
+                                      DType, Format, GeneratorName, OptimizerName, Orientation, Overlong, PairMode,
+                                      PrefixSharing, Schedule, TemplateMode)
+from bso_cache.config.commands import EVAL_DEFAULTS, EvalConfig, PlanConfig, VerifyConfig
+from bso_cache.config.fields import OptionInfo, names, option, options, section_names, to_dict
+from bso_cache.config.train import BASELINES, REPORTERS, TrainConfig, parse_report_to
 
 __all__ = [
     "BuildConfig", "TrainConfig", "EvalConfig", "VerifyConfig", "PlanConfig", "EVAL_DEFAULTS", "BASELINES",

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import ConfigError
-from .choices import (ATTN_HELP, DEFAULT_MAX_LENGTH, DEFAULT_PREFIX_SHARING, DEFAULT_ROWS_PER_SHARD, DEVICE_HELP,
-                      GGUF_HELP, PREFIX_SHARING_HELP, PROGRESS_HELP, REMOTE_CODE_HELP, Attention, DType, Format,
-                      Overlong, PrefixSharing, TemplateMode)
-from .fields import check_choices, option
+from bso_cache.errors import ConfigError
+from bso_cache.config.choices import (ATTN_HELP, DEFAULT_MAX_LENGTH, DEFAULT_PREFIX_SHARING, DEFAULT_ROWS_PER_SHARD,
+                                      DEVICE_HELP, GGUF_HELP, PREFIX_SHARING_HELP, PROGRESS_HELP, REMOTE_CODE_HELP,
+                                      Attention, DType, Format, Overlong, PrefixSharing, TemplateMode)
+from bso_cache.config.fields import check_choices, option
 
 
 @dataclass(frozen=True)

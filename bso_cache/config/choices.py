@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from ..losses import ALIASES as _ALIASES, GENERATORS as _GENERATORS
+from bso_cache.losses import ALIASES as _ALIASES, GENERATORS as _GENERATORS
 
 Format = Literal["auto", "pku", "hh", "generic", "implicit"]
 TemplateMode = Literal["auto", "chat", "plain"]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import ConfigError
-from .build import BuildConfig, GGUF_4BIT
-from .choices import (ATTN_HELP, CACHE_HELP, DEFAULT_MAX_LENGTH, DEFAULT_PREFIX_SHARING, DEVICE_HELP, GGUF_HELP,
-                      PREFIX_SHARING_HELP, REMOTE_CODE_HELP, Attention, DType, PrefixSharing)
-from .fields import check_choices, option
+from bso_cache.errors import ConfigError
+from bso_cache.config.build import BuildConfig, GGUF_4BIT
+from bso_cache.config.choices import (ATTN_HELP, CACHE_HELP, DEFAULT_MAX_LENGTH, DEFAULT_PREFIX_SHARING, DEVICE_HELP,
+                                      GGUF_HELP, PREFIX_SHARING_HELP, REMOTE_CODE_HELP, Attention, DType,
+                                      PrefixSharing)
+from bso_cache.config.fields import check_choices, option
 
 
 @dataclass(frozen=True)

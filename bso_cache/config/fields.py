@@ -20,7 +20,7 @@ import typing
 from dataclasses import MISSING, Field, dataclass, field
 from typing import Any, Iterator
 
-from ..errors import ConfigError
+from bso_cache.errors import ConfigError
 
 _FLAGS = ("sweep", "resume", "card", "plan")
 

@@ -13,13 +13,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError
-from ..losses import LOSS_DEFAULTS as _L
-from .build import GGUF_4BIT
-from .choices import (ATTN_HELP, DEFAULT_PREFIX_SHARING, DEVICE_HELP, PREFIX_SHARING_HELP, PROGRESS_HELP,
-                      REMOTE_CODE_HELP, Attention, Autocast, DType, GeneratorName, OptimizerName, Orientation,
-                      PairMode, PrefixSharing, Schedule)
-from .fields import check_choices, option, options
+from bso_cache.errors import ConfigError
+from bso_cache.losses import LOSS_DEFAULTS as _L
+from bso_cache.config.build import GGUF_4BIT
+from bso_cache.config.choices import (ATTN_HELP, DEFAULT_PREFIX_SHARING, DEVICE_HELP, PREFIX_SHARING_HELP,
+                                      PROGRESS_HELP, REMOTE_CODE_HELP, Attention, Autocast, DType, GeneratorName,
+                                      OptimizerName, Orientation, PairMode, PrefixSharing, Schedule)
+from bso_cache.config.fields import check_choices, option, options
 
 REPORTERS = ("tensorboard", "wandb", "mlflow", "trackio")  # --report-to's trackers (each an extra: trackers.py)
 
@@ -204,7 +204,7 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         """A copy with some options changed (validated like any new configuration)."""
-        from .fields import to_dict
+        from bso_cache.config.fields import to_dict
 
         return TrainConfig(**{**to_dict(self), **changes})
 
@@ -256,7 +256,7 @@ class TrainConfig:
                               "--optimizer-in-backward and --optimizer-offload are for one process or DDP")
 
     def loss_spec(self):
-        from ..losses import make_loss_spec
+        from bso_cache.losses import make_loss_spec
 
         return make_loss_spec(**dataclasses.asdict(self.loss))
 

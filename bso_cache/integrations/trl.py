@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import ConfigError
+from bso_cache.errors import ConfigError
 
 TESTED_TRL = ("1.16",)
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -49,8 +49,8 @@ def cache_dataset(cache, *, pairs: str = "none", orientation: str = "better"):
     """The cache's pairs as a TRL-ready `datasets.Dataset` (token ids and reference log-probs)."""
     from datasets import Dataset
 
-    from ..cache import Cache
-    from ..pairs import iter_items
+    from bso_cache.cache import Cache
+    from bso_cache.data.pairs import iter_items
 
     c = cache if isinstance(cache, Cache) else Cache.open(Path(cache))
     rows = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "ref_chosen_logps": [], "ref_rejected_logps": []}
@@ -73,7 +73,7 @@ def _trainer_class():
 
         def __init__(self, model, args, cache, *, processing_class, eval_cache=None, pairs: str = "none",
                      orientation: str = "better", allow_untested_trl: bool = False, **kwargs):
-            from ..cache import Cache, check_tokenizer
+            from bso_cache.cache import Cache, check_tokenizer
 
             check_trl_version(allow_untested_trl)
             if "train_dataset" in kwargs or "ref_model" in kwargs:
