@@ -233,8 +233,7 @@ def _load_converting(name_or_path: str, *, dtype: str, device: str, trust_remote
     trained in bf16), loaded tensor by tensor with plain reads into a model built in `dtype` on
     `device`: the host holds one tensor of the stored dtype at a time. `from_pretrained` instead
     maps the whole file and converts from the mapping, so the stored checkpoint's pages and the
-    converted model are resident together (measured: a 206M float32 model loaded as bf16 peaked at
-    1,292 MiB above the runtime, this way at ~600). Returns None where `from_pretrained` is the
+    converted model are resident together (docs/PERFORMANCE-MEMORY.md). Returns None where `from_pretrained` is the
     right path: the same dtype (its mapping costs nothing), no local safetensors checkpoint, or
     tensor names that are not exactly the model's (transformers renames or converts on load)."""
     import torch
@@ -358,9 +357,8 @@ def add_lora(cfg, model):
         raise ConfigError("--lora-r needs the `peft` package: pip install 'bso-cache[lora]'") from None
     target = "all-linear" if cfg.lora_target == "all-linear" else cfg.lora_target.split(",")
     # Adapters in the weights' dtype: peft's default makes bf16/fp16 adapters float32, and each
-    # adapted layer then casts its input to float32, a copy autograd keeps for the backward (on
-    # the H200 LoRA on bf16 weights took more memory than full bf16 fine-tuning: docs/PERFORMANCE.md,
-    # "GPU check"; tests/test_options.py counts the saved bytes).
+    # adapted layer then casts its input to float32, a copy autograd keeps for the backward (docs/GPU.md;
+    # tests/test_options.py counts the saved bytes).
     # Low-precision adapters learn through the optimizer's stochastic rounding (optim.py).
     with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)

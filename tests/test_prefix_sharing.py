@@ -339,35 +339,57 @@ def test_auto_shares_where_the_estimated_cost_is_lower_and_stays_off_where_unmea
         TrainConfig(cache="c", out="o", prefix_sharing="yes")
 
 
-def test_the_decision_is_one_record_kept_by_a_resume_and_the_scorer_owns_it(llama_model, tmp_path):
-    """sharing.decide makes the decision; the scorer holds it (read-only `sharing`); a build's state
-    and a run's run_config.json record the same SharingDecision; a resume under auto keeps it
-    (records of earlier releases, a bare bool or {"used": ...}, too); a bad mode is a ConfigError."""
-    from bso_cache.cache import CacheWriter
-    from bso_cache.scoring.sharing import SharingDecision
-
+def test_the_scorer_decides_when_it_is_made_and_owns_the_decision(llama_model):
+    """sharing.decide makes the decision, on the scorer's sample when it is made (lazily on the
+    first pairs it scores without one); the scorer holds it (read-only `sharing`); a bad mode is a
+    ConfigError."""
     model = load(llama_model)
     pairs = ([[1, 5, 6], [1, 9]], [[7, 8, 9], [3]], [[10, 11], [4, 4, 4]])
-    scorer = PairScorer(model, prefix_sharing="on", device="cpu")
-    assert scorer.sharing is None and scorer.decide(*pairs) is True
-    assert (scorer.decision.mode, scorer.decision.why) == ("on", "asked") and scorer.decision.probe["pairs"] == 2
+    made = PairScorer(model, prefix_sharing="on", device="cpu", sample=pairs)
+    assert made.sharing is True and (made.decision.mode, made.decision.why) == ("on", "asked")
+    assert made.decision.probe["pairs"] == 2
+    lazy = PairScorer(model, prefix_sharing="on", device="cpu")
+    assert lazy.sharing is None and lazy.decide(*pairs) is True
     with pytest.raises(AttributeError):
-        scorer.sharing = False  # noqa: the decision is the scorer's
-    kept = SharingDecision("auto", False, "estimated 3.30x the cost of unshared on 8 pairs")
-    again = PairScorer(model, prefix_sharing="auto", device="cpu", keep=kept)
-    assert again.decide(*pairs) is False and again.decision is kept  # no probe, no estimate: as it scored before
-    assert PairScorer(model, prefix_sharing="on", device="cpu", keep=kept).decide(*pairs) is True  # asked anew
+        made.sharing = False  # noqa: B010 - the decision is the scorer's
     with pytest.raises(ConfigError, match="--prefix-sharing 'yes'"):
         PairScorer(model, prefix_sharing="yes", device="cpu")
-    identity = {k: {"x": 1} for k in S.BUILD_IDENTITY_KEYS}
-    with CacheWriter(tmp_path / "c", identity) as w:
-        assert w.sharing is None
-        w.record_sharing(kept)
-        w.record_sharing(SharingDecision("auto", True, "later"))  # the first shard's decision stays
-    with CacheWriter(tmp_path / "c", identity) as w:  # the resumed build
-        assert (w.sharing.used, w.sharing.mode) == (False, "auto") and "kept from the build resumed" in w.sharing.why
-    assert SharingDecision.from_json(True).used is True and SharingDecision.from_json({"used": False}).used is False
-    assert SharingDecision.from_json(None) is None and SharingDecision.from_json({"used": "yes"}) is None
+
+
+def test_a_resumed_build_decides_on_the_first_shard_as_the_fresh_one_did(demo_assets, tmp_path, monkeypatch):
+    """Nothing is recorded for a resume: a build killed after its first shard and run again (which
+    scores shards 1 and 2 only) decides on the first shard's pairs, as the fresh build did, and
+    ends with the shards of an uninterrupted build."""
+    from bso_cache.cache import build as build_module
+
+    seen = []
+    real_decide = scoring.decide
+
+    def recording(mode, prompts, chosen, rejected, **kw):
+        seen.append([list(p) for p in prompts])
+        return real_decide(mode, prompts, chosen, rejected, **kw)
+
+    monkeypatch.setattr(scoring, "decide", recording)
+    cfg = dict(model=str(demo_assets["model"]), data=str(demo_assets["train"]), max_length=128, batch_size=8,
+               rows_per_shard=40, prefix_sharing="auto", progress=False)
+    build_cache(BuildConfig(out=str(tmp_path / "whole"), **cfg), log=lambda s: None)
+    real_block, calls = build_module._score_block, []
+
+    def first_shard_then_die(*args, **kw):
+        if calls:
+            raise KeyboardInterrupt  # killed after the first shard
+        calls.append(1)
+        return real_block(*args, **kw)
+
+    monkeypatch.setattr(build_module, "_score_block", first_shard_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(BuildConfig(out=str(tmp_path / "resumed"), **cfg), log=lambda s: None)
+    monkeypatch.setattr(build_module, "_score_block", real_block)
+    build_cache(BuildConfig(out=str(tmp_path / "resumed"), **cfg), log=lambda s: None)
+    assert len(seen) == 3 and seen[0] == seen[1] == seen[2]  # whole, interrupted, resumed: the first shard
+    state = json.loads((tmp_path / "whole" / S.MANIFEST_NAME).read_text())
+    again = json.loads((tmp_path / "resumed" / S.MANIFEST_NAME).read_text())
+    assert [sh["sha256"] for sh in state["shards"]] == [sh["sha256"] for sh in again["shards"]]
 
 
 # ---------------------------------------------------------------------------------- FlexAttention

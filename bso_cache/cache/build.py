@@ -21,6 +21,7 @@ from bso_cache.quantize import QUANT_TYPE
 from bso_cache.data.formats import Normaliser, Pair, scan_input
 from bso_cache.data.sources import open_source
 from bso_cache.training.preflight import check_build
+from bso_cache.io.allocator import return_freed_memory
 from bso_cache.io.dist import Dist
 from bso_cache.errors import ConfigError, DataError
 from bso_cache.io.files import check_out
@@ -109,16 +110,41 @@ def _max_length(cfg: BuildConfig) -> int:
     return max_length
 
 
-def _reference_scorer(cfg: BuildConfig, model, tokenizer, device: str, keep, log):
+def _reference_scorer(plan: "_Plan", model, log):
+    """The reference's pair scorer. Its prefix-sharing decision is made on the first shard's pairs,
+    whichever shards this process scores: a resumed build, and every torchrun rank, decide as a
+    fresh single-process build does, so its shards are the same bytes."""
     from bso_cache.scoring.scorer import PairScorer
 
+    tokenizer = plan.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return PairScorer(model, prefix_sharing=cfg.prefix_sharing, device=device, pad_id=pad_id, keep=keep, log=log)
+    return PairScorer(model, prefix_sharing=plan.cfg.prefix_sharing, sample=_first_shard_pairs(plan),
+                      device=plan.device, pad_id=pad_id, log=log)
+
+
+def _first_shard_pairs(plan: "_Plan") -> tuple[list, list, list]:
+    """The token ids of the first shard's pairs as they are scored (rows that fail or are dropped
+    left out): what the prefix-sharing decision is made on."""
+    import itertools
+
+    if plan.cfg.prefix_sharing == "off":
+        return [], [], []
+    normalise, pairs = Normaliser(plan.fmt), []
+    for index, raw in itertools.islice(enumerate(plan.source.rows()), min(plan.rows_per_shard, plan.n_input)):
+        try:
+            pairs.append(normalise(raw, index))
+        except DataError:
+            continue
+    encoded = [apply_length_policy(e, plan.max_length, plan.cfg.overlong)[0]
+               for _, e in _encode(plan.ptok, pairs, True, {})]
+    kept = [e for e in encoded if e is not None]
+    return [e.prompt_ids for e in kept], [e.chosen_ids for e in kept], [e.rejected_ids for e in kept]
 
 
 def build_cache(cfg: BuildConfig, *, log=print) -> Manifest:
     """Run a build (or resume one) and return the manifest."""
     check_build(cfg)
+    return_freed_memory()  # the C heap's policy, as the command line sets it (io/allocator.py)
     device = resolve_device(cfg.device)
     dist = Dist.from_env(device)
     if dist.enabled and device.startswith("cuda"):
@@ -191,9 +217,7 @@ def _score_todo(plan: _Plan, writer: CacheWriter, todo: list[int]) -> dict:
     reference = plan.identity["reference"]
     ref_info = {k: v for k, v in model_identity(cfg.model, cfg.gguf_file, model, reference["weights_digest"]).items()
                 if k not in reference}
-    # a resumed build keeps the decision its first shard was scored with (bit-identical shards)
-    scorer = _reference_scorer(cfg, model, plan.tokenizer, plan.device, writer.sharing,
-                               plan.log if plan.dist.is_main else (lambda s: None))
+    scorer = _reference_scorer(plan, model, plan.log if plan.dist.is_main else (lambda s: None))
     _score_blocks(plan, writer, scorer, todo, ref_info)
     return ref_info
 
@@ -268,7 +292,6 @@ def _score_blocks(plan: _Plan, writer: CacheWriter, scorer, todo: list[int], ref
         if len(block) == min(R, n_input - k * R):
             _score_block(plan, writer, normalise, scorer, k, block, on_batch, ref_info)
             block = []
-            writer.record_sharing(scorer.decision)
     if block:  # the input shrank between the passes
         raise DataError(f"the input changed while building (shard {block_k} is short)",
                         reason="input_changed", source=cfg.data)

@@ -2,8 +2,7 @@
 
 Everything a build puts on disk goes through it: the lock (one build per folder), the check of
 what the folder holds (another build's cache, a user's files, an unfinished build to resume), what
-`--overwrite` removes, the build's state (`build.json`: its identity and its prefix-sharing
-decision), each shard and its sidecar (`part-NNNNN.json`: rows, checksum, drops, notes, timing),
+`--overwrite` removes, the build's state (`build.json`: its identity), each shard and its sidecar (`part-NNNNN.json`: rows, checksum, drops, notes, timing),
 and, once every shard is done, the manifest folded from the sidecars (then the sidecars and the
 state go). Every file is written under a temporary name and renamed into place, so a killed build
 leaves only complete shards behind, and the same command resumes it.
@@ -27,7 +26,6 @@ from bso_cache.errors import CacheError
 from bso_cache.io.files import atomic_write_json
 from bso_cache.hashing import file_sha256
 from bso_cache.io.locks import folder_lock
-from bso_cache.scoring.sharing import SharingDecision
 from bso_cache.cache.manifest import Manifest, compose, counts_text, manifest_path, read_manifest
 from bso_cache.cache.reader import ROW_GROUP_ROWS
 
@@ -177,25 +175,11 @@ class CacheWriter:
             return {}
 
     def _write_state(self) -> None:
-        """Record the build's identity, keeping the prefix-sharing decision of the build it resumes."""
+        """Record the build's identity (what a resumed build must share with it)."""
         if self.dist.is_main:
             atomic_write_json(self.out / S.BUILD_STATE_NAME, {
-                "format": S.FORMAT_NAME, "schema_version": S.SCHEMA_VERSION, **self.identity,
-                "prefix_sharing": self._state().get("prefix_sharing")})
+                "format": S.FORMAT_NAME, "schema_version": S.SCHEMA_VERSION, **self.identity})
         self.dist.barrier()
-
-    @property
-    def sharing(self) -> SharingDecision | None:
-        """The prefix-sharing decision the build's first shard was scored with (None before it): a
-        resumed build keeps it, so that its shards are bit-identical to an uninterrupted build's."""
-        decision = SharingDecision.from_json(self._state().get("prefix_sharing"))
-        return decision.kept("build") if decision is not None else None
-
-    def record_sharing(self, decision: SharingDecision | None) -> None:
-        """Keep the first shard's decision in the build's state (later ones do not replace it)."""
-        state = self._state()
-        if self.dist.is_main and decision is not None and state and state.get("prefix_sharing") is None:
-            atomic_write_json(self.out / S.BUILD_STATE_NAME, {**state, "prefix_sharing": decision.to_json()})
 
     # --- shards -----------------------------------------------------------------------------------
 

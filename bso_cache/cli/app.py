@@ -89,10 +89,10 @@ app.command()(demo)
 def main() -> None:
     import logging
 
-    from bso_cache.training.allocator import return_freed_memory
+    from bso_cache.io.allocator import return_freed_memory
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return_freed_memory()  # large freed blocks go back to the OS (bso_cache/training/allocator.py)
+    return_freed_memory()  # large freed blocks go back to the OS (bso_cache/io/allocator.py)
     # torchao (the adamw4bit extra; transformers imports it when installed) logs at import that its
     # CUDA-only kernels did not load, and torch that torchao registers an enum: nothing to act on
     for name in ("torchao", "torch.utils._pytree"):

@@ -47,8 +47,8 @@ class TargetLogProbs(torch.autograd.Function):
 
     `matmul_dtype` (bf16/fp16 for float32 weights under autocast) runs the matmuls in that dtype,
     as autocast runs the model's own output layer; the log-softmax stays in float32. Without it a
-    float32 head under autocast ran three float32 N x H x V matmuls a step: on an H200 at a 152k
-    vocabulary ~90 of the step's ~235 ms (docs/GPU.md).
+    float32 head under autocast runs three float32 N x H x V matmuls a step, a large share of a
+    GPU step at a large vocabulary (docs/GPU.md).
     """
 
     @staticmethod

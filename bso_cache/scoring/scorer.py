@@ -221,16 +221,20 @@ def half_precision(model: nn.Module, autocast: str) -> bool:
 class PairScorer:
     """Scores batches of pairs with one model, sharing each prompt where that is on and exact.
 
-    `prefix_sharing` is `auto`, `on` or `off`, decided on the first batch by `sharing.decide` (the
-    rule and its measurements are there) and kept in `decision`; `keep`: the decision of the build or
-    run this one resumes, kept under `auto` so that it scores as it did. `module` is what runs the
-    forward: the model, or its DDP/FSDP wrapper.
+    `prefix_sharing` is `auto`, `on` or `off`, settled by `sharing.decide` (the rule and its
+    measurements are there) when the scorer is made, on `sample`: pairs that are the same on every
+    run and resume of a job (a build's first shard, a run's first pairs in stored order), so a
+    resume scores as the run it continues did and nothing needs recording; without a sample, on
+    the first pairs it scores. `model` is the bare model (the probe runs it without gradients,
+    so a trainer makes its scorer before wrapping the model), `module` what runs the forward: the
+    model, or its DDP/FSDP wrapper (`with_module`: the same decision, another module).
     """
 
-    def __init__(self, model: nn.Module, *, prefix_sharing: str, device=None, pad_id: int = 0,
-                 autocast: str = "none", pack: bool = False, keep: SharingDecision | None = None, log=print):
+    def __init__(self, model: nn.Module, *, prefix_sharing: str, module: nn.Module | None = None,
+                 sample: tuple[Sequence, Sequence, Sequence] | None = None, device=None, pad_id: int = 0,
+                 autocast: str = "none", pack: bool = False, log=print):
         self.model = model
-        self.module: nn.Module = model
+        self.module: nn.Module = model if module is None else module
         self.mode = check_mode(prefix_sharing)
         self.device = _model_device(model) if device is None else torch.device(device)
         self.pad_id = pad_id
@@ -240,8 +244,8 @@ class PairScorer:
         self.decision: SharingDecision | None = None
         if prefix_sharing == "off":
             self.decision = SharingDecision("off", False, "asked")
-        elif keep is not None and prefix_sharing == "auto":
-            self.decision = keep
+        elif sample is not None:
+            self.decide(*sample)
 
     @property
     def sharing(self) -> bool | None:
@@ -254,9 +258,8 @@ class PairScorer:
         other.module = module
         return other
 
-    def decide(self, prompts: Sequence, chosen: Sequence, rejected: Sequence, *, agree=None) -> bool | None:
-        """Settle whether to share on these pairs (the first batch; `sharing.decide`); idempotent.
-        `agree(decision)` returns the decision every process follows (rank 0's under torchrun)."""
+    def decide(self, prompts: Sequence, chosen: Sequence, rejected: Sequence) -> bool | None:
+        """Settle whether to share on these pairs (`sharing.decide`); idempotent."""
         if self.decision is None and prompts:
             def score(p, c, r, shared):
                 with torch.no_grad():
@@ -267,8 +270,6 @@ class PairScorer:
                                    attention=_attention_implementation(self.model),
                                    config=_unwrap(self.model).config, score=score,
                                    half=half_precision(self.model, self.autocast), log=self.log)
-        if agree is not None:
-            self.decision = agree(self.decision)
         return self.sharing
 
     def length(self, prompt: Sequence, chosen: Sequence, rejected: Sequence) -> int:

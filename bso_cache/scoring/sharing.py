@@ -1,20 +1,21 @@
 """Prefix sharing: whether a scorer scores each prompt once for both responses (one row
 prompt + chosen + rejected with a block mask, `layouts.shared_layout`) or twice. Decided once per
-scorer by `decide`, and recorded as a `SharingDecision` (a build's state and shard stats, a run's
-run_config.json); the numbers are the same either way, only the cost differs.
+scorer by `decide`, on pairs that are the same on every resume of a job (a build's first shard, a
+run's first pairs in stored order), so nothing needs recording; the `SharingDecision` is reported
+(a build's shard stats, a run's run_config.json). The numbers are the same either way, only the
+cost differs.
 
-What the measurements justify (docs/PERFORMANCE.md, "Prefix sharing" and "GPU check"): sharing
-pays on the CPU for a 46M Llama, costs more than it saves on tinystories-260k (8 heads of 8
-dimensions: attention over the longer shared rows outweighs the prompt tokens saved), and paid
-for the training step on an H200. So `auto` shares where a cost model of both layouts (`layout_cost`,
-fitted on the CPU) says the shared one is cheaper on the first batch, on the device kinds that were
-measured; `on` shares whenever the model can; `off` never. Before sharing, a probe scores a few
+Why a cost model (docs/PERFORMANCE.md, "Prefix sharing", and docs/GPU.md): sharing saves the
+prompt's second pass but makes rows longer, and attention over longer rows can cost more than the
+tokens saved (a model of many small heads). So `auto` shares where a cost model of both layouts
+(`layout_cost`, fitted on the CPU) says the shared one is cheaper on the decision's pairs, on the
+device kinds that were measured; `on` shares whenever the model can; `off` never. Before sharing, a probe scores a few
 pairs both ways: a model whose attention ignores the mask falls back to unshared, with one line.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 from bso_cache.config import PREFIX_SHARING
@@ -52,18 +53,6 @@ class SharingDecision:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_json(cls, obj) -> "SharingDecision | None":
-        """A recorded decision (a bare bool or {"used": ...} from earlier releases too), or None."""
-        if isinstance(obj, bool):
-            return cls("auto", obj, "recorded")
-        if isinstance(obj, dict) and isinstance(obj.get("used"), bool):
-            return cls(obj.get("mode", "auto"), obj["used"], obj.get("why", "recorded"), obj.get("probe"))
-        return None
-
-    def kept(self, what: str) -> "SharingDecision":
-        return replace(self, why=f"kept from the {what} resumed ({self.why})")
 
 
 def check_mode(mode: str) -> str:

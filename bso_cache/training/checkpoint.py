@@ -216,17 +216,3 @@ def finished_run(layout: RunLayout, config: dict) -> dict | None:
         return None
     refuse_changed(layout, config)
     return {**summary, "nothing_to_do": True}
-
-
-def resumed_sharing(layout: RunLayout):
-    """The prefix-sharing decision a run with checkpoints was scored with (run_config.json), so
-    that a resume scores as it did (auto decides on the first batch, which a resume does not see)."""
-    from bso_cache.scoring.sharing import SharingDecision
-
-    if not list_checkpoints(layout):
-        return None
-    try:
-        decision = SharingDecision.from_json(json.loads(layout.run_config.read_text())["prefix_sharing"])
-    except (OSError, json.JSONDecodeError, KeyError):
-        return None
-    return decision.kept("run") if decision is not None else None

@@ -116,8 +116,8 @@ def stochastic_round(x, dtype, generator):
 
 def squared_norm(grad) -> float:
     """The float32 sum of squares of a gradient, a slice at a time: `grad.float().pow(2).sum()`
-    made two float32 copies of the whole tensor (392 MiB at a 50k x 1024 bf16 embedding, in the
-    backward pass beside the activations)."""
+    makes two float32 copies of the whole tensor, in the backward pass beside the activations
+    (docs/PERFORMANCE-MEMORY.md)."""
     flat = grad.detach().reshape(-1)
     total = torch.zeros((), dtype=torch.float32, device=flat.device)
     for start in range(0, flat.numel(), SLICE):
@@ -211,7 +211,7 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
     def _hook(self, i: int):
         # The hook holds the optimizer weakly: a parameter keeps its hooks where the garbage collector
         # does not see them, so a strong reference would keep the optimizer, its states and the model
-        # alive after the run (on the H200, ~4.7 GB per in-backward run of a 0.5B model, into the next).
+        # alive after the run, into the next run of a sweep (docs/GPU.md, "Correction").
         ref = weakref.ref(self)
 
         def hook(p) -> None:

@@ -42,12 +42,10 @@ GIB = 1 << 30
 # intermediate / hidden); the rest (residual adds) saves nothing.
 NORM_AND_ATTN_OUT = 6.0     # 2 norms x (input, output) + the attention output + o_proj input
 MLP_PER_INTERMEDIATE = 4.0  # gate, up, act(gate), act(gate) * up
-# The saved values above, counted op by op, overstate what is live at the peak: on the 206M bench
-# model (docs/PERFORMANCE.md, with glibc returning freed blocks so RSS follows the live tensors)
-# the measured peaks of 7 configurations fit 0.7 of the count. On CUDA (scripts/gpu_check.sh, H200,
-# 0.5B, batch 8 pairs of up to 723 tokens: docs/GPU.md) the activations of
-# the bf16 full fine-tuning rows (plain, 8-bit, 4-bit states) were 1.68-1.69x the CPU-calibrated
-# count and fp32 + autocast 2.0x: the caching allocator's blocks and autocast's saved copies.
+# The saved values above, counted op by op, overstate what is live at the peak on the CPU (a
+# fraction of them are freed before the peak) and understate it on CUDA (the caching allocator's
+# blocks, autocast's saved copies): each device's factor is fitted on the measured peaks of
+# scripts/bench_memory.py (docs/PERFORMANCE-MEMORY.md) and scripts/gpu_check.sh (docs/GPU.md).
 ACT_CALIBRATION = 0.7
 ACT_CALIBRATION_CUDA = 1.2
 RUNTIME_CUDA = 1 * GIB      # CUDA context, cuBLAS/cuDNN workspaces, allocator slack (an estimate)

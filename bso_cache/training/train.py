@@ -24,7 +24,7 @@ from bso_cache import schemas as S
 from bso_cache.cache import Cache, check_tokenizer, counts_text, manifest_path
 from bso_cache.io.files import atomic_write_json, check_out, follow_umask
 from bso_cache.training.checkpoint import (Position, clear_run_folder, finished_run, list_checkpoints, listed_files,
-                                           load_checkpoint, refuse_changed, resumed_sharing, save_checkpoint,
+                                           load_checkpoint, refuse_changed, save_checkpoint,
                                            truncate_metrics)
 from bso_cache.config import TrainConfig, to_dict
 from bso_cache.io.dist import Dist
@@ -42,7 +42,7 @@ from bso_cache.data.pairs import PairBatch, count_pairs, epoch_batches, prefetch
 from bso_cache.io.locks import folder_lock
 from bso_cache.training import parallel
 from bso_cache.training.preflight import check_train
-from bso_cache.training.allocator import heap_policy
+from bso_cache.io.allocator import heap_policy
 
 
 class Trainer:
@@ -122,21 +122,19 @@ class Trainer:
         return name
 
     def _make_scorer(self) -> None:
-        """The pair scorer, its prefix-sharing decision (probed on the cache's first pairs in stored
-        order, so every rank decides the same, on the bare model), then the DDP/FSDP wrapping."""
+        """The pair scorer, whose prefix-sharing decision is made on the cache's first pairs in stored
+        order (the same on every rank and every resume) with the bare model, then the same scorer
+        over the DDP/FSDP-wrapped model (FSDP replaces the parameters the probe would run)."""
         from bso_cache.scoring.scorer import PairScorer, SequenceScorer
 
         cfg = self.cfg
-        self.pair_scorer = PairScorer(self.model, prefix_sharing=cfg.prefix_sharing, device=self.device,
-                                      pad_id=self.pad_id, autocast=cfg.autocast, log=self.log,
-                                      keep=resumed_sharing(self.layout) if cfg.resume else None)  # scores as it did
         first = next(epoch_batches(self.cache, mode="none", orientation="better", batch_size=cfg.micro_batch, seed=0,
                                    epoch=0, shuffle=False), [])
-        # every rank follows rank 0, so that all score alike
-        self.pair_scorer.decide(*token_ids(first), agree=lambda d: self.dist.all_gather_object(d)[0])
+        bare = PairScorer(self.model, sample=token_ids(first), prefix_sharing=cfg.prefix_sharing, device=self.device,
+                          pad_id=self.pad_id, autocast=cfg.autocast, log=self.log)
         self.scorer = parallel.wrap(SequenceScorer(self.model), self.model, fsdp=cfg.fsdp, dist=self.dist,
                                     device=self.device)
-        self.pair_scorer.module = self.scorer
+        self.pair_scorer = bare.with_module(self.scorer)
 
     def _plan_steps(self) -> None:
         cfg = self.cfg

@@ -37,8 +37,8 @@ FRUGAL_THRESHOLD = 128 << 10   # glibc's own starting value, kept fixed: RSS fol
 def memory_first(cfg, device: str) -> str | None:
     """On the CPU, a run that asked for memory over time (--gradient-checkpointing,
     --optimizer-in-backward) also gets the C heap's frugal policy: every freed block of 128 KiB or
-    more goes back to the OS. On the bench's 206M model this took the most frugal run's peak from
-    1,858 to 1,434 MiB for ~19% more time per step (docs/PERFORMANCE.md). Returns the line to print,
+    more goes back to the OS, so RSS follows the live tensors, for some more time per step (the
+    trade measured: docs/PERFORMANCE-MEMORY.md). Returns the line to print,
     or None where nothing changed (another device, no such lever, a MALLOC_* setting of the user's)."""
     levers = [flag for flag, on in (("--gradient-checkpointing", cfg.gradient_checkpointing),
                                     ("--optimizer-in-backward", cfg.optimizer_in_backward)) if on]
