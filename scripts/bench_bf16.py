@@ -77,15 +77,12 @@ def main() -> None:
             per_token = diff / lengths
             rows.append(f"| {name} | {label} | {len(diff)} | {per_token.max():.2e} | "
                         f"{per_token.quantile(0.99):.2e} | {per_token.mean():.2e} | {diff.max():.3g} | {diff.mean():.3g} |")
-    text = ("<!-- bench-bf16:begin -->\n"
-            f"| data | comparison | sequences | per token: max | p99 | mean | per sequence: max | mean |\n"
-            "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n<!-- bench-bf16:end -->")
+    text = ("| data | comparison | sequences | per token: max | p99 | mean | per sequence: max | mean |\n"
+            "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
     print(text)
-    doc = Path(args.doc)
-    s = doc.read_text()
-    if "<!-- bench-bf16:begin -->" in s:
-        i, j = s.index("<!-- bench-bf16:begin -->"), s.index("<!-- bench-bf16:end -->") + len("<!-- bench-bf16:end -->")
-        doc.write_text(s[:i] + text + s[j:])
+    from results import record
+
+    record("bench-bf16", args.doc, text)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import ROOT, SHARED, median_round, paired_ratio, peak_rss_mib, setup, versions, write_section  # noqa: E402
+from bench_train import ROOT, SHARED, median_round, paired_ratio, peak_rss_mib, setup, versions  # noqa: E402
+from results import record  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -190,7 +191,7 @@ def main() -> None:
     print(mem_text)
     if rows:
         _write_build_section(args, info, lines)
-    write_section(Path(args.doc), "bench-memory", mem_text)
+    record("bench-memory", args.doc, mem_text)
 
 
 def _write_build_section(args, info: dict, lines: list[str]) -> None:
@@ -207,7 +208,7 @@ def _write_build_section(args, info: dict, lines: list[str]) -> None:
             "trl-precompute: TRL's DPOTrainer constructor with precompute_ref_log_probs=True (tokenizing + reference "
             "pass, fresh datasets cache); its tokens are those of its own padded batches.")
     print(text)
-    write_section(Path(args.doc), f"bench-build-{args.data}{'-quick' if args.quick else ''}", text)
+    record(f"bench-build-{args.data}{'-quick' if args.quick else ''}", args.doc, text, data={"info": info, "table": lines})
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def worker(name: str, info: dict, steps: int, batch_size: int, max_length: int) 
 
     from bench_train import peak_rss_mib
 
-    from bso_cache.training.allocator import return_freed_memory
+    from bso_cache.io.allocator import return_freed_memory
     from bso_cache.config import TrainConfig
     from bso_cache.training.train import train
 
@@ -115,7 +115,7 @@ def worker(name: str, info: dict, steps: int, batch_size: int, max_length: int) 
                           lr=1e-6, batch_size=batch_size, max_steps=steps, epochs=100, progress=False,
                           overwrite=True, **CONFIGS[name])
         if not os.environ.get("BENCH_GLIBC_DEFAULTS"):
-            from bso_cache.training.allocator import memory_first
+            from bso_cache.io.allocator import memory_first
 
             memory_first(cfg, "cpu")  # as `bso-cache train` runs (its levers' heap policy)
         train(cfg, log=lambda s: None)
@@ -210,7 +210,8 @@ def run_worker(name: str, args, info: dict) -> dict:
 
 
 def main() -> None:
-    from bench_train import versions, write_section
+    from bench_train import versions
+    from results import record
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker")
@@ -265,7 +266,7 @@ def main() -> None:
     else:
         allocator, prefix, marker = ("as `bso-cache train` runs it (glibc's mmap threshold fixed at 4 MiB, at 128 "
                                      "KiB with checkpointing or the optimizer in the backward pass: "
-                                     "bso_cache/training/allocator.py)"), "", ""
+                                     "bso_cache/io/allocator.py)"), "", ""
     cmd = prefix + "python scripts/bench_memory.py " + " ".join(sys.argv[1:])
     text = (f"### Memory levers, full fine-tuning, {allocator.split(' (')[0]} ({time.strftime('%Y-%m-%d')})\n\n"
             f"{'tiny Llama (quick)' if args.quick else 'random-init Llama'} of {shape.params / 1e6:.0f}M parameters "
@@ -278,7 +279,7 @@ def main() -> None:
             f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; {versions()}.\n"
             f"Command: `{cmd.strip()}`\n\n" + "\n".join(lines))
     print(text)
-    write_section(Path(args.doc), "bench-memory-levers" + ("-quick" if args.quick else "") + marker, text)
+    record("bench-memory-levers" + ("-quick" if args.quick else "") + marker, args.doc, text)
 
 
 if __name__ == "__main__":

@@ -231,17 +231,6 @@ def paired_ratio(rounds: list[dict], base: list[dict], key: str) -> float:
     return statistics.median(r[key] / b[key] for r, b in zip(rounds, base))
 
 
-def write_section(doc: Path, marker: str, text: str) -> None:
-    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
-    old = doc.read_text() if doc.exists() else "# Performance\n"
-    block = f"{begin}\n{text}\n{end}"
-    if begin in old and end in old:
-        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    doc.write_text(new)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker")
@@ -315,7 +304,9 @@ def main() -> None:
     marker = f"bench-train-{args.data}-{args.device}{'-quick' if args.quick else ''}"
     if set(systems) != set(SYSTEMS):
         marker += "-" + "-".join(systems)
-    write_section(Path(args.doc), marker, text)
+    from results import record
+
+    record(marker, args.doc, text, data={"info": info, "results": results})
 
 
 if __name__ == "__main__":

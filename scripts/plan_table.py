@@ -37,7 +37,7 @@ GPUS = {"24 GB": 24 * 10**9, "80 GB": 80 * 10**9}
 def main() -> None:
     from transformers import LlamaConfig, Qwen2Config
 
-    from bench_train import write_section
+    from results import record
     from bso_cache.training.plan import LEVERS, PlanOptions, combination, largest_batch, load_shape, predict
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,7 +76,7 @@ def main() -> None:
             f"the published configs; `python scripts/plan_table.py` rebuilds this table. The QLoRA row "
             f"(`train --load-in-4bit --lora-r 16`) has not been measured on a GPU yet.\n\n" + "\n".join(lines))
     print(text)
-    write_section(Path(args.doc), "plan-what-fits", text)
+    record("plan-what-fits", args.doc, text)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--doc", default=str(ROOT / "docs" / "RESULTS.md"))
     args = ap.parse_args()
 
-    from bench_train import write_section
+    from results import record
 
     from bso_cache.cache.build import build_cache
     from bso_cache.cache import Cache
@@ -138,7 +138,7 @@ def main() -> None:
             "safe one gets the higher implicit reward log pi - log pi_ref. Margin (nats): implicit-reward margin "
             "of the safe over the unsafe response on those pairs.")
     print(text)
-    write_section(Path(args.doc), f"reproduce-{args.model}", text)
+    record(f"reproduce-{args.model}", args.doc, text, data=results)
     (work / "results.json").write_text(json.dumps(results, indent=2))
 
 

@@ -191,3 +191,14 @@ def test_docs_tell_one_truth_in_pages_a_person_reads():
                and not {"tests", ".git", ".venv", "build"} & set(p.relative_to(ROOT).parts)
                and ".egg-info" not in str(p)]
     assert not [p.name for p in shipped if re.search(r"\b(BSO|DESIGN)\.md", p.read_text())]
+
+
+def test_the_figures_in_the_docs_are_their_results():
+    """Every benchmark section of docs/ is rendered from its JSON result (docs/results/) by the one
+    renderer, scripts/results.py: a figure edited by hand, or a result not rendered, fails."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "results.py"), "--check"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
