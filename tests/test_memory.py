@@ -279,7 +279,7 @@ def test_converting_load_equals_from_pretrained(demo_assets, dtype, tmp_path):
 def test_the_allocator_policy_is_set_unless_the_user_set_one(monkeypatch):
     import sys
 
-    from bso_cache.training.allocator import return_freed_memory
+    from bso_cache.io.allocator import return_freed_memory
 
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc only")

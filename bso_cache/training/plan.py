@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from bso_cache.config import TrainConfig, options
 from bso_cache.errors import ConfigError
 from bso_cache.scoring.head import STORED_SOFTMAX_BYTES, default_chunk
 from bso_cache.training.optim import SLICE
@@ -95,17 +96,23 @@ class ModelShape:
         return self.hidden * (NORM_AND_ATTN_OUT + attn) + MLP_PER_INTERMEDIATE * self.intermediate
 
 
+_TRAIN = {o.name: o.default for o in options(TrainConfig)}  # the levers' defaults are train's
+
+
 @dataclass(frozen=True)
 class PlanOptions:
-    dtype: str = "float32"
-    optimizer: str = "rmsprop"
-    lora_r: int = 0
-    qlora: bool = False
-    gradient_checkpointing: bool = False
-    optimizer_in_backward: bool = False
-    optimizer_offload: bool = False
-    autocast: str = "none"
-    micro_batch: int = 16        # pairs per forward (--batch-size / --grad-accum)
+    """What memory depends on in a run: its levers (TrainConfig's plan=True options, `from_train`)
+    and its shapes."""
+
+    dtype: str = _TRAIN["dtype"]
+    optimizer: str = _TRAIN["optimizer"]
+    lora_r: int = _TRAIN["lora_r"]
+    qlora: bool = _TRAIN["load_in_4bit"]
+    gradient_checkpointing: bool = _TRAIN["gradient_checkpointing"]
+    optimizer_in_backward: bool = _TRAIN["optimizer_in_backward"]
+    optimizer_offload: bool = _TRAIN["optimizer_offload"]
+    autocast: str = _TRAIN["autocast"]
+    micro_batch: int = _TRAIN["batch_size"] // _TRAIN["grad_accum"]  # pairs per forward
     seq_length: int = 2048       # tokens of the longest sequence of a batch (prompt + the longer response)
     response_tokens: int = 1024  # tokens of the longer response of a pair (the scored positions)
     device: str = "cuda"
