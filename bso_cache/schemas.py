@@ -178,6 +178,7 @@ class RunLayout:
     LOCK = ".run.lock"                       # held while a run writes the folder (locks.folder_lock)
     TRACKERS = "trackers.json"               # --report-to: the tracker run ids, so that --resume continues them
     WANDB = "wandb"                          # --report-to wandb: its local files
+    SWEEP_STATUS = "sweep_status.json"       # a sweep's run that did not finish: stopped early or failed
 
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root))
@@ -210,6 +211,10 @@ class RunLayout:
     def plots(self) -> Path:
         return self.root / self.PLOTS
 
+    @property
+    def sweep_status(self) -> Path:
+        return self.root / self.SWEEP_STATUS
+
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:08d}"
 
@@ -218,7 +223,7 @@ class RunLayout:
         """The entries of a run folder that a run writes under fixed names."""
         return frozenset({cls.RUN_CONFIG, cls.METRICS, cls.SUMMARY, cls.CHECKPOINTS, cls.TENSORBOARD,
                           cls.ADAPTER, cls.PLOTS, cls.RUN_CONFIG + ".tmp", cls.SUMMARY + ".tmp", cls.LOCK,
-                          cls.TRACKERS, cls.WANDB})
+                          cls.TRACKERS, cls.WANDB, cls.SWEEP_STATUS})
 
 
 @dataclass(frozen=True)

@@ -444,6 +444,56 @@ def train_section(ctx) -> None:
     del torch
 
 
+_RUN_ONE = """import json, sys, torch
+from bso_cache.config import TrainConfig
+from bso_cache.training.train import train
+summary = train(TrainConfig(**json.loads(sys.argv[1])), log=lambda s: None)
+peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+print(json.dumps({"peak_mib": peak, "loss": summary["final"]["loss"]}))
+"""
+
+
+def concurrent_section(ctx) -> None:
+    """What sharing one GPU buys a sweep: N runs of the model one after another, then N at once
+    (each its own process on the same GPU, as Ray Tune's --gpus-per-run 1/N places them; Ray itself
+    is not on the GPU image), the same cache and settings: wall time, throughput ratio, peak per run."""
+    import subprocess
+    import sys
+
+    device, work, bs = ctx["device"], ctx["work"], ctx["bs"]
+    n = 2 if ctx["tiny"] else 4
+    steps = -(-ctx["n_train"] // bs)
+    base = dict(cache=str(work / "cache"), policy=str(ctx["model_dir"]), generator="sba", optimizer="adamw", lr=1e-6,
+                batch_size=bs, max_steps=2 * steps, shuffle=False, autocast="bf16" if device != "cpu" else "none",
+                device=device, prefix_sharing="off", progress=False, overwrite=True, step0_tolerance=1e9,
+                attn_implementation="sdpa")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def launch(mode: str, i: int):
+        opts = {**base, "out": str(work / f"concurrent-{mode}-{i}"), "seed": i}
+        return subprocess.Popen([sys.executable, "-c", _RUN_ONE, json.dumps(opts)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+
+    def finish(proc) -> dict:
+        out, err = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}")
+        return json.loads(out.strip().splitlines()[-1])
+
+    t = time.perf_counter()
+    alone = [finish(launch("sequential", i)) for i in range(n)]
+    sequential_s = time.perf_counter() - t
+    t = time.perf_counter()
+    together = [finish(p) for p in [launch("concurrent", i) for i in range(n)]]
+    concurrent_s = time.perf_counter() - t
+    ctx["check"].results["concurrent"] = {
+        "runs": n, "steps_per_run": 2 * steps, "sequential_s": sequential_s, "concurrent_s": concurrent_s,
+        "throughput_ratio": sequential_s / concurrent_s,
+        "peak_mib_alone": [r["peak_mib"] for r in alone], "peak_mib_concurrent": [r["peak_mib"] for r in together],
+        "same_losses": all(abs(a["loss"] - b["loss"]) < 1e-3 for a, b in zip(alone, together))}
+    ctx["check"].save()
+
+
 def dpo_baseline_step(policy, ref, batch, opt, device, beta=0.1):
     """Reference online, full logits (what the usual trainers do)."""
     import torch
@@ -641,6 +691,14 @@ def render(res: dict) -> str:
                  if v.get("held_before_mib", 0) > HELD_LIMIT_MIB]
         lines += [f"- {label}: started with {mib:,.0f} MiB still allocated by earlier rows; its peak includes them"
                   for label, mib in held]
+    conc = res.get("concurrent")
+    if conc:
+        peaks = [p for p in conc["peak_mib_concurrent"] if p is not None]
+        lines += ["", f"Sharing one device (a sweep's --gpus-per-run 1/{conc['runs']}): {conc['runs']} runs of "
+                      f"{conc['steps_per_run']} steps one after another {conc['sequential_s']:.1f} s, at once "
+                      f"{conc['concurrent_s']:.1f} s: {conc['throughput_ratio']:.2f}x the throughput"
+                      + (f"; peak per run {max(peaks):,.0f} MiB" if peaks else "")
+                      + f"; losses {'the same' if conc['same_losses'] else 'DIFFERENT'} either way."]
     rule = decide(res)
     if rule:
         lines += ["", f"Rule outcome (`auto` on this device): attention {rule['attention']}; build layout "
@@ -694,12 +752,13 @@ def main() -> None:
         return LlamaForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device)
 
     ctx = {"device": device, "bs": bs, "pairs": pairs, "n_train": info["train_pairs"], "work": work, "load": load,
-           "check": check, "tokenizer": tok, "model_dir": model_dir, "train_need_s": 5 if tiny else 20}
+           "check": check, "tokenizer": tok, "model_dir": model_dir, "train_need_s": 5 if tiny else 20, "tiny": tiny}
     check.run("build", build_section, ctx)
     check.run("exactness", exactness_section, ctx, need_s=30)
     check.run("baselines", baselines_section, ctx, need_s=30)
     if "scores" in ctx:
         check.run("train", train_section, ctx, need_s=60)
+        check.run("concurrent", concurrent_section, ctx, need_s=60)
     else:
         check.results["skipped"]["train"] = "the build section gave no scores to make a cache of"
     check.run("trl", trl_section, ctx, need_s=40)

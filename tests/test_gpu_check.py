@@ -59,9 +59,12 @@ def test_gpu_check_runs_tiny_on_cpu_from_a_bare_checkout(tmp_path):
     first_missing = "trl" if importlib.util.find_spec("trl") is None else "datasets"
     assert train["trl"]["skipped"] == f"{first_missing} is not installed here"
     assert res["rule"]["attention"] in ("sdpa", "flex_attention")
+    # runs sharing one device: each the same run as alone (what a sweep's --gpus-per-run 1/N does)
+    concurrent = res["concurrent"]
+    assert concurrent["runs"] == 2 and concurrent["same_losses"] and concurrent["throughput_ratio"] > 0
     text = (tmp_path / "gpu_check.md").read_text()
     assert "| shared + packed, FlexAttention block mask |" in text and "| bf16 + 8-bit AdamW | skipped" in text
-    assert "Rule outcome" in text
+    assert "Rule outcome" in text and "Sharing one device" in text
 
 
 @pytest.mark.gpu

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bso_cache.cache import Cache
+from bso_cache.config import SweepConfig
 from bso_cache.errors import ConfigError
 from bso_cache.training.sweep import parse_grid, plan_runs, run_sweep
 
@@ -65,8 +66,8 @@ def test_sweep_on_pku_then_eval_matches_independent_computation(pku_cache, tmp_p
     out = tmp_path / "sweep"
     grid = parse_grid({"generator": "logistic,kliep,sba", "max_steps": "4", "batch_size": "4"})
     lines = []
-    run_sweep(str(pku_cache), str(out), grid, [], {"progress": False, "lr": 1e-3, "optimizer": "adamw"},
-              log=lines.append)
+    run_sweep(SweepConfig(cache=str(pku_cache), out=str(out)), grid, [],
+              {"progress": False, "lr": 1e-3, "optimizer": "adamw"}, log=lines.append)
     assert len(model_loads) == 3  # one policy per run, never the reference
     with open(out / "summary.csv") as f:
         table = list(csv.DictReader(f))
@@ -80,8 +81,8 @@ def test_sweep_on_pku_then_eval_matches_independent_computation(pku_cache, tmp_p
     assert json.loads((out / "summary.json").read_text())[0]["run"] == "generator-logistic"
     # repeated: finished runs are skipped, no model loads
     model_loads.clear()
-    run_sweep(str(pku_cache), str(out), grid, [], {"progress": False, "lr": 1e-3, "optimizer": "adamw"},
-              log=lambda s: None, plots=False)
+    run_sweep(SweepConfig(cache=str(pku_cache), out=str(out)), grid, [],
+              {"progress": False, "lr": 1e-3, "optimizer": "adamw"}, log=lambda s: None, plots=False)
     assert model_loads == []
     # eval of one run's model equals the definitions computed independently
     from bso_cache.reporting.evaluate import evaluate_cache
@@ -270,7 +271,7 @@ def test_a_sweep_holds_one_runs_model_at_a_time(demo_cache, tmp_path, monkeypatc
 
     monkeypatch.setattr(train_module, "load_model", load_model)
     grid = parse_grid({"lr": "1e-3,1e-4,1e-5", "max_steps": "1", "batch_size": "4"})
-    run_sweep(str(demo_cache), str(tmp_path / "sweep"), grid, [],
+    run_sweep(SweepConfig(cache=str(demo_cache), out=str(tmp_path / "sweep")), grid, [],
               {"progress": False, "dtype": "bfloat16", "optimizer": "adamw", "optimizer_in_backward": True,
                "grad_clip": 0.0}, log=lambda s: None, plots=False)
     gc.collect()

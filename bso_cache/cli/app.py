@@ -41,7 +41,7 @@ class _OneLineErrors(TyperGroup):
             sys.exit(e.exit_code)
         except BsoCacheError as e:
             typer.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            sys.exit(getattr(e, "exit_code", 2))
         except (KeyboardInterrupt, typer.Abort):
             typer.echo("interrupted", err=True)
             sys.exit(130)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
 import os
-from typing import Optional
 
 import typer
 
-from bso_cache.config import TrainConfig
+from bso_cache.config import SweepConfig, TrainConfig, names
 from bso_cache.training.sweep import SWEEPABLE
 
 from bso_cache.cli.options import (RECIPE_HELP, as_config_values, config_parameters, forwarded_parameters,
@@ -39,39 +37,28 @@ def train(**options):
                f"{final.get('preference_accuracy', float('nan')):.3f}")
 
 
-def _sweep_parameters() -> list[inspect.Parameter]:
-    """The sweep's own options; its grid (train's sweepable options as comma-separated values) and
-    every other train option (passed to every run as given) come from TrainConfig's metadata."""
-    own = [("cache", str, typer.Option(..., "--cache", "-c", help="Cache folder from `bso-cache build` (one for "
-                                                                  "every run).")),
-           ("out", str, typer.Option(..., "--out", "-o", help="Sweep folder: one subfolder per run, "
-                                                              "summary.csv/.json, PNG plots.")),
-           ("baselines", Optional[str], typer.Option(None, "--baselines", help="Comma-separated: dpo-helpful, "
-                                                     "dpo-harmless, safedpo, bso (docs/LOSSES.md).")),
-           ("eval_cache", Optional[str], typer.Option(None, "--eval-cache", help="Held-out cache: each run is "
-                                                      "evaluated on it at the end."))]
-    return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=opt)
-            for name, kind, opt in own]
-
-
 _FORWARDED_EXCLUDE = ("cache", "out", "eval_cache", *SWEEPABLE)
 
 
 @with_options([recipe_parameter(use_recipe, RECIPE_HELP + " Any train option may be in it too.")],
-              _sweep_parameters(), grid_parameters(TrainConfig, SWEEPABLE),
+              config_parameters(SweepConfig), grid_parameters(TrainConfig, SWEEPABLE),
               forwarded_parameters(TrainConfig, exclude=_FORWARDED_EXCLUDE))
 def sweep(**options):
     """Many runs from one cache: a grid of comma-separated train options and/or named baselines.
 
     Every other `bso-cache train` option (--device, --dtype, --policy, --lora-r, --autocast,
-    --prefix-sharing, ...) is passed to every run as given. Finished runs are skipped when repeated;
-    the reference is never loaded (one model per run).
+    --prefix-sharing, ...) is passed to every run as given. Runs go one after another, or with
+    --backend ray several at once (--parallel), on every GPU of a machine or a cluster, with
+    --early-stop. Finished and stopped runs are skipped when repeated, interrupted ones resume; a
+    failed run is recorded with its reason and the others go on (exit 1 names it). With
+    --eval-cache, summary.csv marks the Pareto front and the sweep's README names the run to take
+    (by --select). The reference is never loaded (one model per run).
     """
     from bso_cache.training.sweep import parse_grid, run_sweep
 
     options.pop("config")
     grid = parse_grid({name: options.pop(name) for name in SWEEPABLE})
-    cache, out, eval_cache, baselines = (options.pop(k) for k in ("cache", "out", "eval_cache", "baselines"))
+    sweep_cfg = SweepConfig(**as_config_values({k: options.pop(k) for k in names(SweepConfig)}))
     passed = as_config_values({k: v for k, v in options.items() if v is not None})
-    names = [b.strip() for b in baselines.split(",") if b.strip()] if baselines else []
-    run_sweep(cache, out, grid, names, {"progress": False, **passed}, eval_cache, log=typer.echo)
+    baselines = [b.strip() for b in (sweep_cfg.baselines or "").split(",") if b.strip()]
+    run_sweep(sweep_cfg, grid, baselines, {"progress": False, **passed}, log=typer.echo)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from bso_cache.errors import ConfigError
 from bso_cache.config.build import BuildConfig, GGUF_4BIT
@@ -108,3 +109,69 @@ class PlanConfig:
     def __post_init__(self) -> None:
         if self.device not in ("cuda", "cpu"):
             raise ConfigError(f"--device {self.device}: plan predicts for cuda or cpu")
+
+
+SelectMetric = Literal["eval_balanced", "eval_preference_accuracy", "eval_safety_accuracy", "eval_mean_margin"]
+Backend = Literal["sequential", "ray"]
+# ASHA's settings for --early-stop (training/sweep_ray.py): a run is first judged after GRACE_EVALS
+# held-out evaluations (the first, a few steps in, mostly measures the reference: the policy has
+# barely moved), and at each rung the best 1/REDUCTION continue, judged once REDUCTION runs have
+# reached the rung. 3 rather than Ray's default 4: a BSO sweep is a small grid (4-16 runs), where 3
+# gives more rungs, so fewer good runs are judged on one early evaluation.
+ASHA_GRACE_EVALS = 2
+ASHA_REDUCTION = 3
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """`bso-cache sweep`'s own options; the grid and every other train option come from TrainConfig."""
+
+    cache: str = option(help="Cache folder from `bso-cache build` (one for every run).", short="-c", path=True)
+    out: str = option(help="Sweep folder: one subfolder per run, summary.csv/.json, PNG plots.", short="-o",
+                      path=True)
+    baselines: str | None = option(None, "Comma-separated: dpo-helpful, dpo-harmless, safedpo, bso "
+                                         "(docs/LOSSES.md).")
+    eval_cache: str | None = option(None, "Held-out cache: each run is evaluated on it at the end (and every "
+                                          "--eval-every steps).", path=True)
+    backend: Backend = option("sequential", "sequential: one run after another in this process | ray: the runs "
+                              "as Ray Tune trials, --parallel at once on this machine or a cluster (pip install "
+                              "'bso-cache[ray]').")
+    parallel: int | None = option(None, "With --backend ray: at most this many runs at once [default: as many as "
+                                        "the resources allow].")
+    gpus_per_run: str = option("0", "With --backend ray: GPUs per run; a fraction packs several runs on one GPU "
+                                    "(0.25: four), auto: as many as plan predicts fit the GPU's memory with a "
+                                    "20% margin.")
+    cpus_per_run: int = option(1, "With --backend ray: CPU cores per run; each run uses that many torch threads, "
+                                  "so runs never oversubscribe the cores.")
+    ray_address: str | None = option(None, "With --backend ray: join this Ray cluster (auto: the one `ray start` "
+                                           "made) [default: a local cluster started and shut down by the sweep].")
+    early_stop: bool = option(False, f"With --backend ray, --eval-cache and --eval-every: stop runs that are "
+                                     f"losing on --select, by Ray Tune's ASHA: judged first after "
+                                     f"{ASHA_GRACE_EVALS} evaluations (the first mostly measures the reference), "
+                                     f"then the best 1/{ASHA_REDUCTION} go on at each rung, once {ASHA_REDUCTION} "
+                                     f"runs have reached it (so two good runs never judge each other alone). A "
+                                     f"stopped run keeps its last checkpoint and evaluation.")
+    select: SelectMetric = option("eval_balanced", "The held-out figure that ranks runs (early stopping and the "
+                                  "recommended run): eval_balanced (the mean of preference and safety accuracy; "
+                                  "the preference accuracy alone where no pair differs in safety) | "
+                                  "eval_preference_accuracy | eval_safety_accuracy | eval_mean_margin. Never the "
+                                  "training loss: the generators' losses are on different scales.")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if self.parallel is not None and self.parallel < 1 or self.cpus_per_run < 1:
+            raise ConfigError("--parallel and --cpus-per-run must be >= 1")
+        if self.gpus_per_run != "auto":
+            try:
+                ok = float(self.gpus_per_run) >= 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ConfigError(f"--gpus-per-run {self.gpus_per_run}: a number >= 0 (0.25 packs four runs on "
+                                  f"a GPU) or auto")
+        ray_only = [flag for flag, on in (("--parallel", self.parallel is not None), ("--ray-address", self.ray_address),
+                                         ("--early-stop", self.early_stop)) if on]
+        if ray_only and self.backend != "ray":
+            raise ConfigError(f"{', '.join(ray_only)} need --backend ray (pip install 'bso-cache[ray]')")
+        if self.early_stop and not self.eval_cache:
+            raise ConfigError("--early-stop ranks runs on held-out figures: give --eval-cache and --eval-every")

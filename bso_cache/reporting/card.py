@@ -84,12 +84,17 @@ def write_cards(layout, summary: dict, manifest_file: Path) -> list[str]:
     return ["README.md"]
 
 
-def sweep_card(rows: list[dict]) -> str:
-    """A sweep folder's README.md: one line per run."""
+def sweep_card(rows: list[dict], recommendation: tuple[str | None, str] = (None, "")) -> str:
+    """A sweep folder's README.md: the run to take and why, then one line per run."""
     if not rows:
         return "# bso-cache sweep\n\nNo runs.\n"
-    keys = list(rows[0])
-    lines = ["# bso-cache sweep", "", f"{len(rows)} runs from one cache (`summary.csv` holds the same).", "",
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    best, why = recommendation
+    counts = {s: sum(r.get("status") == s for r in rows) for s in ("finished", "stopped_early", "failed")}
+    status = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in counts.items() if n)
+    take = f"**Take `{best}`**: {why}." if best else f"No run recommended: {why}."
+    lines = ["# bso-cache sweep", "", f"{len(rows)} runs from one cache ({status}; `summary.csv` holds the same).",
+             "", take, "",
              "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
         lines.append("| " + " | ".join("" if r.get(k) is None else (f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]))

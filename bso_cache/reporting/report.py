@@ -151,10 +151,18 @@ def tradeoff_figure(points: dict[str, dict], *, held_out: bool):
                 fontsize=9, transform=ax.transAxes)
     colours = plt.get_cmap("tab10" if len(points) <= 10 else "tab20")
     for i, (name, p) in enumerate(points.items()):
+        stopped = p.get("stopped", False)
+        colour = colours(i % colours.N)  # a stopped run: hollow
+        paint = {"facecolors": "none", "edgecolors": colour} if stopped else {"color": colour}
         ax.scatter([p["preference_accuracy"]], [p["safety_accuracy"]], s=70, alpha=0.8,
-                   marker=_MARKERS[i % len(_MARKERS)], color=colours(i % colours.N),
+                   marker=_MARKERS[i % len(_MARKERS)], **paint,
                    label=f"{name}: {p['preference_accuracy']:.3f} / {p['safety_accuracy']:.3f} "
-                         f"({p['safety_pairs']} safety pairs of {p['pairs']})")
+                         f"({p['safety_pairs']} safety pairs of {p['pairs']})"
+                         f"{'; stopped early' if stopped else ''}{'; Pareto front' if p.get('pareto') else ''}")
+    front = sorted((p["preference_accuracy"], p["safety_accuracy"]) for p in points.values() if p.get("pareto"))
+    if len(front) > 1:
+        ax.step([x for x, _ in front], [y for _, y in front], where="post", color="grey", alpha=0.6,
+                linestyle="--", label="Pareto front (no run better on both)")
     ax.set_xlabel("preference (helpfulness) accuracy")
     ax.set_ylabel("safety accuracy (pairs whose responses differ in safety)")
     ax.set_xlim(-0.02, 1.02)

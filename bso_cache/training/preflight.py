@@ -4,9 +4,10 @@ packages its options need (each named with the extra that installs it), the devi
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
-from bso_cache.config import BuildConfig, EvalConfig, TrainConfig, parse_report_to
+from bso_cache.config import BuildConfig, EvalConfig, SweepConfig, TrainConfig, parse_report_to
 from bso_cache.errors import ConfigError
 from bso_cache.training.optim import check_optimizer_available
 from bso_cache.quantize import check_load_in_4bit
@@ -35,3 +36,10 @@ def check_train(cfg: TrainConfig, device: str) -> None:
 def check_eval(cfg: EvalConfig) -> None:
     if cfg.load_in_4bit:
         check_load_in_4bit(cfg.gguf_file)
+
+
+def check_sweep(cfg: SweepConfig) -> None:
+    if cfg.backend == "ray" and (importlib.util.find_spec("ray") is None
+                                 or importlib.util.find_spec("ray.tune") is None):
+        raise ConfigError("--backend ray runs the sweep on Ray Tune, which is not installed: "
+                          "pip install 'bso-cache[ray]'")

@@ -1,14 +1,16 @@
 """`bso-cache sweep`: many runs from one cache, one summary, plots.
 
 A grid is given as comma-separated values of train options; named baselines (docs/LOSSES.md) are
-crossed with the grid's other options. Each run gets its own folder; a run whose summary exists
-is skipped when the sweep is repeated, and an interrupted one resumes from its checkpoint.
-Each run loads its policy once; the reference is never loaded.
+crossed with the grid's other options. Each run gets its own folder and is the same `train` as
+alone; the runs go one after another in this process (`--backend sequential`), or as Ray Tune
+trials, several at once, with early stopping (`--backend ray`: sweep_ray.py). A run whose summary
+exists, or that was stopped early, is skipped when the sweep is repeated; an interrupted one
+resumes from its checkpoint; a failed one is tried again. A run that fails is recorded with its
+reason and the others go on. Each run loads its policy once; the reference is never loaded.
 """
 
 from __future__ import annotations
 
-import csv
 import gc
 import itertools
 import json
@@ -16,18 +18,15 @@ import re
 from pathlib import Path
 
 from bso_cache import schemas as S
-from bso_cache.config import BASELINES, TrainConfig, names, options, section_names
-from bso_cache.reporting.card import sweep_card
-from bso_cache.errors import ConfigError
+from bso_cache.config import BASELINES, SweepConfig, TrainConfig, options, section_names
+from bso_cache.errors import BsoCacheError, ConfigError
 from bso_cache.reporting.trackers import tracker_parent
+from bso_cache.training.sweep_runs import SWEEPABLE, Run, SweepFailures, one_line, record_status  # noqa: F401
 
-SWEEPABLE = names(TrainConfig, sweep=True)  # the options with sweep=True (config/train.py)
 # sweepable options whose grid may hold "none" (the option's default: automatic bounds, no step limit)
 NONE_ALLOWED = tuple(o.name for o in options(TrainConfig) if o.name in SWEEPABLE and o.optional)
 # what a baseline shares with the grid: the optimisation section (a baseline fixes the loss and the pairs)
 SHARED_KEYS = tuple(n for n in section_names(TrainConfig, "optim") if n in SWEEPABLE)
-SUMMARY_METRICS = ("loss", "preference_accuracy", "safety_accuracy", "margin", "reward_margin",
-                   "chosen_rewards", "rejected_rewards", "u_mean", "clamped_fraction")
 
 
 def _field_types() -> dict[str, type]:
@@ -95,118 +94,107 @@ def plan_runs(grid: dict[str, list], baselines: list[str]) -> list[tuple[str, di
     return runs
 
 
-def _result_text(row: dict) -> str:
-    """One run's figures as the sweep goes: the last logged training batch, and held-out ones."""
-    def fig(value, spec=".3f"):
-        return "n/a" if value is None else format(value, spec)
-
-    text = (f"{row['steps']} steps, loss {fig(row.get('train_loss'), '.4g')}; last logged window "
-            f"({row.get('train_pairs')} pairs) pref. acc. {fig(row.get('train_preference_accuracy'))}, "
-            f"safety acc. {fig(row.get('train_safety_accuracy'))}")
-    if "eval_pairs" in row:
-        text += (f"; held-out ({row['eval_pairs']} pairs) pref. acc. {fig(row['eval_preference_accuracy'])}, "
-                 f"safety acc. {fig(row['eval_safety_accuracy'])}")
-    return text
-
-
-def run_sweep(cache: str, out: str, grid: dict[str, list], baselines: list[str], base: dict,
-              eval_cache: str | None = None, log=print, plots: bool = True) -> list[dict]:
-    """The sweep, holding its folder's lock (one sweep at a time in a folder)."""
+def run_sweep(sweep: SweepConfig, grid: dict[str, list], baselines: list[str], base: dict, log=print,
+              plots: bool = True) -> list[dict]:
+    """The sweep, holding its folder's lock (one sweep at a time in a folder); its summary rows.
+    Raises SweepFailures (after writing the summary) when a run failed."""
+    from bso_cache.io.files import check_out
     from bso_cache.io.locks import folder_lock
 
-    refuse = lambda holder: ConfigError(f"{out}: another sweep is running in this folder ({holder}); wait for "  # noqa: E731
-                                        f"it to finish, or choose another --out")
-    from bso_cache.io.files import check_out
+    refuse = lambda holder: ConfigError(f"{sweep.out}: another sweep is running in this folder ({holder}); "  # noqa: E731
+                                        f"wait for it to finish, or choose another --out")
+    from bso_cache.training.preflight import check_sweep
 
-    check_out(Path(out), "sweep")
-    with folder_lock(Path(out), S.SweepLayout.LOCK, refuse=refuse):
-        return _run_sweep(cache, out, grid, baselines, base, eval_cache, log, plots)
+    check_sweep(sweep)
+    out_dir = Path(sweep.out)
+    check_out(out_dir, "sweep")
+    with folder_lock(out_dir, S.SweepLayout.LOCK, refuse=refuse):
+        runs = _plan(sweep, grid, baselines, base, out_dir)
+        log(f"sweep: {len(runs)} runs -> {out_dir}" + (" (Ray Tune)" if sweep.backend == "ray" else ""))
+        todo = _todo(runs, log)
+        if todo and sweep.backend == "ray":
+            from bso_cache.training.sweep_ray import train_with_ray
+
+            train_with_ray(sweep, todo, out_dir, log)
+        elif todo:
+            _train_sequentially(todo, out_dir, log)
+        rows = _summarise(sweep, runs, out_dir, log, plots)
+    failed = [r for r in runs if r.status["status"] == "failed"]
+    if failed:
+        raise SweepFailures(f"{len(failed)} of {len(runs)} runs failed: " + "; ".join(
+            f"{r.name} ({r.status['detail']})" for r in failed) + f"; the others are in {sweep.out}/summary.csv")
+    return rows
 
 
-def _run_sweep(cache: str, out: str, grid: dict[str, list], baselines: list[str], base: dict,
-               eval_cache: str | None, log, plots: bool) -> list[dict]:
+def _plan(sweep: SweepConfig, grid: dict, baselines: list[str], base: dict, out_dir: Path) -> list[Run]:
+    """Every run's configuration, validated before any model loads: a typo fails now, not at run 7."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    planned = plan_runs(grid, baselines)
+    return [Run(name, settings, TrainConfig(**{**base, **settings, "cache": sweep.cache, "out": str(out_dir / name),
+                                                "eval_cache": sweep.eval_cache}), index=f"[{i}/{len(planned)}]")
+            for i, (name, settings) in enumerate(planned, start=1)]
+
+
+def _todo(runs: list[Run], log) -> list[Run]:
+    """The runs to train now: not finished, not stopped early; each resumes from its checkpoint if
+    it has one (a failed run starts again)."""
     from bso_cache.training.checkpoint import list_checkpoints
+
+    todo = []
+    for run in runs:
+        marker = _read_status(run)
+        if run.layout.summary.exists():
+            run.status = {"status": "finished", "detail": None}
+            log(f"{run.index} {run.name}: finished earlier, skipped")
+        elif marker and marker["status"] == "stopped_early":
+            run.status = marker
+            log(f"{run.index} {run.name}: stopped early before (step {marker['detail']}), skipped")
+        else:
+            if marker:  # failed before: tried again
+                run.layout.sweep_status.unlink()
+            resume = run.layout.root.exists() and bool(list_checkpoints(run.layout))
+            run.cfg = run.cfg.replace(resume=resume, overwrite=not resume)
+            todo.append(run)
+    return todo
+
+
+def _read_status(run: Run) -> dict | None:
+    try:
+        return json.loads(run.layout.sweep_status.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _train_sequentially(todo: list[Run], out_dir: Path, log) -> None:
+    import torch
+
     from bso_cache.training.train import train
 
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    runs = plan_runs(grid, baselines)
-    # validate every configuration before any model loads: a typo fails now, not at run 7
-    configs = []
-    for name, settings in runs:
-        cfg = TrainConfig(**{**base, **settings, "cache": cache, "out": str(out_dir / name),
-                             "eval_cache": eval_cache})  # validated as it is made
-        configs.append((name, settings, cfg))
-    log(f"sweep: {len(configs)} runs -> {out_dir}")
-    summaries = []
-    curves: dict[str, list[dict]] = {}
-    for i, (name, settings, cfg) in enumerate(configs, start=1):
-        run_dir = Path(cfg.out)
-        summary_path = S.RunLayout(run_dir).summary
-        if summary_path.exists():
-            log(f"[{i}/{len(configs)}] {name}: finished earlier, skipped")
-        else:
-            resume = run_dir.exists() and bool(list_checkpoints(S.RunLayout(run_dir)))
-            cfg = cfg.replace(resume=resume, overwrite=not resume)
-            log(f"[{i}/{len(configs)}] {name}: training{' (resuming)' if resume else ''}")
-            with tracker_parent(cfg, out_dir):
-                train(cfg, log=lambda s: None, report_group=out_dir.name)
-            gc.collect()
-        summary = json.loads(summary_path.read_text())
-        from bso_cache.reporting.report import read_metrics
+    for run in todo:
+        log(f"{run.index} {run.name}: training{' (resuming)' if run.cfg.resume else ''}")
+        try:
+            with tracker_parent(run.cfg, out_dir):
+                train(run.cfg, log=lambda s: None, report_group=out_dir.name)
+            run.status = {"status": "finished", "detail": None}
+        except (BsoCacheError, MemoryError, torch.OutOfMemoryError) as e:  # this run's, not the sweep's
+            record_status(run, "failed", one_line(e) if not isinstance(e, BsoCacheError) else str(e))
+        gc.collect()
+        run.summary_row(log)  # its figures as it finishes
 
-        curves[name] = read_metrics(run_dir)
-        row = _summary_row(name, cfg, summary, curves[name])
-        summaries.append(row)
-        log(f"[{i}/{len(configs)}] {name}: {_result_text(row)}")
-    _write_summary(out_dir, summaries)
+
+def _summarise(sweep: SweepConfig, runs: list[Run], out_dir: Path, log, plots: bool) -> list[dict]:
+    from bso_cache.training import sweep_summary as summary
+
+    rows = [run.summary_row(log if run.row is None else None) for run in runs]
+    curves = {run.name: run.curve for run in runs}
+    if sweep.eval_cache:
+        summary.mark_pareto(rows)
+    recommendation = summary.recommend(rows, sweep.select)
+    summary.write_summary(out_dir, rows, recommendation)
     if plots:
-        files = _plot(curves, summaries, out_dir, held_out=eval_cache is not None)
+        files = summary.plot(curves, rows, out_dir, held_out=sweep.eval_cache is not None)
         log("plots: " + ", ".join(str(f) for f in files))
+    if recommendation[0]:
+        log(f"take {recommendation[0]}: {recommendation[1]}")
     log(f"summary: {S.SweepLayout(out_dir).summary_csv}")
-    return summaries
-
-
-def _summary_row(name: str, cfg: TrainConfig, summary: dict, curve: list[dict]) -> dict:
-    """A run's line of summary.csv: its swept settings, the last logged window's figures (and the
-    pairs behind them), and the held-out figures when there are any."""
-    final = summary.get("final") or {}
-    row = {"run": name, **{k: getattr(cfg, k) for k in SWEEPABLE},
-           **{f"train_{k}": final.get(k) for k in SUMMARY_METRICS}, "steps": summary.get("steps")}
-    last = curve[-1] if curve else {}
-    row.update({"train_pairs": last.get("pairs"),
-                "train_safety_pairs": sum(last.get(f"pairs/{t}", 0) for t in ("safe/unsafe", "unsafe/safe"))})
-    ev = summary.get("eval") or {}
-    if ev:
-        row.update({f"eval_{k}": ev.get(k) for k in ("preference_accuracy", "safety_accuracy", "mean_margin",
-                                                      "pairs", "safety_pairs")})
-    return row
-
-
-def _plot(curves: dict, summaries: list[dict], out_dir: Path, *, held_out: bool) -> list[Path]:
-    """The loss curves and the trade-off: held-out figures with --eval-cache, else the last
-    logged training window's (the plot says which)."""
-    from bso_cache.reporting.report import plot_sweep
-
-    side = "eval" if held_out else "train"
-    points = {r["run"]: {"preference_accuracy": r.get(f"{side}_preference_accuracy"),
-                         "safety_accuracy": r.get(f"{side}_safety_accuracy"),
-                         "pairs": r.get(f"{side}_pairs"), "safety_pairs": r.get(f"{side}_safety_pairs")}
-              for r in summaries}
-    points = {k: v for k, v in points.items() if v["preference_accuracy"] is not None
-              and v["safety_accuracy"] is not None}
-    return plot_sweep(curves, points, out_dir, held_out=held_out)
-
-
-def _write_summary(out_dir: Path, rows: list[dict]) -> None:
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    layout = S.SweepLayout(out_dir)
-    with open(layout.summary_csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow(r)
-    layout.summary_json.write_text(json.dumps(rows, indent=2))
-    (out_dir / "README.md").write_text(sweep_card(rows))
+    return rows

@@ -46,8 +46,8 @@ from bso_cache.io.allocator import heap_policy
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, log=print, report_group: str | None = None):
-        self.cfg, self.log, self.report_group = cfg, log, report_group
+    def __init__(self, cfg: TrainConfig, *, log=print, report_group: str | None = None, on_log=None):
+        self.cfg, self.log, self.report_group, self.on_log = cfg, log, report_group, on_log
         self.spec = cfg.loss_spec()
         self.device = resolve_device(cfg.device)
         self.dist = Dist.from_env(self.device)
@@ -299,10 +299,13 @@ class Trainer:
                 window.tick(time.perf_counter() - t0, tokens, grad_norm, lr)
                 bar.update(1)
                 step = self.position.step
-                if step % cfg.log_every == 0 or step == self.total_steps:
+                logged = step % cfg.log_every == 0 or step == self.total_steps
+                if logged:
                     last = self._log(window, reporters, bar)
                 if cfg.save_every and step % cfg.save_every == 0 and step < self.total_steps:
                     self._save_checkpoint()
+                if logged and self.on_log is not None and self.dist.is_main:
+                    self.on_log(last)  # after the step's checkpoint: a sweep's scheduler may stop the run here
                 t0 = time.perf_counter()
             summary = self._finish(last, step0)
         except BaseException:
@@ -378,7 +381,7 @@ class Trainer:
         return files
 
 
-def train(cfg: TrainConfig, *, log=print, report_group: str | None = None) -> dict:
+def train(cfg: TrainConfig, *, log=print, report_group: str | None = None, on_log=None) -> dict:
     """Train; with --resume on a finished run (same settings), say so and change nothing."""
     device = resolve_device(cfg.device)
     check_train(cfg, device)
@@ -387,4 +390,4 @@ def train(cfg: TrainConfig, *, log=print, report_group: str | None = None) -> di
     if done is not None:
         log(f"{cfg.out}: this run is finished ({done.get('steps')} steps); nothing to do (--overwrite trains it again)")
         return done
-    return Trainer(cfg, log=log, report_group=report_group).run()
+    return Trainer(cfg, log=log, report_group=report_group, on_log=on_log).run()
