@@ -242,3 +242,17 @@ def test_degenerate_rows_are_counted_and_the_system_prompt_rule_is_recorded(demo
     prompts = [ptok.render(Normaliser("generic")(RawRow(str(data), i + 1, r), i))[0]
                for i, r in ((0, base[0]), (8, own_system))]
     assert "Be safe." in prompts[0] and "Be safe." not in prompts[1] and "Answer in French." in prompts[1]
+
+
+def test_an_empty_chat_template_file_is_refused(demo_assets, tmp_path, model_loads):
+    """An empty --chat-template would leave the tokenizer's own template in force while the manifest
+    names the file: refused before any model loads, nothing written."""
+    from bso_cache.errors import ConfigError
+
+    empty = tmp_path / "empty.jinja"
+    empty.write_text("  \n")
+    with pytest.raises(ConfigError, match="--chat-template .*empty.jinja: the file is empty"):
+        build_cache(BuildConfig(model=str(demo_assets["model"]), data=str(demo_assets["train"]),
+                                out=str(tmp_path / "c"), template="chat", chat_template=str(empty), progress=False),
+                    log=lambda s: None)
+    assert model_loads == [] and not (tmp_path / "c").exists()

@@ -90,7 +90,7 @@ def test_activations_grow_with_the_batch_and_largest_batch_fits():
 
 def test_parse_bytes():
     assert parse_bytes("24GiB") == 24 * GIB and parse_bytes("80GB") == 80 * 10**9 and parse_bytes("512MiB") == 512 << 20
-    with pytest.raises(ConfigError, match="give a size such as 24GiB"):
+    with pytest.raises(ConfigError, match="give a size with its unit, such as 24GiB"):
         parse_bytes("lots")
 
 
@@ -126,3 +126,26 @@ def test_cli_takes_the_lengths_from_a_cache(demo_cache, demo_assets):
     out = json.loads(res.output)
     assert (out["options"]["seq_length"], out["options"]["response_tokens"]) == (seq, resp)
     assert out["runtime"] == 0
+
+
+def test_plan_refuses_nonsense_in_one_line(tmp_path):
+    """Sizes without a unit (24 would be 24 bytes) or not positive, lengths that cannot be, and a
+    config that leaves out what the estimate needs (transformers would fill it from Llama's defaults)."""
+    import json
+
+    for text in ("24", "-1GiB", "0GB", "lots"):
+        with pytest.raises(ConfigError, match="--gpu-memory"):
+            parse_bytes(text)
+    assert parse_bytes("24GiB") == 24 * GIB
+    folder = tmp_path / "partial"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "vocab_size": 100,
+                                                    "num_attention_heads": 4}))
+    runner = CliRunner()
+    for args, needle in ((["--gpu-memory", "24"], "give a size with its unit"),
+                         (["--max-length", "-3"], "--max-length -3"),
+                         (["--max-length", "512", "--response-length", "512"], "--response-length 512")):
+        r = runner.invoke(app, ["plan", "--model", str(folder), *args])
+        assert r.exit_code == 2 and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    r = runner.invoke(app, ["plan", "--model", str(folder)])
+    assert r.exit_code == 2 and "num_hidden_layers, intermediate_size" in r.stderr, r.stderr

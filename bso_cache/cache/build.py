@@ -97,6 +97,9 @@ def _pair_tokenizer(cfg: BuildConfig, tokenizer) -> PairTokenizer:
             chat_template = Path(cfg.chat_template).read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"--chat-template {cfg.chat_template}: {e.strerror}") from None
+        if not chat_template.strip():  # would silently leave the tokenizer's own template in force
+            raise ConfigError(f"--chat-template {cfg.chat_template}: the file is empty; give a Jinja chat "
+                              f"template, or drop the option to use the tokenizer's")
     return PairTokenizer(tokenizer, template=cfg.template, chat_template=chat_template,
                          system_prompt=cfg.system_prompt)
 

@@ -109,6 +109,11 @@ class PlanConfig:
     def __post_init__(self) -> None:
         if self.device not in ("cuda", "cpu"):
             raise ConfigError(f"--device {self.device}: plan predicts for cuda or cpu")
+        if self.max_length < 2:
+            raise ConfigError(f"--max-length {self.max_length}: a pair has at least 2 tokens")
+        if self.response_length is not None and not 1 <= self.response_length < self.max_length:
+            raise ConfigError(f"--response-length {self.response_length}: between 1 and --max-length - 1 "
+                              f"({self.max_length - 1}): the prompt has a token too")
 
 
 SelectMetric = Literal["eval_balanced", "eval_preference_accuracy", "eval_safety_accuracy", "eval_mean_margin"]

@@ -232,11 +232,28 @@ def load_shape(model: str, *, gguf_file: str | None = None, trust_remote_code: b
         raise ConfigError(f"--model {model}: no config.json there or in the local Hugging Face cache ({e}); "
                           f"give a model folder or a downloaded hub id") from None
     cfg = getattr(cfg, "text_config", cfg)
-    for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-        if not hasattr(cfg, field):
-            raise ConfigError(f"--model {model}: its config has no '{field}'; plan knows decoder-only LMs "
-                              f"(Llama, Qwen2, Mistral, ...)")
+    given = _given_fields(model, cfg, gguf_file)
+    missing = [f for f in SHAPE_FIELDS if not hasattr(cfg, f) or (given is not None and f not in given)]
+    if missing:  # transformers fills a missing field from the class's defaults: an estimate of another model
+        raise ConfigError(f"--model {model}: its config does not give {', '.join(missing)}, which the estimate "
+                          f"needs; plan knows decoder-only LMs whose config.json states their shape (Llama, Qwen2, "
+                          f"Mistral, ...)")
     return ModelShape.from_config(cfg)
+
+
+SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
+def _given_fields(model: str, cfg, gguf_file: str | None) -> set[str] | None:
+    """The fields the model's own config.json states (None where there is no such file: a GGUF header)."""
+    if gguf_file:
+        return None
+    try:
+        raw, _ = type(cfg).get_config_dict(model)
+    except (OSError, ValueError):
+        return None
+    raw = raw.get("text_config", raw)
+    return set(raw) | {k for k, v in getattr(cfg, "attribute_map", {}).items() if v in raw}
 
 
 def lengths_from_cache(cache: str) -> tuple[int, int]:
@@ -274,17 +291,19 @@ def plan(model: str, options: PlanOptions, *, gpu_memory: int | None = None, ggu
 
 
 def parse_bytes(text: str) -> int:
-    """'24GiB', '80GB', '24G', '512MiB' -> bytes."""
+    """'24GiB', '80GB', '24G', '512MiB' -> bytes. A size has a unit (a bare 24 would be 24 bytes)
+    and is positive."""
     t = text.strip().lower().replace(" ", "")
     units = {"gib": GIB, "gb": 10**9, "g": GIB, "mib": 1 << 20, "mb": 10**6, "m": 1 << 20, "tib": 1 << 40}
     for u in sorted(units, key=len, reverse=True):
         if t.endswith(u):
             try:
-                return int(float(t[: -len(u)]) * units[u])
+                value = float(t[: -len(u)])
             except ValueError:
                 break
-    try:
-        return int(float(t))
-    except ValueError:
-        raise ConfigError(f"--gpu-memory {text!r}: give a size such as 24GiB, 80GB or 512MiB") from None
+            if not value > 0:
+                raise ConfigError(f"--gpu-memory {text}: a memory size must be positive, such as 24GiB")
+            return int(value * units[u])
+    raise ConfigError(f"--gpu-memory {text}: give a size with its unit, such as 24GiB, 80GB or 512MiB (a bare "
+                      f"number would be bytes)")
 
