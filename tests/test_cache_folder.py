@@ -275,3 +275,53 @@ def test_missing_and_truncated_shards_are_named(demo_cache, tmp_path):
     p.unlink()
     with pytest.raises(CacheError, match="part-00001.parquet: shard listed in the manifest is missing"):
         Cache.open(copy)
+
+
+def _forged(demo_cache, tmp_path, name: str, edit) -> Path:
+    """A copy of the cache whose second shard's row 20 (past the first batch) is edited by `edit(table,
+    row)`, with the shard's checksum and the manifest's digest recomputed: what a sender can do."""
+    import pyarrow.parquet as pq
+
+    from bso_cache.hashing import file_sha256
+
+    bad = tmp_path / name
+    shutil.copytree(demo_cache, bad)
+    manifest = json.loads((bad / S.MANIFEST_NAME).read_text())
+    shard = manifest["shards"][1]
+    path = bad / shard["file"]
+    table = edit(pq.read_table(path), 20)
+    pq.write_table(table, path)
+    shard["sha256"], shard["bytes"] = file_sha256(path), path.stat().st_size
+    manifest["digest"] = S.manifest_digest(manifest)
+    (bad / S.MANIFEST_NAME).write_text(json.dumps(manifest))
+    return bad
+
+
+def _set(column: str, value):
+    import pyarrow as pa
+
+    def edit(table, row):
+        values = table[column].to_pylist()
+        values[row] = value
+        i = table.schema.get_field_index(column)
+        return table.set_column(i, table.schema.field(i), pa.array(values, type=table.schema.field(i).type))
+    return edit
+
+
+@pytest.mark.parametrize("name,edit,needle", [
+    ("positive", _set(S.REF_CHOSEN_LOGP, 300.0), "field 'ref_chosen_logp' is 300.0, not a log-probability"),
+    ("nan", _set(S.REF_REJECTED_LOGP, float("nan")), "field 'ref_rejected_logp' is nan"),
+    ("past-vocab", _set(S.CHOSEN_IDS, [5, 10 ** 6]), "field 'chosen_ids' holds token id 1000000, outside"),
+    ("negative-id", _set(S.PROMPT_IDS, [-3, 4]), "field 'prompt_ids' holds token id -3"),
+    ("empty", _set(S.REJECTED_IDS, []), "field 'rejected_ids' is empty"),
+    ("too-long", _set(S.PROMPT_IDS, [5] * 5000), "past the manifest's max_length 128"),
+])
+def test_a_forged_row_past_the_first_batch_is_refused_naming_it(demo_cache, tmp_path, name, edit, needle):
+    """Checksums and digest recomputed: only the values can tell. Train refuses the row (one line,
+    the shard, the row, the field), before it reaches the model, and so do eval and verify."""
+    bad = _forged(demo_cache, tmp_path, name, edit)
+    args = ("--max-steps", 50, "--batch-size", 8, "--no-progress", "--no-shuffle")
+    err = one_line_error(cli_in_process("train", "--cache", bad, "--out", tmp_path / "r", *args, check=False),
+                         "part-", "row 20", needle)
+    assert "rebuild the cache" in err
+    one_line_error(cli_in_process("verify", "--cache", bad, "--sample", 200, check=False), "row 20", needle)

@@ -107,10 +107,92 @@ class Cache:
 
         columns = list(columns)
         order = range(len(self.shards)) if shard_order is None else shard_order
+        limits = RowLimits.of(self.manifest)
         for i in order:
             path = self.shards[i]
             try:
                 pf = pq.ParquetFile(path)
-                yield from pf.iter_batches(batch_size=batch_rows, columns=columns)
+                row = 0
+                for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+                    limits.check(batch, path, row)
+                    row += batch.num_rows
+                    yield batch
             except OSError as e:
                 raise CacheError(f"{path}: cannot be read ({e}); run `bso-cache verify --cache {self.path}`") from None
+
+
+LOGP_SLACK = 1e-4  # a sum of float32 log-softmax values can round a hair above 0, never by this much
+
+
+@dataclass(frozen=True)
+class RowLimits:
+    """What every row of a cache must hold, checked as it streams, before it reaches a model: token
+    ids in [0, the reference's vocabulary), non-empty responses, prompt + the longer response within
+    the manifest's max_length (unless it records truncation), reference log-probs finite and <= 0.
+    The checksums catch accidents; these catch values no build writes, whoever edited the shard."""
+
+    vocab: int | None
+    max_length: int | None
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> "RowLimits":
+        vocab = manifest.reference.get("vocab_size")
+        tok = manifest.tokenization
+        max_length = tok.get("max_length") if tok.get("overlong", "drop") != "truncate" else None
+        return cls(vocab if isinstance(vocab, int) else None, max_length if isinstance(max_length, int) else None)
+
+    def check(self, batch, path: Path, first_row: int) -> None:
+        import pyarrow.compute as pc
+
+        names = batch.schema.names
+        lengths = {}
+        for column in (S.PROMPT_IDS, S.CHOSEN_IDS, S.REJECTED_IDS):
+            if column not in names:
+                continue
+            ids = batch.column(column)
+            lengths[column] = pc.list_value_length(ids)
+            flat = pc.list_flatten(ids)
+            if len(flat):
+                low, high = pc.min_max(flat).values()
+                if low.as_py() < 0 or (self.vocab is not None and high.as_py() >= self.vocab):
+                    bad = pc.or_(pc.less(flat, 0), pc.greater_equal(flat, self.vocab or 2 ** 31))
+                    self._fail(path, first_row + self._row_of(ids, bad), column,
+                               f"holds token id {(low if low.as_py() < 0 else high).as_py()}, outside the "
+                               f"reference's vocabulary [0, {self.vocab})")
+            if column != S.PROMPT_IDS and pc.any(pc.equal(lengths[column], 0)).as_py():
+                self._fail(path, first_row + _first(pc.equal(lengths[column], 0)), column, "is empty (a response "
+                           "has at least one token)")
+        if self.max_length is not None and len(lengths) == 3:
+            total = pc.add(lengths[S.PROMPT_IDS], pc.max_element_wise(lengths[S.CHOSEN_IDS], lengths[S.REJECTED_IDS]))
+            over = pc.greater(total, self.max_length)
+            if pc.any(over).as_py():
+                row = _first(over)
+                self._fail(path, first_row + row, S.PROMPT_IDS, f"with the longer response is {total[row].as_py()} "
+                           f"tokens, past the manifest's max_length {self.max_length}")
+        for column in (S.REF_CHOSEN_LOGP, S.REF_REJECTED_LOGP):
+            if column in names:
+                values = batch.column(column)
+                bad = pc.or_kleene(pc.invert(pc.is_finite(values)), pc.greater(values, LOGP_SLACK))
+                if pc.any(bad).as_py():
+                    row = _first(bad)
+                    self._fail(path, first_row + row, column, f"is {values[row].as_py()}, not a log-probability "
+                               f"(finite and <= 0)")
+
+    @staticmethod
+    def _row_of(lists, bad_values) -> int:
+        import pyarrow.compute as pc
+
+        parents = pc.list_parent_indices(lists)
+        return pc.filter(parents, bad_values)[0].as_py()
+
+    @staticmethod
+    def _fail(path: Path, row: int, column: str, what: str):
+        raise CacheError(f"{path}: row {row}: field '{column}' {what}; the shard was damaged or edited after the "
+                         f"build (its checksum can be recomputed by whoever edits it): rebuild the cache, or get it "
+                         f"again from its builder")
+
+
+def _first(mask) -> int:
+    import pyarrow.compute as pc
+
+    return pc.index(mask, True).as_py()
