@@ -19,9 +19,8 @@ from bso_cache.config.fields import OptionInfo, names, option, options, section_
 from bso_cache.config.train import BASELINES, REPORTERS, TrainConfig, parse_report_to
 
 __all__ = [
-    "BuildConfig", "TrainConfig", "EvalConfig", "VerifyConfig", "PlanConfig", "SweepConfig", "EVAL_DEFAULTS", "BASELINES",
-    "ASHA_GRACE_EVALS", "ASHA_REDUCTION",
-    "REPORTERS", "parse_report_to", "OptionInfo", "names", "option", "options", "section_names", "to_dict",
+    "BuildConfig", "TrainConfig", "EvalConfig", "VerifyConfig", "PlanConfig", "SweepConfig", "EVAL_DEFAULTS",
+    "BASELINES", "ASHA_GRACE_EVALS", "ASHA_REDUCTION", "REPORTERS", "parse_report_to", "OptionInfo", "names", "option", "options", "section_names", "to_dict",
     "ATTENTION", "AUTOCAST", "DEFAULT_MAX_LENGTH", "DEFAULT_PREFIX_SHARING", "DEFAULT_ROWS_PER_SHARD", "DTYPES",
     "FORMATS", "OPTIMIZERS", "ORIENTATIONS", "OVERLONG", "PAIR_MODES", "PREFIX_SHARING", "SCHEDULES",
     "TEMPLATE_MODES", "Attention", "Autocast", "DType", "Format", "GeneratorName", "OptimizerName", "Orientation",
