@@ -277,7 +277,7 @@ def test_missing_and_truncated_shards_are_named(demo_cache, tmp_path):
         Cache.open(copy)
 
 
-def _forged(demo_cache, tmp_path, name: str, edit) -> Path:
+def _forged(demo_cache, tmp_path, name: str, edit):
     """A copy of the cache whose second shard's row 20 (past the first batch) is edited by `edit(table,
     row)`, with the shard's checksum and the manifest's digest recomputed: what a sender can do."""
     import pyarrow.parquet as pq
@@ -325,3 +325,27 @@ def test_a_forged_row_past_the_first_batch_is_refused_naming_it(demo_cache, tmp_
                          "part-", "row 20", needle)
     assert "rebuild the cache" in err
     one_line_error(cli_in_process("verify", "--cache", bad, "--sample", 200, check=False), "row 20", needle)
+
+
+def test_a_cache_can_be_pinned_by_its_digest_and_no_shard_lives_outside_it(demo_cache, tmp_path):
+    """inspect prints the digest; train, eval and verify --expect-digest refuse another one and take
+    the right one; a shard that is a symlink to a file outside the cache is refused."""
+    digest = json.loads((demo_cache / S.MANIFEST_NAME).read_text())["digest"]
+    assert f"digest     {digest}" in cli_in_process("inspect", "--cache", demo_cache).stdout
+    other = "sha256:" + "0" * 64
+    run = ("--out", tmp_path / "r", "--max-steps", 1, "--batch-size", 4, "--no-progress")
+    one_line_error(cli_in_process("train", "--cache", demo_cache, *run, "--expect-digest", other, check=False),
+                   f"its manifest digest is {digest}, not the {other}")
+    one_line_error(cli_in_process("verify", "--cache", demo_cache, "--expect-digest", other, check=False),
+                   "--expect-digest")
+    one_line_error(cli_in_process("train", "--cache", demo_cache, *run, "--expect-digest", "abc", check=False),
+                   "--expect-digest abc: a manifest digest is sha256:")
+    cli_in_process("train", "--cache", demo_cache, *run, "--expect-digest", digest)
+    linked = tmp_path / "linked"
+    shutil.copytree(demo_cache, linked)
+    first = json.loads((linked / S.MANIFEST_NAME).read_text())["shards"][0]["file"]
+    outside = tmp_path / "outside.parquet"
+    (linked / first).rename(outside)
+    (linked / first).symlink_to(outside)
+    for command in ("verify", "inspect"):
+        one_line_error(cli_in_process(command, "--cache", linked, check=False), "outside the cache folder")

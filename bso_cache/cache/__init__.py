@@ -5,9 +5,9 @@ build (`build.py`), `verify` and `inspect` are the commands that write and read 
 """
 
 from bso_cache.cache.manifest import Manifest, ShardInfo, counts_text, manifest_path, read_manifest
-from bso_cache.cache.reader import ROW_GROUP_ROWS, Cache, check_tokenizer, shard_paths, verify_shards
+from bso_cache.cache.reader import ROW_GROUP_ROWS, Cache, check_digest, check_tokenizer, shard_paths, verify_shards
 from bso_cache.cache.writer import CacheWriter, EmptyBuild, empty_columns, write_shard
 
-__all__ = ["Cache", "CacheWriter", "EmptyBuild", "Manifest", "ROW_GROUP_ROWS", "ShardInfo", "check_tokenizer",
+__all__ = ["Cache", "CacheWriter", "check_digest", "EmptyBuild", "Manifest", "ROW_GROUP_ROWS", "ShardInfo", "check_tokenizer",
            "counts_text", "empty_columns", "manifest_path", "read_manifest", "shard_paths", "verify_shards",
            "write_shard"]

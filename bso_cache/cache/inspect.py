@@ -56,6 +56,7 @@ def _report(cache: Cache) -> dict:
     m = cache.manifest
     return {
         "cache": str(cache.path),
+        "digest": m.digest,
         "rows": m.rows,
         "notes": m.notes,
         "shards": len(m.shards),

@@ -27,7 +27,21 @@ def check_tokenizer(cache_dir, manifest: Manifest, tokenizer, name: str) -> None
 
 
 def shard_paths(cache_dir: Path, manifest: Manifest) -> list[Path]:
-    return [Path(cache_dir) / s.file for s in manifest.shards]
+    """The shards' paths; one that resolves outside the cache folder (a symlink, say) is refused."""
+    root = Path(cache_dir).resolve()
+    paths = [Path(cache_dir) / s.file for s in manifest.shards]
+    for path in paths:
+        if not path.resolve().is_relative_to(root):
+            raise CacheError(f"{path}: the shard resolves to {path.resolve()}, outside the cache folder; a cache's "
+                             f"shards are its own files: copy the cache without links, or rebuild it")
+    return paths
+
+
+def check_digest(cache_dir, manifest: Manifest, expected: str | None) -> None:
+    """--expect-digest: the cache its builder published (the digest `bso-cache inspect` prints), or refused."""
+    if expected is not None and manifest.digest != expected:
+        raise CacheError(f"{cache_dir}: its manifest digest is {manifest.digest}, not the {expected} given with "
+                         f"--expect-digest: this is another cache, or one edited since it was published")
 
 
 def _schema_difference(schema, expected) -> str | None:
@@ -84,9 +98,10 @@ class Cache:
     manifest: Manifest
 
     @classmethod
-    def open(cls, path, *, verify: bool = True) -> "Cache":
+    def open(cls, path, *, verify: bool = True, expect_digest: str | None = None) -> "Cache":
         path = Path(path)
         manifest = read_manifest(path)
+        check_digest(path, manifest, expect_digest)
         if verify:
             verify_shards(path, manifest)
         return cls(path, manifest)

@@ -6,7 +6,7 @@ import math
 import random
 
 from bso_cache import schemas as S
-from bso_cache.cache import Cache, check_tokenizer, read_manifest, verify_shards
+from bso_cache.cache import Cache, check_digest, check_tokenizer, read_manifest, verify_shards
 from bso_cache.config import VerifyConfig
 from bso_cache.training.metrics import token_tolerance
 
@@ -16,6 +16,7 @@ def verify_cache(cfg: VerifyConfig, *, log=print) -> dict:
     further from the cache than the tolerance, or not a finite number (None when it passes)."""
     path, model, gguf_file, trust_remote_code = cfg.cache, cfg.model, cfg.gguf_file, cfg.trust_remote_code
     manifest = read_manifest(path)
+    check_digest(path, manifest, cfg.expect_digest)
     verify_shards(path, manifest)
     cache = Cache(path, manifest)
     log(f"{path}: {len(manifest.shards)} shards, {cache.num_pairs} pairs: checksums, sizes, row counts "

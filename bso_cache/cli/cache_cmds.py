@@ -41,6 +41,7 @@ def inspect(
         return
     r = info["rows"]
     typer.echo(f"cache      {info['cache']}  ({info['shards']} shards, {info['bytes'] / 1e6:.2f} MB)")
+    typer.echo(f"digest     {info['digest']}  (pin it: --expect-digest)")
     typer.echo(f"reference  {info['reference']['name_or_path']}  {info['reference']['weights_digest'][:23]}")
     dropped = sum(r["dropped"].values())
     reasons = " (" + counts_text(r["dropped"]) + ")" if dropped else ""

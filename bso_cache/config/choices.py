@@ -42,3 +42,5 @@ REMOTE_CODE_HELP = "Allow the model's own code from its repository (off unless y
 CACHE_HELP = "Cache folder (from `bso-cache build`)."
 GGUF_HELP = "Load the model from this GGUF file inside --model."
 PROGRESS_HELP = "Show a progress bar."
+DIGEST_HELP = ("Refuse the cache unless its manifest digest is this (sha256:..., as `bso-cache inspect` prints it): "
+               "pin the cache its builder published.")

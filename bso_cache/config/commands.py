@@ -7,10 +7,10 @@ from typing import Literal
 
 from bso_cache.errors import ConfigError
 from bso_cache.config.build import BuildConfig, GGUF_4BIT
-from bso_cache.config.choices import (ATTN_HELP, CACHE_HELP, DEFAULT_MAX_LENGTH, DEFAULT_PREFIX_SHARING, DEVICE_HELP,
+from bso_cache.config.choices import (ATTN_HELP, CACHE_HELP, DIGEST_HELP, DEFAULT_MAX_LENGTH, DEFAULT_PREFIX_SHARING, DEVICE_HELP,
                                       GGUF_HELP, PREFIX_SHARING_HELP, REMOTE_CODE_HELP, Attention, DType,
                                       PrefixSharing)
-from bso_cache.config.fields import check_choices, option
+from bso_cache.config.fields import check_choices, check_digest_text, option
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,7 @@ class EvalConfig:
 
     model: str = option(help="Model to evaluate (a run folder or any from_pretrained path).", short="-m")
     cache: str = option(help="Cache whose pairs (and reference log-probs) to evaluate on.", short="-c", path=True)
+    expect_digest: str | None = option(None, DIGEST_HELP)
     results: str | None = option(None, "Also write the results as JSON to this file.", path=True)
     batch_size: int = option(16, "Pairs per forward.")
     max_pairs: int | None = option(None, "Evaluate at most this many pairs (in cache order).")
@@ -47,6 +48,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        check_digest_text(self.expect_digest)
         if self.batch_size < 1 or self.max_prompts < 1 or self.max_new_tokens < 1:
             raise ConfigError("--batch-size, --max-prompts and --max-new-tokens must be >= 1")
         if self.max_pairs is not None and self.max_pairs < 1:
@@ -67,6 +69,7 @@ class VerifyConfig:
     """`bso-cache verify`: every shard's integrity, and optionally a sample re-scored with the reference."""
 
     cache: str = option(help=CACHE_HELP, short="-c", path=True)
+    expect_digest: str | None = option(None, DIGEST_HELP)
     model: str | None = option(None, "Reference to re-score with [default: the manifest's].")
     sample: int = option(0, "Pairs to re-score with the reference (0: integrity only).")
     seed: int = option(0, "Seed of the sample.")
@@ -83,6 +86,7 @@ class VerifyConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        check_digest_text(self.expect_digest)
         if self.sample < 0 or self.batch_size < 1:
             raise ConfigError("--sample must be >= 0 and --batch-size >= 1")
         if self.tolerance is not None and not self.tolerance > 0:

@@ -98,6 +98,14 @@ def check_choices(cfg) -> None:
             raise ConfigError(f"unknown {o.flag_name} '{value}'; valid: {', '.join(map(str, o.choices))}")
 
 
+def check_digest_text(value: str | None) -> None:
+    import re
+
+    if value is not None and not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
+        raise ConfigError(f"--expect-digest {value}: a manifest digest is sha256: and 64 hex digits, as "
+                          f"`bso-cache inspect` prints it")
+
+
 def to_dict(cfg) -> dict:
     """A configuration as one flat mapping of option names to values (what run_config.json holds)."""
     return {o.name: getattr(cfg, o.name) for o in options(type(cfg))}

@@ -16,10 +16,10 @@ from typing import Any
 from bso_cache.errors import ConfigError
 from bso_cache.losses import LOSS_DEFAULTS as _L
 from bso_cache.config.build import GGUF_4BIT
-from bso_cache.config.choices import (ATTN_HELP, DEFAULT_PREFIX_SHARING, DEVICE_HELP, PREFIX_SHARING_HELP,
+from bso_cache.config.choices import (ATTN_HELP, DIGEST_HELP, DEFAULT_PREFIX_SHARING, DEVICE_HELP, PREFIX_SHARING_HELP,
                                       PROGRESS_HELP, REMOTE_CODE_HELP, Attention, Autocast, DType, GeneratorName,
                                       OptimizerName, Orientation, PairMode, PrefixSharing, Schedule)
-from bso_cache.config.fields import check_choices, option, options
+from bso_cache.config.fields import check_choices, check_digest_text, option, options
 
 REPORTERS = ("tensorboard", "wandb", "mlflow", "trackio")  # --report-to's trackers (each an extra: trackers.py)
 
@@ -34,6 +34,7 @@ class SourceOptions:
     policy: str | None = option(None, "Policy to train [default: the reference recorded in the manifest]. Must "
                                       "share the cache's tokenizer.")
     gguf_file: str | None = option(None, "GGUF file inside --policy.")
+    expect_digest: str | None = option(None, DIGEST_HELP, resume=True)
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Values only; what the machine must have for them is preflight.check_train's."""
         check_choices(self)
+        check_digest_text(self.source.expect_digest)
         o = self.optim
         if o.lr < 0:
             raise ConfigError("--lr must be >= 0")

@@ -104,7 +104,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         if path is not None:
             require_writable(path, option, file=True)
     model, cache = cfg.model, Path(cfg.cache)
-    c = Cache.open(cache)
+    c = Cache.open(cache, expect_digest=cfg.expect_digest)
     relation = reference_relation(model, cache, c.manifest, cfg.allow_other_reference, cfg.gguf_file)
     if relation == RELATIONS[1] and c.manifest.reference_quantization and not cfg.load_in_4bit:
         raise ConfigError(f"--cache {cache} was scored by the 4-bit ({c.manifest.reference_quantization}) version of "

@@ -64,7 +64,7 @@ class Trainer:
         """The training cache and --eval-cache, every shard's checksum verified; an --eval-cache
         built by another reference is refused unless --allow-other-reference."""
         cfg = self.cfg
-        self.cache = Cache.open(cfg.cache)
+        self.cache = Cache.open(cfg.cache, expect_digest=cfg.expect_digest)
         self.manifest = self.cache.manifest
         self.eval_cache = Cache.open(cfg.eval_cache) if cfg.eval_cache else None
         if self.eval_cache and self.eval_cache.manifest.weights_digest != self.manifest.weights_digest \
