@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import gc
 import itertools
-import json
 import re
 from pathlib import Path
 
 from bso_cache import schemas as S
 from bso_cache.config import BASELINES, SweepConfig, TrainConfig, options, section_names
-from bso_cache.errors import BsoCacheError, ConfigError
+from bso_cache.errors import ConfigError
 from bso_cache.reporting.trackers import tracker_parent
-from bso_cache.training.sweep_runs import SWEEPABLE, Run, SweepFailures, one_line, record_status  # noqa: F401
+from bso_cache.training.sweep_runs import (SWEEPABLE, Run, SweepFailures, failure_reason, record_status,  # noqa: F401
+                                           run_failures)
 
 # sweepable options whose grid may hold "none" (the option's default: automatic bounds, no step limit)
 NONE_ALLOWED = tuple(o.name for o in options(TrainConfig) if o.name in SWEEPABLE and o.optional)
@@ -130,7 +130,7 @@ def _plan(sweep: SweepConfig, grid: dict, baselines: list[str], base: dict, out_
     """Every run's configuration, validated before any model loads: a typo fails now, not at run 7."""
     out_dir.mkdir(parents=True, exist_ok=True)
     planned = plan_runs(grid, baselines)
-    return [Run(name, settings, TrainConfig(**{**base, **settings, "cache": sweep.cache, "out": str(out_dir / name),
+    return [Run(name, TrainConfig(**{**base, **settings, "cache": sweep.cache, "out": str(out_dir / name),
                                                 "eval_cache": sweep.eval_cache}), index=f"[{i}/{len(planned)}]")
             for i, (name, settings) in enumerate(planned, start=1)]
 
@@ -142,7 +142,7 @@ def _todo(runs: list[Run], log) -> list[Run]:
 
     todo = []
     for run in runs:
-        marker = _read_status(run)
+        marker = run.recorded_status()
         if run.layout.summary.exists():
             run.status = {"status": "finished", "detail": None}
             log(f"{run.index} {run.name}: finished earlier, skipped")
@@ -158,16 +158,7 @@ def _todo(runs: list[Run], log) -> list[Run]:
     return todo
 
 
-def _read_status(run: Run) -> dict | None:
-    try:
-        return json.loads(run.layout.sweep_status.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def _train_sequentially(todo: list[Run], out_dir: Path, log) -> None:
-    import torch
-
     from bso_cache.training.train import train
 
     for run in todo:
@@ -176,8 +167,8 @@ def _train_sequentially(todo: list[Run], out_dir: Path, log) -> None:
             with tracker_parent(run.cfg, out_dir):
                 train(run.cfg, log=lambda s: None, report_group=out_dir.name)
             run.status = {"status": "finished", "detail": None}
-        except (BsoCacheError, MemoryError, torch.OutOfMemoryError) as e:  # this run's, not the sweep's
-            record_status(run, "failed", one_line(e) if not isinstance(e, BsoCacheError) else str(e))
+        except run_failures() as e:  # this run's, not the sweep's
+            record_status(run, "failed", failure_reason(e))
         gc.collect()
         run.summary_row(log)  # its figures as it finishes
 

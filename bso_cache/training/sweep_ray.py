@@ -25,7 +25,6 @@ import sys
 from pathlib import Path
 
 from bso_cache.config import ASHA_GRACE_EVALS, ASHA_REDUCTION, SweepConfig, TrainConfig, to_dict
-from bso_cache.errors import BsoCacheError
 
 
 def train_with_ray(sweep: SweepConfig, todo: list, out_dir: Path, log) -> None:
@@ -33,7 +32,7 @@ def train_with_ray(sweep: SweepConfig, todo: list, out_dir: Path, log) -> None:
     import ray
     from ray import tune
 
-    from bso_cache.training.sweep_runs import record_status
+    from bso_cache.training.sweep_runs import one_line, record_status
 
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C stops the sweep (exit 130)
     # the sweep says what happens in its own lines: a failed trial is one line (its traceback stays
@@ -73,16 +72,12 @@ def train_with_ray(sweep: SweepConfig, todo: list, out_dir: Path, log) -> None:
             ray.shutdown()
     errors = {r.config["run"]: r.error for r in results if r.config and r.error is not None}
     for run in todo:
-        marker = run.layout.sweep_status
+        said = run.recorded_status()  # a trial that failed said why
         if run.layout.summary.exists():
             run.status = {"status": "finished", "detail": None}
-        elif marker.exists():  # the trial said why it failed
-            import json
-
-            run.status = json.loads(marker.read_text())
+        elif said is not None:
+            run.status = said
         elif run.name in errors:
-            from bso_cache.training.sweep_runs import one_line
-
             record_status(run, "failed", one_line(errors[run.name]))
         else:
             record_status(run, "stopped_early", _last_step(run))
@@ -216,9 +211,8 @@ def _trial(config: dict, *, configs: dict, group: str, threads: int, select: str
     import torch
     from ray import tune
 
-    from bso_cache.io.files import atomic_write_json
     from bso_cache.schemas import RunLayout
-    from bso_cache.training.sweep_runs import check_paths
+    from bso_cache.training.sweep_runs import check_paths, failure_reason, run_failures, write_status
     from bso_cache.training.sweep_summary import select_value
     from bso_cache.training.train import train
 
@@ -235,10 +229,6 @@ def _trial(config: dict, *, configs: dict, group: str, threads: int, select: str
     try:
         check_paths(cfg)
         train(cfg, log=lambda s: None, report_group=group, on_log=on_log)
-    except (BsoCacheError, MemoryError, torch.OutOfMemoryError) as e:  # the run's failure, said in its folder
-        from bso_cache.training.sweep_runs import one_line
-
-        reason = str(e) if isinstance(e, BsoCacheError) else one_line(e)
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(RunLayout(Path(cfg.out)).sweep_status, {"status": "failed", "detail": reason})
+    except run_failures() as e:  # the run's failure, said in its folder
+        write_status(RunLayout(Path(cfg.out)), "failed", failure_reason(e))
         raise

@@ -21,7 +21,6 @@ class Run:
     """One run of the sweep: its name, settings, configuration and what became of it."""
 
     name: str
-    settings: dict
     cfg: TrainConfig
     status: dict | None = None  # {"status": finished | stopped_early | failed, "detail": step or reason}
     index: str = ""             # "[i/n]", its place in the sweep, for the lines it prints
@@ -46,6 +45,13 @@ class Run:
     def layout(self) -> S.RunLayout:
         return S.RunLayout(Path(self.cfg.out))
 
+    def recorded_status(self) -> dict | None:
+        """What its folder's sweep_status.json says (None: nothing, or unreadable)."""
+        try:
+            return json.loads(self.layout.sweep_status.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
 
 class SweepFailures(BsoCacheError):
     """Runs of a sweep failed (each with its reason in summary.csv); the others finished."""
@@ -55,11 +61,31 @@ class SweepFailures(BsoCacheError):
 
 def record_status(run: Run, status: str, detail) -> None:
     """A run that did not finish says why in its folder (sweep_status.json), for the summary and reruns."""
+    run.status = write_status(run.layout, status, detail)
+
+
+def write_status(layout: S.RunLayout, status: str, detail) -> dict:
     from bso_cache.io.files import atomic_write_json
 
-    run.status = {"status": status, "detail": detail}
-    run.layout.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run.layout.sweep_status, run.status)
+    record = {"status": status, "detail": detail}
+    layout.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(layout.sweep_status, record)
+    return record
+
+
+def run_failures() -> tuple[type[BaseException], ...]:
+    """The errors that end one run of a sweep and not the sweep: the project's own (a diverged
+    policy, a damaged shard, ...) and running out of memory."""
+    import torch
+
+    return BsoCacheError, MemoryError, torch.OutOfMemoryError
+
+
+def failure_reason(error: BaseException) -> str:
+    """A failed run's one line: the project's message as it is, another error's type and last line."""
+    if isinstance(error, BsoCacheError):
+        return str(error)
+    return one_line(error)
 
 
 def one_line(error: BaseException) -> str:
